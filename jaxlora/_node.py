@@ -1,0 +1,220 @@
+"""The adapted-weight node: a frozen base weight together with its low-rank factors.
+
+`LoraWeight` is a registered pytree node. Its children are the arrays ``w`` (the frozen
+base weight, or the residual base of a weight-aware scheme), ``a`` (input side, shape
+``(*stack, *in, r)``) and ``b`` (output side, shape ``(*stack, r, *out)``). Everything
+else (axis layout, rank, alpha, rsLoRA, scheme) is static metadata in a `LoraSpec`, so
+``jax.jit`` sees only the three arrays and a new value of a factor compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which axes of a weight are its input side, output side and stacked layer axes.
+
+    Axes are indices into the base weight's shape; together they must name every axis
+    exactly once. ``a`` gets shape ``(*stack, *in, r)`` and ``b`` gets ``(*stack, r,
+    *out)``; the update ``ΔW = scale · a @ b`` is laid out back in the weight's order.
+
+    Example:
+        >>> Layout.dense(2)                    # Dense kernel (in, out)
+        Layout(in_axes=(0,), out_axes=(1,), stack_axes=())
+        >>> Layout.conv(4)                     # Conv kernel (h, w, in, out)
+        Layout(in_axes=(0, 1, 2), out_axes=(3,), stack_axes=())
+        >>> Layout.dense(3, n_in=2)            # attention out projection (heads, dim, embed)
+        Layout(in_axes=(0, 1), out_axes=(2,), stack_axes=())
+    """
+
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    stack_axes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("in_axes", "out_axes", "stack_axes"):
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if not self.in_axes or not self.out_axes:
+            raise ValueError(
+                f"A Layout needs at least one input and one output axis, got {self}."
+            )
+        axes = self.stack_axes + self.in_axes + self.out_axes
+        if sorted(axes) != list(range(len(axes))):
+            raise ValueError(
+                f"Layout axes must name each axis 0..{len(axes) - 1} exactly once, "
+                f"got {self}."
+            )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.stack_axes) + len(self.in_axes) + len(self.out_axes)
+
+    @classmethod
+    def dense(cls, ndim: int, *, n_in: int = 1, n_stack: int = 0) -> Layout:
+        """``n_stack`` leading layer axes, then ``n_in`` input axes, the rest output."""
+        s = tuple(range(n_stack))
+        i = tuple(range(n_stack, n_stack + n_in))
+        return cls(in_axes=i, out_axes=tuple(range(n_stack + n_in, ndim)), stack_axes=s)
+
+    @classmethod
+    def conv(cls, ndim: int, *, n_stack: int = 0) -> Layout:
+        """Every axis but the last is input (``(*window, in, out)``)."""
+        return cls.dense(ndim, n_in=ndim - 1 - n_stack, n_stack=n_stack)
+
+    def split_shape(self, shape: tuple[int, ...]):
+        """Returns ``(stack_shape, in_shape, out_shape)`` of a weight of ``shape``."""
+        pick = lambda axes: tuple(shape[i] for i in axes)  # noqa: E731
+        return pick(self.stack_axes), pick(self.in_axes), pick(self.out_axes)
+
+    def fans(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(fan_in, fan_out)``: the products of the input and output axis sizes."""
+        _, i, o = self.split_shape(shape)
+        return math.prod(i), math.prod(o)
+
+    def factor_shapes(self, shape: tuple[int, ...], rank: int):
+        """Shapes of ``a`` and ``b`` for a weight of ``shape`` at ``rank``."""
+        s, i, o = self.split_shape(shape)
+        return (*s, *i, rank), (*s, rank, *o)
+
+    def einsum_spec(self) -> str:
+        """The einsum ``'a_spec,b_spec->w_spec'`` that forms ``a @ b`` in weight order."""
+        letters = string.ascii_letters
+        w = letters[: self.ndim]
+        r = letters[self.ndim]
+        pick = lambda axes: "".join(w[i] for i in axes)  # noqa: E731
+        s = pick(self.stack_axes)
+        return f"{s}{pick(self.in_axes)}{r},{s}{r}{pick(self.out_axes)}->{w}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Static metadata of one adapted weight (hashable; part of the pytree structure).
+
+    Attributes:
+        layout: the axis layout of the base weight.
+        rank: the rank ``r`` of the factors.
+        alpha: the LoRA alpha.
+        rslora: if True the scale is ``alpha / sqrt(r)``, else ``alpha / r``.
+        scheme: the name of the scheme that initialized the factors.
+        residual: True when ``w`` is not the original weight but a residual
+            (weight-aware schemes, or ``compensate=True``): such a base must never be
+            merged with an adapter trained on the original weight.
+        embedding: True for an embedding table (rows are looked up by index).
+    """
+
+    layout: Layout
+    rank: int
+    alpha: float
+    rslora: bool = False
+    scheme: str = ""
+    residual: bool = False
+    embedding: bool = False
+
+    @property
+    def scale(self) -> float:
+        root = math.sqrt(self.rank) if self.rslora else self.rank
+        return self.alpha / root
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LoraWeight:
+    """A frozen weight ``w`` with LoRA factors ``a`` and ``b``: ``w + scale · a @ b``.
+
+    Build it with `jaxlora.init`; read it with `jaxlora.merge`, `jaxlora.base` and
+    `jaxlora.adapters`. It refuses to be used as an array, so an unmodified
+    ``model.apply`` fails loudly instead of silently ignoring the adapter.
+    """
+
+    __slots__ = ("w", "a", "b", "spec")
+
+    def __init__(self, w, a, b, spec: LoraSpec):
+        self.w = w
+        self.a = a
+        self.b = b
+        self.spec = spec
+
+    # -- pytree protocol -------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        key = jax.tree_util.GetAttrKey
+        return ((key("w"), self.w), (key("a"), self.a), (key("b"), self.b)), self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(*children, spec)
+
+    # -- conveniences ----------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    @property
+    def layout(self) -> Layout:
+        return self.spec.layout
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.w.shape)
+
+    def delta(self, dtype=None) -> jax.Array:
+        """The update ``scale · a @ b`` laid out like ``w`` (computed in ``a``'s dtype)."""
+        d = jnp.einsum(self.layout.einsum_spec(), self.a, self.b) * self.scale
+        return d if dtype is None else d.astype(dtype)
+
+    def merged(self) -> jax.Array:
+        """``w + scale · a @ b`` in ``w``'s dtype (the sum is formed in float32 or wider)."""
+        acc = jnp.promote_types(jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32)
+        return (self.w.astype(acc) + self.delta(acc)).astype(self.w.dtype)
+
+    def replace(self, **changes) -> LoraWeight:
+        """A copy with some of ``w``, ``a``, ``b``, ``spec`` replaced."""
+        fields = {k: getattr(self, k) for k in self.__slots__}
+        fields.update(changes)
+        return LoraWeight(**fields)
+
+    def __repr__(self) -> str:
+        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
+        return (
+            f"LoraWeight(w={shape(self.w)}, a={shape(self.a)}, b={shape(self.b)}, "
+            f"rank={self.spec.rank}, scale={self.spec.scale:g}, "
+            f"scheme={self.spec.scheme!r}{', residual' if self.spec.residual else ''})"
+        )
+
+    # -- loud failure when used as a plain array -------------------------------------
+    def _refuse(self, *_, **__):
+        raise TypeError(
+            f"A jaxlora LoraWeight (base shape {self.shape}) was used as a plain array. "
+            "The model was called with an adapted parameter tree: wrap its apply "
+            "function with jaxlora.lora_apply(model.apply), or pass "
+            "jaxlora.merge(params) (adapters folded in) or jaxlora.base(params) "
+            "(adapters dropped) to the unmodified function."
+        )
+
+    __jax_array__ = _refuse
+    __array__ = _refuse
+
+
+def is_lora(x: Any) -> bool:
+    """True if ``x`` is a `LoraWeight` (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, LoraWeight)
