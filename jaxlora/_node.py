@@ -184,7 +184,9 @@ class LoraWeight:
 
     def merged(self) -> jax.Array:
         """``w + scale · a @ b`` in ``w``'s dtype (the sum is formed in float32 or wider)."""
-        acc = jnp.promote_types(jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32)
+        acc = jnp.promote_types(
+            jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32
+        )
         return (self.w.astype(acc) + self.delta(acc)).astype(self.w.dtype)
 
     def replace(self, **changes) -> LoraWeight:
