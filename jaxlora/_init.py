@@ -25,7 +25,7 @@ def path_key(rng: jax.Array, path: str) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _draw(key, scheme, n_stack, fan_in, fan_out, rank, dtype):
-    """``n_stack`` independent draws of flattened factors ``(fan_in, r), (r, fan_out)``."""
+    """``n_stack`` independent draws of flat factors ``(fan_in, r), (r, fan_out)``."""
     if n_stack == 0:
         return scheme.factors(key, fan_in, fan_out, rank, dtype)
     keys = jax.random.split(key, n_stack)
@@ -33,7 +33,7 @@ def _draw(key, scheme, n_stack, fan_in, fan_out, rank, dtype):
 
 
 def _factors(key, scheme, target, dtype):
-    """``(a, b)`` for one target, shaped ``(*stack, *in, r)`` and ``(*stack, r, *out)``."""
+    """``(a, b)`` of one target: ``(*stack, *in, r)`` and ``(*stack, r, *out)``."""
     stack, _, _ = target.layout.split_shape(target.shape)
     fan_in, fan_out = target.layout.fans(target.shape)
     n_stack = math.prod(stack) if stack else 0

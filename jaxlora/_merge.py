@@ -58,7 +58,8 @@ def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
                 f"{_first_scheme(params)!r}), not the original weights. Use "
                 "jaxlora.merge(params) for the fine-tuned model, "
                 "jaxlora.to_plain_lora(params, original_params) for a portable "
-                "adapter, or base(params, allow_residual=True) if you mean the residual."
+                "adapter, or base(params, allow_residual=True) if you mean the "
+                "residual."
             )
     return _map_lora(lambda x: x.w, params)
 
