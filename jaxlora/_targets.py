@@ -155,11 +155,18 @@ class Target:
 
 
 def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
-    """Dense ``(in, out)``; Conv ``(*window, in, out)`` when the module is named like a
-    conv; otherwise ``(in, *out)`` ("first axis is input") for >= 3-D kernels."""
+    """The layout used when neither ``layouts`` nor inference gives one.
+
+    Dense ``(in, out)``; Conv ``(*window, in, out)`` when the module name contains
+    "conv"; a 3-D kernel of a module named ``out`` (the output projection of Flax's
+    attention layers) ``(heads, head_dim, embed)`` with two input axes; any other
+    >= 3-D kernel ``(in, *out)`` ("first axis is input").
+    """
     module = path.rsplit("/", 2)[-2] if path.count("/") >= 1 else ""
     if len(shape) >= 3 and "conv" in module.lower():
         return Layout.conv(len(shape))
+    if len(shape) == 3 and module == "out":  # Flax attention: (heads, head_dim, embed)
+        return Layout.dense(3, n_in=2)
     return Layout.dense(len(shape))
 
 
