@@ -32,7 +32,7 @@ class MLP(nn.Module):
 
 
 def make_tasks(key, model, n=2048, d_in=32):
-    """Task A: a random target network; task B: the same with low-rank kernel changes."""
+    """Task A: a random network's outputs; task B: the same with low-rank changes."""
     k_x, k_a, k_b = jax.random.split(key, 3)
     x = jax.random.normal(k_x, (n, d_in))
     teacher = model.init(k_a, x)
@@ -79,11 +79,14 @@ def main(argv=None):
     # 1. "pretrain" on task A (all weights trained)
     params = model.init(jax.random.key(args.seed + 1), x)
     params, _ = fit(mse(model.apply, y_a), params, optax.adam(3e-3), 1500, "pretrain A")
-    print(f"pretrained model on task B: loss {float(mse(model.apply, y_b)(params)):.4f}")
+    print(
+        f"pretrained model on task B: loss {float(mse(model.apply, y_b)(params)):.4f}"
+    )
 
     # 2. LoRA fine-tune on task B: add factors, freeze the base, train the factors
-    lora = jaxlora.init(params, jax.random.key(args.seed + 2), scheme=args.scheme,
-                        rank=args.rank)
+    lora = jaxlora.init(
+        params, jax.random.key(args.seed + 2), scheme=args.scheme, rank=args.rank
+    )
     apply = jaxlora.lora_apply(model.apply)
     tx = jaxlora.freeze_base(optax.adam(3e-3))
     lora, loss = fit(mse(apply, y_b), lora, tx, args.steps, f"LoRA ({args.scheme})")
@@ -91,9 +94,11 @@ def main(argv=None):
     n_train = sum(x.size for x in jax.tree.leaves(jaxlora.adapters(lora)))
     n_total = sum(x.size for x in jax.tree.leaves(params))
     merged_loss = float(mse(model.apply, y_b)(jaxlora.merge(lora)))
-    print(f"LoRA on task B: loss {loss:.4f} (merged model: {merged_loss:.4f}); "
-          f"trained {n_train:,} of {n_total:,} parameters "
-          f"({100 * n_train / n_total:.1f}%)")
+    print(
+        f"LoRA on task B: loss {loss:.4f} (merged model: {merged_loss:.4f}); "
+        f"trained {n_train:,} of {n_total:,} parameters "
+        f"({100 * n_train / n_total:.1f}%)"
+    )
     return loss
 
 

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 from jaxlora import Layout
@@ -13,7 +12,7 @@ VOCAB, DIM, HEADS = 40, 32, 4
 
 
 class Mixed(nn.Module):
-    """Embed, attention (DenseGeneral q/k/v/out), Dense, Einsum and Conv in one model."""
+    """Embed, attention (DenseGeneral q/k/v/out), Dense, Einsum and Conv together."""
 
     @nn.compact
     def __call__(self, tokens, image):

@@ -14,15 +14,28 @@ from conftest import LAYOUTS, all_weights
 
 import jaxlora
 
-ZERO_B = ["normal", "he", "xavier", "normalized", "kaiming_uniform", "gaussian",
-          "he_uniform"]
+ZERO_B = [
+    "normal",
+    "he",
+    "xavier",
+    "normalized",
+    "kaiming_uniform",
+    "gaussian",
+    "he_uniform",
+]
 ZERO_A = ["init_b"]
 
 
 def adapt(variables, scheme, **kw):
     kw.setdefault("rank", 4)
-    return jaxlora.init(variables, jax.random.key(1), scheme=scheme,
-                        targets=all_weights, layouts=LAYOUTS, **kw)
+    return jaxlora.init(
+        variables,
+        jax.random.key(1),
+        scheme=scheme,
+        targets=all_weights,
+        layouts=LAYOUTS,
+        **kw,
+    )
 
 
 def loss_fn(model):
@@ -82,7 +95,9 @@ def test_both_random_changes_output_unless_compensated(mixed):
     comp = adapt(variables, "both_random", compensate=True)
     np.testing.assert_allclose(apply(comp, tokens, image), want, atol=2e-5, rtol=1e-5)
     assert all(n.spec.residual for n in jaxlora.adapters(comp).values())
-    with pytest.raises(ValueError, match=r"hold a residual base .*both_random.*allow_residual"):
+    with pytest.raises(
+        ValueError, match=r"hold a residual base .*both_random.*allow_residual"
+    ):
         jaxlora.base(comp)
 
 
@@ -92,7 +107,9 @@ def test_orthogonal_both_grads_nonzero_and_product_zero(mixed):
     for path, node in jaxlora.adapters(params).items():
         assert float(jnp.abs(node.delta()).max()) < 1e-6, path
     for path, g in lora_grads(model, params, tokens, image).items():
-        assert np.abs(np.asarray(g.a)).max() > 0 and np.abs(np.asarray(g.b)).max() > 0, path
+        assert (
+            np.abs(np.asarray(g.a)).max() > 0 and np.abs(np.asarray(g.b)).max() > 0
+        ), path
 
 
 def test_base_weights_get_exactly_zero_gradient(mixed):
@@ -105,11 +122,15 @@ def test_base_weights_get_exactly_zero_gradient(mixed):
 
 def random_factors(params, key=2):
     """Both factors non-zero, so the LoRA path matters."""
+
     def fill(path, node):
         k = jax.random.fold_in(jax.random.key(key), hash(path) % 1000)
         ka, kb = jax.random.split(k)
-        return node.replace(a=0.3 * jax.random.normal(ka, node.a.shape),
-                            b=0.3 * jax.random.normal(kb, node.b.shape))
+        return node.replace(
+            a=0.3 * jax.random.normal(ka, node.a.shape),
+            b=0.3 * jax.random.normal(kb, node.b.shape),
+        )
+
     ads = {p: fill(p, n) for p, n in jaxlora.adapters(params).items()}
     return jaxlora.combine(jaxlora.base(params), ads)
 
@@ -120,16 +141,22 @@ def test_lora_apply_equals_merge_under_jit_grad_vmap(mixed):
     merged = jaxlora.merge(params)
     apply = jaxlora.lora_apply(model.apply)
     want = model.apply(merged, tokens, image)
-    np.testing.assert_allclose(jax.jit(apply)(params, tokens, image), want, rtol=1e-5,
-                               atol=1e-5)
-    per_example = jax.vmap(lambda t, i: apply(params, t[None], i[None])[0])(tokens, image)
+    np.testing.assert_allclose(
+        jax.jit(apply)(params, tokens, image), want, rtol=1e-5, atol=1e-5
+    )
+    per_example = jax.vmap(lambda t, i: apply(params, t[None], i[None])[0])(
+        tokens, image
+    )
     np.testing.assert_allclose(per_example, want, rtol=1e-5, atol=1e-5)
     # gradients wrt the factors agree with the chain rule through the merged weight
     g = jaxlora.adapters(jax.grad(loss_fn(model))(params, tokens, image))
+
     def merged_loss(ads):
-        logits = model.apply(jaxlora.merge(jaxlora.combine(jaxlora.base(params), ads)),
-                             tokens, image)
+        logits = model.apply(
+            jaxlora.merge(jaxlora.combine(jaxlora.base(params), ads)), tokens, image
+        )
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0] ** 2)
+
     g_ref = jax.grad(merged_loss)(jaxlora.adapters(params))
     chex.assert_trees_all_close(g, g_ref, rtol=1e-5, atol=1e-7)
 
@@ -152,16 +179,24 @@ def test_nnx_model_through_split_merge():
     model = Net(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     ids = jnp.arange(12).reshape(2, 6)
+
     def apply(state, ids):
         return nnx.merge(graphdef, state)(ids)
 
-    params = jaxlora.init(state, jax.random.key(3), scheme="he", rank=2,
-                          targets=all_weights)
+    params = jaxlora.init(
+        state, jax.random.key(3), scheme="he", rank=2, targets=all_weights
+    )
     assert len(jaxlora.adapters(params)) == 7
-    np.testing.assert_array_equal(jaxlora.lora_apply(apply)(params, ids), apply(state, ids))
+    np.testing.assert_array_equal(
+        jaxlora.lora_apply(apply)(params, ids), apply(state, ids)
+    )
     params = random_factors(params)
-    np.testing.assert_allclose(jax.jit(jaxlora.lora_apply(apply))(params, ids),
-                               apply(jaxlora.merge(params), ids), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(jaxlora.lora_apply(apply))(params, ids),
+        apply(jaxlora.merge(params), ids),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_plain_jax_function():

@@ -15,7 +15,9 @@ N, R = 1024, 64  # a 1024×1024 kernel at rank 64: 65,536 samples per factor
 
 def factors(scheme, n_in=N, n_out=N, rank=R, key=0):
     p = jaxlora.init(
-        {"kernel": jnp.zeros((n_in, n_out))}, jax.random.key(key), scheme=scheme,
+        {"kernel": jnp.zeros((n_in, n_out))},
+        jax.random.key(key),
+        scheme=scheme,
         rank=rank,
     )["kernel"]
     return np.asarray(p.a), np.asarray(p.b)
@@ -47,7 +49,7 @@ def check_normal(x, std):
 @pytest.mark.parametrize("scheme", sorted(NORMAL_STDS))
 def test_normal_schemes_match_formula(scheme):
     a, b = factors(scheme)
-    for x, std in zip((a, b), NORMAL_STDS[scheme]):
+    for x, std in zip((a, b), NORMAL_STDS[scheme], strict=True):
         if std is None:
             assert not x.any(), "the zero factor must be exactly 0"
         else:
@@ -55,7 +57,8 @@ def test_normal_schemes_match_formula(scheme):
 
 
 @pytest.mark.parametrize(
-    "scheme,bound", [("kaiming_uniform", 1 / math.sqrt(N)), ("he_uniform", math.sqrt(6 / N))]
+    "scheme,bound",
+    [("kaiming_uniform", 1 / math.sqrt(N)), ("he_uniform", math.sqrt(6 / N))],
 )
 def test_uniform_schemes_match_formula(scheme, bound):
     a, b = factors(scheme)
@@ -76,7 +79,7 @@ def test_orthogonal_is_nonzero_but_product_vanishes():
     a, b = factors("orthogonal")
     assert np.abs(a).max() > 0.1 and np.abs(b).max() > 0.1
     assert np.abs(a @ b).max() < 1e-5
-    # PEFT: a = N^{in×r/2} @ q0 / 10, so each column has std ≈ 1/10 (rows of Q unit norm)
+    # a = N^{in×r/2} @ q0 / 10: var = (column norm² of q0 = 1/2 on average) / 100
     assert abs(a.std() / (math.sqrt(0.5) / 10) - 1) < 0.05
 
 
@@ -88,8 +91,10 @@ def test_orthogonal_needs_even_rank():
 def test_fan_in_counts_every_input_axis():
     # a conv kernel (3, 3, 16, 32): fan_in = 3·3·16 = 144
     p = jaxlora.init(
-        {"conv": {"kernel": jnp.zeros((3, 3, 16, 32))}}, jax.random.key(0),
-        scheme="kaiming_uniform", rank=8,
+        {"conv": {"kernel": jnp.zeros((3, 3, 16, 32))}},
+        jax.random.key(0),
+        scheme="kaiming_uniform",
+        rank=8,
     )["conv"]["kernel"]
     assert p.a.shape == (3, 3, 16, 8) and p.b.shape == (8, 32)
     assert float(jnp.abs(p.a).max()) <= 1 / 12
@@ -119,11 +124,13 @@ def test_stacked_layers_get_independent_factors():
 
 def test_custom_scheme_from_jax_initializers():
     scheme = jaxlora.Scheme(
-        a_init=jax.nn.initializers.constant(0.5), b_init=jax.nn.initializers.ones,
+        a_init=jax.nn.initializers.constant(0.5),
+        b_init=jax.nn.initializers.ones,
         name="halves",
     )
-    p = jaxlora.init({"kernel": jnp.zeros((8, 6))}, jax.random.key(0), scheme=scheme,
-                     rank=2)["kernel"]
+    p = jaxlora.init(
+        {"kernel": jnp.zeros((8, 6))}, jax.random.key(0), scheme=scheme, rank=2
+    )["kernel"]
     np.testing.assert_array_equal(p.a, np.full((8, 2), 0.5))
     np.testing.assert_array_equal(p.b, np.ones((2, 6)))
     assert p.spec.scheme == "halves"
@@ -131,12 +138,19 @@ def test_custom_scheme_from_jax_initializers():
 
 def test_peft_embedding_convention():
     tree = {"embed": {"embedding": jnp.zeros((500, 64))}}
-    p = jaxlora.init(tree, jax.random.key(0), scheme="he", rank=8, targets=["embed"],
-                     embedding="peft")["embed"]["embedding"]
+    p = jaxlora.init(
+        tree,
+        jax.random.key(0),
+        scheme="he",
+        rank=8,
+        targets=["embed"],
+        embedding="peft",
+    )["embed"]["embedding"]
     assert p.a.shape == (500, 8) and not np.asarray(p.a).any()
     assert abs(float(p.b.std()) - 1) < 0.1
-    default = jaxlora.init(tree, jax.random.key(0), scheme="he", rank=8,
-                           targets=["embed"])["embed"]["embedding"]
+    default = jaxlora.init(
+        tree, jax.random.key(0), scheme="he", rank=8, targets=["embed"]
+    )["embed"]["embedding"]
     assert not np.asarray(default.b).any()  # the scheme's own rule: b = 0, a random
     assert abs(float(default.a.std()) * math.sqrt(500) - 1) < 0.05
 
@@ -152,6 +166,16 @@ def test_factor_dtype_defaults_to_float32_for_bf16_models():
 
 def test_schemes_lists_every_name():
     assert set(jaxlora.SCHEMES) >= {
-        "normal", "he", "kaiming_normal", "xavier", "normalized", "kaiming_uniform",
-        "gaussian", "he_uniform", "init_b", "reversed", "both_random", "orthogonal",
+        "normal",
+        "he",
+        "kaiming_normal",
+        "xavier",
+        "normalized",
+        "kaiming_uniform",
+        "gaussian",
+        "he_uniform",
+        "init_b",
+        "reversed",
+        "both_random",
+        "orthogonal",
     }

@@ -20,7 +20,7 @@ class MLP(nn.Module):
 
 
 def teacher_task(key):
-    """A frozen 'pretrained' MLP and a teacher = it plus a rank-2 change of each kernel."""
+    """A frozen 'pretrained' MLP and a teacher: it plus a rank-2 change per kernel."""
     k_init, k_u, k_v, k_x = jax.random.split(key, 4)
     model = MLP()
     x = jax.random.normal(k_x, (256, D_IN))
@@ -68,7 +68,9 @@ def test_freeze_base_trains_factors_only_and_fits_teacher(scheme):
     assert final < 0.05 * losses[0], (losses[0], final)  # the teacher is learnable
     for path, before in jaxlora.adapters(params).items():
         after = jaxlora.adapters(trained)[path]
-        assert not np.array_equal(after.a, before.a) or not np.array_equal(after.b, before.b)
+        assert not np.array_equal(after.a, before.a) or not np.array_equal(
+            after.b, before.b
+        )
     # base weights (and untargeted biases) bitwise unchanged
     jax.tree.map(
         np.testing.assert_array_equal,
@@ -100,13 +102,21 @@ def test_trainable_head_is_trained_in_full():
     assert (node.w, node.a, node.b) == (False, True, True)
     tx = jaxlora.freeze_base(optax.adam(1e-2), trainable=["fc2"])
     trained, _, _ = train(model, params, x, y, tx, steps=3)
-    assert not np.array_equal(trained["params"]["fc2"]["kernel"], params["params"]["fc2"]["kernel"])
-    np.testing.assert_array_equal(trained["params"]["fc1"]["bias"], params["params"]["fc1"]["bias"])
+    assert not np.array_equal(
+        trained["params"]["fc2"]["kernel"], params["params"]["fc2"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        trained["params"]["fc1"]["bias"], params["params"]["fc1"]["bias"]
+    )
 
 
 def test_lora_plus_gives_b_a_larger_learning_rate():
-    params = jaxlora.init({"k": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0),
-                          scheme="both_random", rank=2)
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8))}},
+        jax.random.key(0),
+        scheme="both_random",
+        rank=2,
+    )
     grads = jax.tree.map(jnp.ones_like, params)
     # plain SGD so the update is exactly -lr * grad
     tx = jaxlora.lora_plus(optax.sgd, 0.1, ratio=16)
@@ -121,17 +131,32 @@ def test_lora_plus_gives_b_a_larger_learning_rate():
 
 
 def test_param_labels():
-    params = jaxlora.init({"k": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}},
-                          jax.random.key(0), rank=2)
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}},
+        jax.random.key(0),
+        rank=2,
+    )
     labels = jaxlora.param_labels(params, trainable=r"k/bias")
     node = labels["k"]["kernel"]
-    assert (node.w, node.a, node.b, labels["k"]["bias"]) == ("frozen", "lora_a", "lora_b", "full")
+    assert (node.w, node.a, node.b, labels["k"]["bias"]) == (
+        "frozen",
+        "lora_a",
+        "lora_b",
+        "full",
+    )
 
 
 def test_combine_reports_missing_paths_and_bad_shapes():
-    params = jaxlora.init({"k": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), rank=2)
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), rank=2
+    )
     ads = jaxlora.adapters(params)
-    with pytest.raises(ValueError, match=r"adapter paths not in the base tree: \['k/kernel'\]"):
+    with pytest.raises(
+        ValueError, match=r"adapter paths not in the base tree: \['k/kernel'\]"
+    ):
         jaxlora.combine({"other": {"kernel": jnp.ones((8, 8))}}, ads)
-    with pytest.raises(ValueError, match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)",
+    ):
         jaxlora.combine({"k": {"kernel": jnp.ones((8, 4))}}, ads)
