@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora import _schemes, _targets
+from jaxlora import _residual, _schemes, _targets
 from jaxlora._node import LoraSpec, LoraWeight, is_lora
 from jaxlora._paths import leaf_name, path_str
 
@@ -129,6 +129,9 @@ def init(
     apply_fn: Callable | None = None,
     example_args: tuple = (),
     example_kwargs: Mapping[str, Any] | None = None,
+    niter: int | None = None,
+    loss_fn: Callable | None = None,
+    batches: Iterable | None = None,
 ) -> PyTree:
     """Adds LoRA factors to the targeted weights of ``params``.
 
@@ -168,6 +171,12 @@ def init(
         apply_fn, example_args, example_kwargs: when given, the model is traced
             abstractly once and each target's layout (input, output and stacked
             axes) is inferred from how it is contracted.
+        niter: power iterations of the randomized SVD: ``scheme="pissa"`` with
+            ``niter=K`` is fast PiSSA (same as ``"pissa_niter_K"``); LoRA-GA's
+            default is 4.
+        loss_fn, batches: the data of ``scheme="lora_ga"``: ``loss_fn(params,
+            batch) -> scalar`` on the plain (un-adapted) tree, averaged over
+            ``batches``.
 
     Returns:
         A new tree in which every target is a `LoraWeight`.
@@ -185,13 +194,14 @@ def init(
         >>> adapted["params"]["kernel"].a.shape, adapted["params"]["kernel"].b.shape
         ((32, 4), (4, 16))
     """
-    scheme = _schemes.resolve(scheme)
+    scheme = _schemes.resolve(scheme, niter=niter)
     if embedding not in ("scheme", "peft"):
         raise ValueError(f"embedding must be 'scheme' or 'peft', got {embedding!r}.")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    _check_data(scheme, loss_fn=loss_fn, batches=batches, apply_fn=apply_fn)
     inferred = {}
-    if apply_fn is not None:
+    if apply_fn is not None and example_args:
         from jaxlora import _layout  # the layout tracer is only needed here
 
         inferred = _layout.infer_layouts(
@@ -209,19 +219,47 @@ def init(
         scheme=scheme,
     )
     dtype = jnp.dtype(dtype)
+    leaves = dict(_targets.leaves_with_paths(params))
+    grads = {}
+    if isinstance(scheme, _residual.WeightAware) and scheme.kind == "lora_ga":
+        grads = _residual.average_gradients(
+            loss_fn, params, batches, [t.path for t in plan]
+        )
     nodes = {}
     for t in plan:
         s = _schemes.PEFT_EMBEDDING if (t.embedding and embedding == "peft") else scheme
         spec = LoraSpec(t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding)
-        a, b = _factors(path_key(rng, t.path), s, t, dtype)
-        nodes[t.path] = (spec, a, b)
+        key = path_key(rng, t.path)
+        if isinstance(s, _residual.WeightAware):
+            nodes[t.path] = _residual.adapt(
+                s, key, leaves[t.path], spec, dtype, grads.get(t.path)
+            )
+            continue
+        a, b = _factors(key, s, t, dtype)
+        node = LoraWeight(leaves[t.path], a, b, spec)
+        nodes[t.path] = _compensated(node) if compensate else node
 
-    def adapt(keypath, leaf):
-        entry = nodes.get(path_str(keypath))
-        if entry is None:
-            return leaf
-        spec, a, b = entry
-        node = LoraWeight(leaf, a, b, spec)
-        return _compensated(node) if compensate else node
+    def attach(keypath, leaf):
+        return nodes.get(path_str(keypath), leaf)
 
-    return jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_lora)
+    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+
+
+def _check_data(scheme, *, loss_fn, batches, apply_fn) -> None:
+    """Data-aware schemes need their data; other schemes must not silently get it."""
+    kind = getattr(scheme, "kind", None)
+    if kind == "lora_ga" and (loss_fn is None or batches is None):
+        raise ValueError(
+            "scheme 'lora_ga' initializes from the gradient of the loss: pass "
+            "loss_fn=(params, batch) -> scalar and batches=[batch, ...] "
+            f"(got loss_fn={loss_fn!r}, batches={type(batches).__name__})."
+        )
+    if kind != "lora_ga" and loss_fn is not None:
+        raise ValueError(
+            f"loss_fn is only used by scheme 'lora_ga', not {scheme.name!r}; remove it."
+        )
+    if kind not in ("lora_ga", "eva") and batches is not None:
+        raise ValueError(
+            f"batches are only used by the data-aware schemes 'lora_ga' and 'eva', "
+            f"not {scheme.name!r}; remove them."
+        )

@@ -10,12 +10,15 @@ factor shapes ``(fan_in, r)`` for ``a`` and ``(r, fan_out)`` for ``b``, so
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.nn import initializers as jinit
+
+from jaxlora._residual import WeightAware
 
 Initializer = Callable[..., jax.Array]
 
@@ -123,24 +126,42 @@ _NAMED: dict[str, Scheme] = {
 _ALIASES = {"kaiming_normal": "he", "reversed": "init_b"}
 
 #: The names accepted by ``jaxlora.init(..., scheme=NAME)``, aliases included.
-SCHEMES: tuple[str, ...] = tuple(sorted(_NAMED)) + tuple(sorted(_ALIASES))
+SCHEMES: tuple[str, ...] = (
+    tuple(sorted(_NAMED)) + ("pissa", "olora", "milora", "lora_ga") + tuple(sorted(_ALIASES))
+)
 
 #: The PEFT rule for embedding tables: ``lora_embedding_A`` (r, vocab) = 0 and
 #: ``lora_embedding_B`` (dim, r) ~ N(0, 1), i.e. ``a`` (vocab, r) = 0, ``b`` ~ N(0, 1).
 PEFT_EMBEDDING = Scheme(jinit.zeros, jinit.normal(1.0), "peft_embedding")
 
 
-def resolve(scheme: Any) -> Scheme:
-    """Returns the `Scheme` for a name, alias or `Scheme` instance.
+_WEIGHT_AWARE = ("pissa", "milora", "olora", "lora_ga")
+
+
+def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
+    """Returns the `Scheme` (or weight-aware scheme) for a name, alias or instance.
+
+    ``"pissa_niter_K"`` (PEFT's spelling) is ``"pissa"`` with ``niter=K``.
 
     Raises:
         ValueError: for an unknown name (the message lists the available ones).
         TypeError: for anything that is neither a string nor a `Scheme`.
     """
-    if isinstance(scheme, Scheme):
+    if isinstance(scheme, (Scheme, WeightAware)):
         return scheme
     if isinstance(scheme, str):
         name = _ALIASES.get(scheme, scheme)
+        if (m := re.fullmatch(r"pissa_niter_(\d+)", name)) is not None:
+            name, niter = "pissa", int(m.group(1))
+        if name in _WEIGHT_AWARE:
+            if niter is not None and (not isinstance(niter, int) or niter < 0):
+                raise ValueError(f"niter must be an integer >= 0, got {niter!r}.")
+            label = f"pissa_niter_{niter}" if name == "pissa" and niter else name
+            return WeightAware(label, name, niter)
+        if niter is not None:
+            raise ValueError(
+                f"niter is only used by 'pissa' and 'lora_ga', not {scheme!r}."
+            )
         if name in _NAMED:
             return _NAMED[name]
         raise ValueError(
