@@ -120,13 +120,19 @@ def eva_pca_update(
             f"eva_pca_update: expected inputs of shape (..., {dim}), got {x.shape}. "
             "Feed the inputs of the layer this state was created for."
         )
-    x = x.reshape(-1, dim).astype(jnp.float32)
-    w = jnp.ones(x.shape[:1], jnp.float32)
-    if mask is not None:
-        w = jnp.asarray(mask).reshape(-1).astype(jnp.float32)
+    x = x.reshape(-1, dim)
+    if mask is None:
+        mask = jnp.ones(x.shape[:1], jnp.float32)
+    return _merge(state, x, jnp.asarray(mask).reshape(-1))
+
+
+@jax.jit
+def _merge(state: EvaPCAState, x: jax.Array, mask: jax.Array) -> EvaPCAState:
+    x = x.astype(jnp.float32)
+    w = mask.astype(jnp.float32)
     n_b = w.sum()
     mean_b = (w @ x) / jnp.maximum(n_b, 1.0)
-    centred = (x - mean_b) * w[:, None]
+    centred = (x - mean_b[None, :]) * w[:, None]
     m2_b = jnp.matmul(centred.T, centred, precision=_HIGHEST)
     n = state.count + n_b
     delta = mean_b - state.mean
@@ -136,6 +142,7 @@ def eva_pca_update(
     return EvaPCAState(count=n, mean=mean, m2=m2, k=state.k)
 
 
+@jax.jit
 def eva_components(state: EvaPCAState) -> tuple[jax.Array, jax.Array]:
     """The top-``k`` principal components of all inputs seen so far (jittable).
 

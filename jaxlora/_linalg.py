@@ -7,6 +7,8 @@ range finder costs O(n² q) for ``q`` sketch columns.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -84,6 +86,11 @@ def svd_lowrank(
     """
     x = jnp.asarray(x)
     _check_svd_args(x, rank, niter, oversample)
+    return _svd_lowrank(key, x, rank, niter, oversample)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _svd_lowrank(key, x, rank, niter, oversample):
     dtype = compute_dtype(x.dtype)
     x = x.astype(dtype)
     q = rank + oversample

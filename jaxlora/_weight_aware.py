@@ -16,6 +16,7 @@ layers; ``rank``, ``niter`` and ``dtype`` are static, everything else may be tra
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,7 +58,7 @@ def _with_residual(k, a, b, scale, dtype) -> Factors:
 def _split_singular(u, s, vt, scale, dtype):
     """``a = U·√(S/s)``, ``b = √(S/s)·Vᵀ`` so that ``s·a@b = U S Vᵀ``."""
     root = jnp.sqrt(s / jnp.asarray(scale, s.dtype))
-    return u * root, root[:, None] * vt
+    return u * root[None, :], root[:, None] * vt
 
 
 def pissa(
@@ -106,6 +107,11 @@ def pissa(
     """
     k = jnp.asarray(k)
     _check_kernel(k, rank, path, "PiSSA")
+    return _pissa(key, k, rank, scale, niter, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 4, 5))
+def _pissa(key, k, rank, scale, niter, dtype) -> Factors:
     work = k.astype(compute_dtype(k.dtype))
     if niter is None:
         u, s, vt = jnp.linalg.svd(work, full_matrices=False)
@@ -157,6 +163,11 @@ def milora(
     del key
     k = jnp.asarray(k)
     _check_kernel(k, rank, path, "MiLoRA")
+    return _milora(k, rank, scale, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _milora(k, rank, scale, dtype) -> Factors:
     work = k.astype(compute_dtype(k.dtype))
     u, s, vt = jnp.linalg.svd(work, full_matrices=False)
     a, b = _split_singular(u[:, -rank:], s[-rank:], vt[-rank:], scale, work.dtype)
@@ -205,6 +216,11 @@ def olora(
     del key
     k = jnp.asarray(k)
     _check_kernel(k, rank, path, "OLoRA")
+    return _olora(k, rank, scale, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _olora(k, rank, scale, dtype) -> Factors:
     work = k.astype(compute_dtype(k.dtype))
     q, r = jnp.linalg.qr(work.T, mode="reduced")
     return _with_residual(k, r[:rank].T, q[:, :rank].T, scale, dtype)
@@ -280,6 +296,11 @@ def lora_ga(
             f"min(in, out) = {min(k.shape)} for a kernel of shape {k.shape}. Use a "
             f"rank of at most {min(k.shape) // 2}."
         )
+    return _lora_ga(key, k, grad, rank, scale, float(gamma), niter, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 5, 6, 7))
+def _lora_ga(key, k, grad, rank, scale, gamma, niter, dtype) -> Factors:
     work = compute_dtype(k.dtype)
     g = grad.astype(work).T
     q = min(4 * rank, min(g.shape))
