@@ -263,7 +263,10 @@ def eva_rank_allocation(
 
 
 def eva_factors(
-    components: jax.typing.ArrayLike, rank: int, fan_out: int, dtype=jnp.float32
+    components: jax.typing.ArrayLike,
+    rank: int,
+    fan_out: int,
+    dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
     """EVA's factors: ``a`` = the top ``rank`` components as columns, ``b = 0``.
 

@@ -68,7 +68,7 @@ def pissa(
     scale: float,
     *,
     niter: int | None = None,
-    dtype=jnp.float32,
+    dtype: jax.typing.DTypeLike = jnp.float32,
     path: str = "<weight>",
 ) -> Factors:
     """PiSSA (Meng et al. 2024, arXiv 2404.02948): the principal singular components.
@@ -128,7 +128,7 @@ def milora(
     rank: int,
     scale: float,
     *,
-    dtype=jnp.float32,
+    dtype: jax.typing.DTypeLike = jnp.float32,
     path: str = "<weight>",
 ) -> Factors:
     """MiLoRA (Wang et al. 2024, arXiv 2406.09044): the minor singular components.
@@ -180,7 +180,7 @@ def olora(
     rank: int,
     scale: float,
     *,
-    dtype=jnp.float32,
+    dtype: jax.typing.DTypeLike = jnp.float32,
     path: str = "<weight>",
 ) -> Factors:
     """OLoRA (Büyükakyüz 2024, arXiv 2406.01775): a QR decomposition of the weight.
@@ -235,7 +235,7 @@ def lora_ga(
     *,
     gamma: float = 16.0,
     niter: int = 4,
-    dtype=jnp.float32,
+    dtype: jax.typing.DTypeLike = jnp.float32,
     path: str = "<weight>",
 ) -> Factors:
     """LoRA-GA (Wang et al. 2024, arXiv 2407.05000), as in the authors' repository.
