@@ -5,15 +5,22 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora import _residual, _schemes, _targets
-from jaxlora._node import LoraSpec, LoraWeight, is_lora
-from jaxlora._paths import leaf_name, path_str
+from jaxlora import _residual
+from jaxlora import _schemes
+from jaxlora import _targets
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._paths import leaf_name
+from jaxlora._paths import path_str
 
 PyTree = Any
 
@@ -200,6 +207,11 @@ def init(
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
     _check_data(scheme, loss_fn=loss_fn, batches=batches, apply_fn=apply_fn)
+    if compensate and isinstance(scheme, _residual.WeightAware):
+        raise ValueError(
+            f"compensate=True has no effect with {scheme.name!r}: weight-aware schemes "
+            "already replace the base by the residual W - s*a@b. Remove compensate."
+        )
     inferred = {}
     if apply_fn is not None and example_args:
         from jaxlora import _layout  # the layout tracer is only needed here

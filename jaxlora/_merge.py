@@ -6,7 +6,8 @@ from typing import Any
 
 import jax
 
-from jaxlora._node import LoraWeight, is_lora
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 
 PyTree = Any

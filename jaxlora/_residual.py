@@ -10,8 +10,8 @@ trained residual adapter back into a plain one (`to_plain_lora`).
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -20,7 +20,10 @@ import numpy as np
 
 from jaxlora import _weight_aware
 from jaxlora._linalg import svd_lowrank
-from jaxlora._node import Layout, LoraSpec, LoraWeight, is_lora
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 
 PyTree = Any
@@ -63,14 +66,16 @@ def from_3d(x: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Array:
 def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
     def one(key, k, g):
         if scheme.kind == "pissa":
-            return _weight_aware.pissa(key, k, rank, scale, niter=scheme.niter,
-                                       dtype=dtype, path=path)
+            return _weight_aware.pissa(
+                key, k, rank, scale, niter=scheme.niter, dtype=dtype, path=path
+            )
         if scheme.kind == "milora":
             return _weight_aware.milora(key, k, rank, scale, dtype=dtype, path=path)
         if scheme.kind == "olora":
             return _weight_aware.olora(key, k, rank, scale, dtype=dtype, path=path)
-        return _weight_aware.lora_ga(key, k, g, rank, scale, niter=scheme.niter or 4,
-                                     dtype=dtype, path=path)
+        return _weight_aware.lora_ga(
+            key, k, g, rank, scale, niter=scheme.niter or 4, dtype=dtype, path=path
+        )
 
     if g3 is None:
         return jax.vmap(lambda key, k: one(key, k, None))(keys, k3)
@@ -83,11 +88,16 @@ def adapt(scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None) -> Lora
     k3 = to_3d(w, layout)
     g3 = None if grad is None else to_3d(grad, layout)
     keys = jax.random.split(key, k3.shape[0])
-    a, b, res = _factors_3d(scheme, keys, k3, g3, spec.rank, spec.scale, dtype,
-                            spec.scheme)
+    a, b, res = _factors_3d(
+        scheme, keys, k3, g3, spec.rank, spec.scale, dtype, spec.scheme
+    )
     a_shape, b_shape = layout.factor_shapes(shape, spec.rank)
-    return LoraWeight(from_3d(res, layout, shape), a.reshape(a_shape),
-                      b.reshape(b_shape), dataclasses.replace(spec, residual=True))
+    return LoraWeight(
+        from_3d(res, layout, shape),
+        a.reshape(a_shape),
+        b.reshape(b_shape),
+        dataclasses.replace(spec, residual=True),
+    )
 
 
 def average_gradients(
@@ -150,7 +160,8 @@ def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
             or has another shape.
     """
     originals = {
-        path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(original_params)[0]
+        path_str(p): x
+        for p, x in jax.tree_util.tree_flatten_with_path(original_params)[0]
     }
     problems = []
 
@@ -169,7 +180,8 @@ def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
     if problems:
         raise ValueError(
             "to_plain_lora needs the original (pre-init) weights of every residual "
-            "target:\n  - " + "\n  - ".join(problems)
+            "target:\n  - "
+            + "\n  - ".join(problems)
             + "\nPass the plain tree you gave jaxlora.init."
         )
     return out
@@ -186,11 +198,16 @@ def _plain(node: LoraWeight, orig: jax.Array) -> LoraWeight:
     root = jnp.sqrt(s)
     a0 = (u * root[:, None, :]).astype(node.a.dtype)
     b0 = (root[:, :, None] * vt).astype(node.b.dtype)
-    a_shape, b_shape = layout.factor_shapes(node.shape, 2 * r)
     n = d3.shape[0]
-    a = jnp.concatenate([node.a.reshape(n, -1, r), a0], axis=2).reshape(a_shape)
-    b = jnp.concatenate([node.b.reshape(n, r, -1), -b0], axis=1).reshape(b_shape)
-    alpha = spec.alpha * (math.sqrt(2.0) if spec.rslora else 2.0)
-    new = dataclasses.replace(spec, rank=2 * r, alpha=alpha, residual=False,
-                              scheme=f"{spec.scheme}:plain")
+    plain = lambda a, b, a0, b0: _weight_aware.to_plain_lora(  # noqa: E731
+        a, b, a0, b0, spec.alpha, spec.rslora
+    )
+    a, b, alpha = jax.vmap(plain, out_axes=(0, 0, None))(
+        node.a.reshape(n, -1, r), node.b.reshape(n, r, -1), a0, b0
+    )
+    a_shape, b_shape = layout.factor_shapes(node.shape, 2 * r)
+    a, b = a.reshape(a_shape), b.reshape(b_shape)
+    new = dataclasses.replace(
+        spec, rank=2 * r, alpha=alpha, residual=False, scheme=f"{spec.scheme}:plain"
+    )
     return LoraWeight(orig, a, b, new)

@@ -127,7 +127,9 @@ _ALIASES = {"kaiming_normal": "he", "reversed": "init_b"}
 
 #: The names accepted by ``jaxlora.init(..., scheme=NAME)``, aliases included.
 SCHEMES: tuple[str, ...] = (
-    tuple(sorted(_NAMED)) + ("pissa", "olora", "milora", "lora_ga") + tuple(sorted(_ALIASES))
+    tuple(sorted(_NAMED))
+    + ("pissa", "olora", "milora", "lora_ga")
+    + tuple(sorted(_ALIASES))
 )
 
 #: The PEFT rule for embedding tables: ``lora_embedding_A`` (r, vocab) = 0 and

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora._node import Layout, is_lora
-from jaxlora._paths import leaf_name, path_str
+from jaxlora._node import Layout
+from jaxlora._node import is_lora
+from jaxlora._paths import leaf_name
+from jaxlora._paths import path_str
 
 PyTree = Any
 Targets = None | str | Sequence[str] | Callable[[str, Any], bool]

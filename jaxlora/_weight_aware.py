@@ -22,7 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlora._linalg import compute_dtype, svd_lowrank
+from jaxlora._linalg import compute_dtype
+from jaxlora._linalg import svd_lowrank
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 Factors = tuple[jax.Array, jax.Array, jax.Array]

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LAYOUTS, all_weights
+from conftest import LAYOUTS
+from conftest import all_weights
 
 import jaxlora
 

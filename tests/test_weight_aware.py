@@ -9,17 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora._eva import (
-    eva_components,
-    eva_converged,
-    eva_factors,
-    eva_num_components,
-    eva_pca_init,
-    eva_pca_update,
-    eva_rank_allocation,
-)
+from jaxlora._eva import eva_components
+from jaxlora._eva import eva_converged
+from jaxlora._eva import eva_factors
+from jaxlora._eva import eva_num_components
+from jaxlora._eva import eva_pca_init
+from jaxlora._eva import eva_pca_update
+from jaxlora._eva import eva_rank_allocation
 from jaxlora._linalg import svd_lowrank
-from jaxlora._weight_aware import lora_ga, milora, olora, pissa, to_plain_lora
+from jaxlora._weight_aware import lora_ga
+from jaxlora._weight_aware import milora
+from jaxlora._weight_aware import olora
+from jaxlora._weight_aware import pissa
+from jaxlora._weight_aware import to_plain_lora
 
 HI = jax.lax.Precision.HIGHEST
 
