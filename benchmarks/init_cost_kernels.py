@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
-from jaxlora._weight_aware import milora, olora, pissa  # noqa: E402
+from jaxlora._weight_aware import milora  # noqa: E402
+from jaxlora._weight_aware import olora  # noqa: E402
+from jaxlora._weight_aware import pissa  # noqa: E402
 
 
 def median_seconds(fn, *args, repeats: int, warm_up: bool) -> float:
