@@ -631,7 +631,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=(64, 256, 1024),
         help="width experiment widths (quick mode)",
     )
-    p.add_argument("--width-lrs", type=_floats, default=log_grid(1e-4, 1.0, 2))
+    p.add_argument("--width-lrs", type=_floats, default=log_grid(1e-5, 1.0, 2))
     p.add_argument("--width-steps", type=int, default=100)
     p.add_argument("--width-batch", type=int, default=16)
     p.add_argument(
