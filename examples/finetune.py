@@ -74,6 +74,8 @@ class TrainConfig:
         full_finetune: train every weight, no adapters.
         head_dropout: dropout on the pooled embedding before the head.
         max_grad_norm: global-norm gradient clipping (``None`` = off).
+        buckets: sequence lengths batches are trimmed to (length grouping, see
+            :func:`batches`); ``None`` or ``()`` keeps the tokenized length.
     """
 
     scheme: str = "kaiming_uniform"
@@ -95,6 +97,7 @@ class TrainConfig:
     full_finetune: bool = False
     head_dropout: float = 0.0
     max_grad_norm: float | None = 1.0
+    buckets: tuple[int, ...] | None = (16, 24, 32, 40)
 
     def total_steps(self, n_train: int) -> int:
         """The number of steps of a run on ``n_train`` examples."""
@@ -148,15 +151,44 @@ def subset(data: Batch, n: int) -> Batch:
     return {k: v[:n] for k, v in data.items()}
 
 
+def lengths(data: Batch) -> np.ndarray:
+    """Real token count of every row (the attention mask's row sums)."""
+    return data["attention_mask"].sum(axis=1)
+
+
+def _trim(batch: Batch, buckets: tuple[int, ...] | None) -> Batch:
+    """Cuts padding columns down to the smallest bucket that holds every row."""
+    if not buckets:
+        return batch
+    longest = int(lengths(batch).max())
+    width = next((b for b in sorted(buckets) if b >= longest), None)
+    if width is None:
+        return batch
+    return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+
+
 def batches(
-    data: Batch, batch_size: int, *, rng: np.random.Generator | None = None
+    data: Batch,
+    batch_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    buckets: tuple[int, ...] | None = None,
+    group: int = 50,
 ) -> Iterator[Batch]:
     """One epoch of full batches (the last partial batch is dropped).
+
+    With ``buckets``, rows are grouped by length: each run of ``group`` batches
+    (after shuffling) is sorted by length, cut into batches, and each batch is
+    trimmed to the smallest bucket length that fits it; the batch order is then
+    shuffled. Shapes stay few (one compilation per bucket) and much less
+    padding is processed.
 
     Args:
         data: ``{"input_ids", "attention_mask", "labels"}`` arrays of equal length.
         batch_size: rows per batch.
         rng: shuffles the rows when given; ``None`` keeps the order.
+        buckets: allowed sequence lengths, e.g. ``(16, 24, 32, 40, 48)``.
+        group: batches per length-sorted group.
 
     Raises:
         ValueError: if ``data`` has fewer than ``batch_size`` rows.
@@ -165,15 +197,29 @@ def batches(
     if n < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {n} examples.")
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    for i in range(n // batch_size):
-        idx = order[i * batch_size : (i + 1) * batch_size]
-        yield {k: v[idx] for k, v in data.items()}
+    order = order[: n - n % batch_size]
+    if buckets:
+        size = lengths(data)
+        span = group * batch_size
+        order = np.concatenate(
+            [
+                chunk[np.argsort(size[chunk], kind="stable")]
+                for chunk in np.split(order, range(span, len(order), span))
+            ]
+        )
+    cuts = order.reshape(-1, batch_size)
+    if buckets and rng is not None:
+        cuts = cuts[rng.permutation(len(cuts))]
+    for idx in cuts:
+        yield _trim({k: v[idx] for k, v in data.items()}, buckets)
 
 
-def _forever(data: Batch, batch_size: int, seed: int) -> Iterator[Batch]:
+def _forever(
+    data: Batch, batch_size: int, seed: int, buckets: tuple[int, ...] | None
+) -> Iterator[Batch]:
     rng = np.random.default_rng(seed)
     while True:
-        yield from batches(data, batch_size, rng=rng)
+        yield from batches(data, batch_size, rng=rng, buckets=buckets)
 
 
 # ------------------------------------------------------------------ optimizer
@@ -254,17 +300,31 @@ def _loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array
     return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def _stop_frozen(params: PyTree) -> PyTree:
+    """``stop_gradient`` on every leaf that is not trained, so XLA skips its grad."""
+    mask = jaxlora.trainable_mask(params, trainable=list(HEAD))
+    return jax.tree.map(lambda m, x: x if m else jax.lax.stop_gradient(x), mask, params)
+
+
 def make_train_step(
-    model: Any, tx: optax.GradientTransformation, *, dropout: bool = False
+    model: Any,
+    tx: optax.GradientTransformation,
+    *,
+    dropout: bool = False,
+    full_finetune: bool = False,
 ) -> Callable:
     """A jitted ``step(params, opt_state, batch, key) -> (params, opt_state, loss)``.
 
     ``model.apply`` is wrapped with ``jaxlora.lora_apply``, so ``params`` may be an
-    adapted tree (base weights get zero gradient) or a plain one.
+    adapted tree (base weights get zero gradient) or a plain one. Unless
+    ``full_finetune``, only the factors and the ``classifier`` head are
+    differentiated (no backward pass for frozen weights).
     """
     apply = jaxlora.lora_apply(model.apply)
 
     def loss_fn(params, batch, key):
+        if not full_finetune:
+            params = _stop_frozen(params)
         logits = apply(
             params,
             batch["input_ids"],
@@ -305,21 +365,25 @@ def evaluate(
     data: Batch,
     *,
     batch_size: int = 128,
+    buckets: tuple[int, ...] | None = (16, 24, 32, 40),
     eval_step: Callable | None = None,
 ) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``params`` on every row of ``data``.
 
-    The last batch is padded to ``batch_size`` (zero weight), so every call has
-    the same shapes and compiles once.
+    Rows are sorted by length and each batch trimmed to a bucket length (see
+    :func:`batches`); the last batch is padded to ``batch_size`` rows with zero
+    weight, so shapes are few and repeated calls compile nothing.
 
     Returns:
         ``{"accuracy": ..., "loss": ..., "n": ...}``.
     """
     eval_step = eval_step or make_eval_step(model)
     n = len(data["labels"])
+    order = np.argsort(lengths(data), kind="stable") if buckets else np.arange(n)
     correct = loss = 0.0
     for start in range(0, n, batch_size):
-        chunk = {k: v[start : start + batch_size] for k, v in data.items()}
+        idx = order[start : start + batch_size]
+        chunk = _trim({k: v[idx] for k, v in data.items()}, buckets)
         m = len(chunk["labels"])
         pad = batch_size - m
         chunk = {
@@ -363,11 +427,13 @@ def train(
     params = adapt(variables, cfg) if params is None else params
     tx, schedule = make_optimizer(cfg, total)
     opt_state = tx.init(params)
-    step_fn = make_train_step(model, tx, dropout=cfg.head_dropout > 0)
+    step_fn = make_train_step(
+        model, tx, dropout=cfg.head_dropout > 0, full_finetune=cfg.full_finetune
+    )
     eval_step = make_eval_step(model)
     history = History()
     key = jax.random.key(cfg.seed + 1)
-    stream = _forever(train_data, cfg.batch_size, cfg.seed)
+    stream = _forever(train_data, cfg.batch_size, cfg.seed, cfg.buckets)
     start = last = time.perf_counter()
     for step in range(1, total + 1):
         batch = next(stream)
@@ -390,6 +456,7 @@ def train(
                 params,
                 data["validation"],
                 batch_size=cfg.eval_batch_size,
+                buckets=cfg.buckets,
                 eval_step=eval_step,
             )
             history.eval_step.append(step)
