@@ -1,6 +1,7 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax, centred on the choice of initialization."""
 
 from jaxlora._apply import lora_apply
+from jaxlora._checkpoint import load, save
 from jaxlora._init import init
 from jaxlora._merge import Adapters, adapters, base, combine, merge
 from jaxlora._node import Layout, LoraSpec, LoraWeight, is_lora
@@ -23,9 +24,11 @@ __all__ = [
     "freeze_base",
     "init",
     "is_lora",
+    "load",
     "lora_apply",
     "lora_plus",
     "merge",
     "param_labels",
+    "save",
     "trainable_mask",
 ]
