@@ -13,8 +13,14 @@ the largest stable and the best learning rate of Init[A]-type schemes (``he``,
 ``kaiming_uniform``) versus Init[B] (``init_b``) as the width grows.
 
 ``--full`` runs the real task instead: MiniLM + a classification head on Rotten
-Tomatoes, LoRA on every attention and FFN kernel, head trained in full. It is
-slow on a CPU; size it with ``--steps``, ``--seeds`` and ``--lrs``.
+Tomatoes, LoRA on every attention and FFN kernel, head trained in full, each run
+trained by the loop of ``examples/finetune.py``. It is slow on a CPU (one run
+per scheme × LR × seed); size it with ``--steps``, ``--seeds`` and ``--lrs``.
+
+Data-aware schemes (LoRA-GA) get their extra ``jaxlora.init`` arguments from
+`scheme_kwargs`, the one place that knows about them; weight-aware schemes
+(PiSSA, OLoRA) need nothing extra. Both join the default list only when
+``jaxlora.SCHEMES`` has them.
 
 Outputs (in ``--out``, default ``runs/compare_inits``): ``curves.png``,
 ``results.md`` (the table, and the width finding in quick mode), ``width.png``
@@ -235,22 +241,28 @@ def plot_curves(results: Sequence[SweepResult], path: str, *, ylabel: str) -> No
 # ---------------------------------------------------- the synthetic task sweep
 
 
-def scheme_kwargs(scheme: str, task: ts.Task, key: jax.Array) -> dict[str, Any]:
+def scheme_kwargs(scheme: str, mean_grads: Callable[[], PyTree]) -> dict[str, Any]:
     """Extra ``jaxlora.init`` keyword arguments of a data-aware scheme.
 
     The one place that knows which schemes need data. LoRA-GA needs the average
-    gradient of the loss with respect to each full target kernel; it is computed
-    here on 4 fresh batches and passed as ``grads`` (a tree like the params).
+    gradient of the loss with respect to each full target weight; ``mean_grads()``
+    (a tree like the params, called only when needed) is passed as ``grads``.
+    Add future data-aware schemes here.
     """
-    if scheme != "lora_ga":
-        return {}
-    d_in = task.x_eval.shape[-1]
-    xs = jax.random.normal(key, (4, 64, d_in))
+    if scheme == "lora_ga":
+        return {"grads": mean_grads()}
+    return {}
+
+
+def _task_grads(task: ts.Task, key: jax.Array, n_batches: int = 4) -> PyTree:
+    """Mean gradient of the task loss w.r.t. the base params over fresh batches."""
+    xs = jax.random.normal(
+        key, (n_batches, task.x_eval.shape[0], task.x_eval.shape[-1])
+    )
     grad_fn = jax.grad(lambda p, x: ts.relative_mse(p, task, x))
-    grads = jax.tree.map(
+    return jax.tree.map(
         lambda *g: sum(g) / len(g), *[grad_fn(task.base, x) for x in xs]
     )
-    return {"grads": grads}
 
 
 def init_student(
@@ -258,7 +270,7 @@ def init_student(
 ) -> PyTree:
     """The task's base with LoRA factors of ``scheme`` on its hidden kernels."""
     k_init, k_data = jax.random.split(key)
-    extra = scheme_kwargs(scheme, task, k_data)
+    extra = scheme_kwargs(scheme, lambda: _task_grads(task, k_data))
     return ts.student(task, k_init, scheme=scheme, rank=rank, alpha=alpha, **extra)
 
 
@@ -506,35 +518,47 @@ def width_finding(results: dict[int, list[SweepResult]]) -> str:
 
 
 def full_sweep(scheme: str, *, lrs, seeds, steps, eval_every, rank, alpha, data):
-    """One scheme on MiniLM + Rotten Tomatoes: a plain loop over LR × seed.
+    """One scheme on MiniLM + Rotten Tomatoes, trained by ``examples/finetune.py``.
 
-    Curves are the training loss averaged over each window of ``eval_every``
-    steps; the final loss and accuracy are measured on the validation split.
+    Every LR × seed is one ``finetune.train`` run (AdamW on the factors and the
+    head, warm-up + cosine, gradient clipping: ``finetune.TrainConfig``'s
+    defaults). Curves are the validation loss at step 0 and every ``eval_every``
+    steps; the final loss and accuracy are the last validation measurement.
     """
-    from examples import minilm
+    from examples import finetune, minilm
 
-    encoder, tokens = data["encoder"], data["tokens"]
     n_lr, n_points = len(lrs), steps // eval_every + 1
     curves = np.full((n_lr, seeds, n_points), np.nan)
     final_loss = np.full((n_lr, seeds), np.nan)
     final_acc = np.full((n_lr, seeds), np.nan)
-    for (i, lr), s in tqdm(
-        [(x, s) for x in enumerate(lrs) for s in range(seeds)], desc=scheme
-    ):
-        model, variables = minilm.init_classifier(encoder, seed=s)
+    runs = [(i, lr, s) for i, lr in enumerate(lrs) for s in range(seeds)]
+    for i, lr, s in tqdm(runs, desc=f"{scheme} (lr × seed)"):
+        model, variables = minilm.init_classifier(data["encoder"], seed=s)
+        cfg = finetune.TrainConfig(
+            scheme=scheme,
+            rank=rank,
+            alpha=alpha,
+            lr=lr,
+            steps=steps,
+            eval_every=eval_every,
+            seed=s,
+            batch_size=data["batch"],
+        )
+        grads = lambda: _classifier_grads(model, variables, data, s)  # noqa: B023
         params = jaxlora.init(
             variables,
             jax.random.key(s),
             scheme=scheme,
             rank=rank,
             alpha=alpha,
-            targets=r"params/encoder/.*/kernel",
+            targets=list(cfg.targets),
+            **scheme_kwargs(scheme, grads),
         )
-        train = _classifier_trainer(model, lr, data["batch"], steps)
-        curve, final_loss[i, s], final_acc[i, s] = train(
-            params, tokens, steps, eval_every, s
-        )
-        curves[i, s] = curve
+        val = data["tokens"]["validation"]
+        start = finetune.evaluate(model, params, val, buckets=cfg.buckets)
+        h = finetune.train(model, variables, data["tokens"], cfg, params=params).history
+        curves[i, s] = [start["loss"], *h.val_loss]
+        final_loss[i, s], final_acc[i, s] = h.val_loss[-1], h.val_accuracy[-1]
     return SweepResult(
         scheme,
         np.asarray(lrs, float),
@@ -545,61 +569,33 @@ def full_sweep(scheme: str, *, lrs, seeds, steps, eval_every, rank, alpha, data)
     )
 
 
-def _classifier_trainer(model, lr: float, batch: int, steps: int) -> Callable:
-    """A small local training loop (cross-entropy, Adam; head trained in full)."""
-    apply = jaxlora.lora_apply(model.apply)
-    tx = jaxlora.freeze_base(optax.adam(schedule(lr, steps)), trainable=["classifier"])
+def _classifier_grads(model, variables, data, seed: int, n_batches: int = 4):
+    """Mean gradient of the cross-entropy w.r.t. every weight (for LoRA-GA)."""
+    from examples import finetune
 
-    def loss_acc(params, b):
-        logits = apply(params, b["input_ids"], b["attention_mask"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"])
-        return loss.mean(), jnp.mean(jnp.argmax(logits, -1) == b["label"])
+    train = data["tokens"]["train"]
+    rng = np.random.default_rng(seed)
 
-    @jax.jit
-    def step(params, state, b):
-        (loss, _), grads = jax.value_and_grad(loss_acc, has_aux=True)(params, b)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+    def loss(v, b):
+        logits = model.apply(v, b["input_ids"], b["attention_mask"])
+        labels = b["labels"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    evaluate = jax.jit(loss_acc)
-
-    def run(params, tokens, steps, eval_every, seed):
-        train, val = tokens["train"], tokens["validation"]
-        rng = np.random.default_rng(seed)
-        state, losses = tx.init(params), []
-        first = {k: v[:batch] for k, v in train.items()}
-        curve = [float(evaluate(params, first)[0])]
-        for t in range(steps):
-            idx = rng.integers(0, len(train["label"]), batch)
-            params, state, loss = step(
-                params, state, {k: v[idx] for k, v in train.items()}
-            )
-            losses.append(float(loss))
-            if (t + 1) % eval_every == 0:
-                curve.append(float(np.mean(losses[-eval_every:])))
-        n_val = len(val["label"]) // batch * batch
-        metrics = [
-            evaluate(params, {k: v[j : j + batch] for k, v in val.items()})
-            for j in range(0, n_val, batch)
-        ]
-        loss, acc = np.mean(np.asarray(metrics), axis=0)
-        return np.asarray(curve), float(loss), float(acc)
-
-    return run
+    grad = jax.jit(jax.grad(loss))
+    it = finetune.batches(train, data["batch"], rng=rng)
+    gs = [grad(variables, next(it)) for _ in range(n_batches)]
+    return jax.tree.map(lambda *g: sum(g) / len(g), *gs)
 
 
 def load_full_data(max_len: int, batch: int, val_size: int) -> dict[str, Any]:
-    """MiniLM weights and tokenized Rotten Tomatoes train/validation splits."""
-    from examples import minilm, rotten_tomatoes
+    """MiniLM weights and the tokenized train / validation (first ``val_size``)."""
+    from examples import finetune, minilm, rotten_tomatoes
 
     _, encoder = minilm.load_minilm()
     splits = rotten_tomatoes.load_splits(seed=0)
-    tok = minilm.MiniLMTokenizer(max_len=max_len)
-    tokens = {}
-    for name, limit in (("train", None), ("validation", val_size)):
-        split = splits[name]
-        texts, labels = split.texts[:limit], split.labels[:limit]
-        tokens[name] = {**tok(texts), "label": np.asarray(labels, np.int32)}
+    splits = {k: splits[k] for k in ("train", "validation")}
+    tokens = finetune.tokenize_splits(splits, max_len)
+    tokens["validation"] = finetune.subset(tokens["validation"], val_size)
     return {"encoder": encoder, "tokens": tokens, "batch": batch}
 
 
@@ -701,9 +697,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sweep = functools.partial(full_sweep, data=data, **sweep_kw)
         task = (
             f"MiniLM + head on Rotten Tomatoes (batch {args.batch}, max_len "
-            f"{args.max_len}); loss = cross-entropy"
+            f"{args.max_len}; LoRA on every attention and FFN kernel, head trained "
+            "in full; examples/finetune.py loop); loss = validation cross-entropy "
+            "on the first 512 validation snippets"
         )
-        ylabel = "train loss (window mean)"
+        ylabel = "validation loss"
+        optimizer = "AdamW (finetune.TrainConfig defaults), warm-up + cosine"
     else:
         cfg = ts.TaskConfig(width=args.width, eval_size=512)
         sweep = functools.partial(synthetic_sweep, cfg=cfg, **sweep_kw)
@@ -713,6 +712,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "(1.0 = untrained base)"
         )
         ylabel = "relative MSE (eval)"
+        optimizer = "Adam, 10% warm-up + cosine decay"
     results = []
     bar = tqdm(args.schemes, desc="schemes")
     for scheme in bar:
@@ -723,7 +723,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = [
         "# LoRA initialization schemes, each at its own best learning rate",
         "",
-        f"Task: {task}. Adam, rank {args.rank}, alpha {args.alpha:g}; "
+        f"Task: {task}. {optimizer}, rank {args.rank}, alpha {args.alpha:g}; "
         f"{args.seeds} seeds × LRs {', '.join(f'{x:.3g}' for x in args.lrs)}; "
         f"{args.steps} steps. Best LR = lowest mean final loss over seeds (an LR "
         "where any seed diverged is never best). Steps to threshold: mean over "
