@@ -477,25 +477,34 @@ def width_finding(results: dict[int, list[SweepResult]]) -> str:
             ia = max_stable_lr_index(a.final_loss, 1.0)
             best_a = best_lr_index(a.final_loss)
             loss_a = np.mean(a.final_loss[best_a])
-            if ia is None or ib is None:
-                lines.append(f"- n={n}, {a_name} vs init_b: no stable LR for one.")
+            if ia is None:
+                lines.append(f"- n={n}: {a_name} is unstable at every LR tried.")
                 continue
-            ratio = a.lrs[ia] / b.lrs[ib]
-            ratios.setdefault(a_name, []).append((n, ratio))
             edge = " (Init[A] at the grid's top: a lower bound)" * (
                 ia == len(a.lrs) - 1
             )
+            jb, b_text, bound = ib, None, ""
+            if ib is None:  # init_b unstable even at the smallest LR tried
+                jb, b_text, bound = 0, "none", "≥"
+                edge = (
+                    f" (init_b is unstable at every LR tried, down to {b.lrs[0]:.3g}: "
+                    "the ratio is a lower bound)"
+                )
+            ratio = a.lrs[ia] / b.lrs[jb]
+            ratios.setdefault(a_name, []).append((n, ratio, bound))
             cmp = "larger" if ratio > 1 else "smaller" if ratio < 1 else "the same"
+            cmp = "larger: init_b has no stable LR" if bound else cmp
             lines.append(
                 f"- n={n}: {a_name} max stable LR {a.lrs[ia]:.3g} vs init_b "
-                f"{b.lrs[ib]:.3g} → ratio {ratio:.3g} ({cmp}){edge}; best LR "
-                f"{a.lrs[best_a]:.3g} vs {b.lrs[best_b]:.3g}; final loss at best LR "
-                f"{loss_a:.4f} vs {loss_b:.4f} "
+                f"{b_text or f'{b.lrs[jb]:.3g}'} → ratio {bound}{ratio:.3g} ({cmp})"
+                f"{edge}; best LR {a.lrs[best_a]:.3g} vs {b.lrs[best_b]:.3g}; final "
+                f"loss at best LR {loss_a:.4f} vs {loss_b:.4f} "
                 f"({'Init[A] lower' if loss_a < loss_b else 'init_b lower'})."
             )
     for a_name, rs in ratios.items():
-        values = [r for _, r in rs]
-        larger = sum(r > 1 for r in values)
+        values = [r for _, r, _ in rs]
+        larger = sum(r > 1 or bool(b) for _, r, b in rs)
+        note = " (a lower bound: read it as at least this)" if rs[-1][2] else ""
         change = values[-1] / values[0]
         trend = (
             "grows"
@@ -507,9 +516,9 @@ def width_finding(results: dict[int, list[SweepResult]]) -> str:
         lines.append(
             f"- **{a_name} vs init_b**: Init[A]'s largest stable LR is larger at "
             f"{larger} of {len(values)} widths (ratios "
-            f"{', '.join(f'{r:.3g}' for r in values)} for widths "
-            f"{', '.join(str(n) for n, _ in rs)}); from the smallest to the largest "
-            f"width the ratio {trend} (×{change:.3g})."
+            f"{', '.join(f'{b}{r:.3g}' for _, r, b in rs)} for widths "
+            f"{', '.join(str(n) for n, _, _ in rs)}); from the smallest to the largest "
+            f"width the ratio {trend} (×{change:.3g}){note}."
         )
     return "\n".join(lines)
 
@@ -627,7 +636,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=(64, 256, 1024),
         help="width experiment widths (quick mode)",
     )
-    p.add_argument("--width-lrs", type=_floats, default=log_grid(1e-5, 1.0, 2))
+    p.add_argument("--width-lrs", type=_floats, default=log_grid(1e-6, 1.0, 2))
     p.add_argument("--width-steps", type=int, default=100)
     p.add_argument("--width-batch", type=int, default=16)
     p.add_argument(

