@@ -1,6 +1,8 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax, centred on the choice of initialization."""
 
 from jaxlora._apply import lora_apply
+from jaxlora._checkpoint import load
+from jaxlora._checkpoint import save
 from jaxlora._init import init
 from jaxlora._linalg import svd_lowrank
 from jaxlora._merge import Adapters
@@ -37,12 +39,12 @@ __all__ = [
     "freeze_base",
     "init",
     "is_lora",
+    "load",
     "lora_apply",
     "lora_plus",
     "merge",
     "param_labels",
-    "svd_lowrank",
-    "to_plain_lora",
+    "save",
     "svd_lowrank",
     "to_plain_lora",
     "trainable_mask",
