@@ -42,7 +42,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -534,7 +535,8 @@ def full_sweep(scheme: str, *, lrs, seeds, steps, eval_every, rank, alpha, data)
     defaults). Curves are the validation loss at step 0 and every ``eval_every``
     steps; the final loss and accuracy are the last validation measurement.
     """
-    from examples import finetune, minilm
+    from examples import finetune
+    from examples import minilm
 
     n_lr, n_points = len(lrs), steps // eval_every + 1
     curves = np.full((n_lr, seeds, n_points), np.nan)
@@ -595,7 +597,9 @@ def _classifier_data(model, data, seed: int, n_batches: int = 4):
 
 def load_full_data(max_len: int, batch: int, val_size: int) -> dict[str, Any]:
     """MiniLM weights and the tokenized train / validation (first ``val_size``)."""
-    from examples import finetune, minilm, rotten_tomatoes
+    from examples import finetune
+    from examples import minilm
+    from examples import rotten_tomatoes
 
     _, encoder = minilm.load_minilm()
     splits = rotten_tomatoes.load_splits(seed=0)

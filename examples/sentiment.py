@@ -26,7 +26,9 @@ import jax
 import numpy as np
 
 import jaxlora
-from examples import finetune, minilm, rotten_tomatoes
+from examples import finetune
+from examples import minilm
+from examples import rotten_tomatoes
 
 QUICK = {"train": 640, "validation": 128, "test": 256}
 

@@ -30,7 +30,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax

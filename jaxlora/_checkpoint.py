@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlora._node import Layout, LoraSpec, LoraWeight, is_lora
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 
 PyTree = Any

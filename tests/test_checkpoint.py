@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import LAYOUTS, all_weights
+from conftest import LAYOUTS
+from conftest import all_weights
 
 import jaxlora
 from jaxlora import _checkpoint
