@@ -81,7 +81,7 @@ def svd_lowrank(
         >>> u, s, vt = svd_lowrank(jax.random.key(2), x, 8, niter=2)
         >>> u.shape, s.shape, vt.shape
         ((64, 8), (8,), (8, 32))
-        >>> bool(jnp.allclose(u * s @ vt, x, atol=1e-3))
+        >>> bool(jnp.allclose((u * s[None, :]) @ vt, x, atol=1e-3))
         True
     """
     x = jnp.asarray(x)
