@@ -14,6 +14,10 @@ import jax.numpy as jnp
 from jaxlora._symbolic import R, Sym, Unsupported, fresh_letters
 
 
+def _sum(base, lora):
+    return base + lora.astype(base.dtype)
+
+
 def _two_step(first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype):
     """``einsum(einsum(x, first), second)`` keeping only the letters still needed."""
     keep = set(second_lab) | set(out_lab)
@@ -62,7 +66,7 @@ def dot_general(eqn, lhs, rhs):
     fa = (sym.a, a_lab) if first == "a" else (sym.b, b_lab)
     fb = (sym.b, b_lab) if second == "b" else (sym.a, a_lab)
     lora = _two_step(*fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype)
-    return base + lora.astype(base.dtype), route
+    return _sum(base, lora), route
 
 
 def conv_general_dilated(eqn, lhs, rhs):
@@ -95,7 +99,7 @@ def conv_general_dilated(eqn, lhs, rhs):
     lora = jnp.einsum(
         f"{t_lab},{b_lab}->{out_lab}", t, rhs.b, preferred_element_type=base.dtype
     )
-    return base + lora.astype(base.dtype), "in"
+    return _sum(base, lora), "in"
 
 
 def gather(eqn, operand, indices):
@@ -155,7 +159,7 @@ def gather(eqn, operand, indices):
     lora = jnp.einsum(
         f"{g_lab},{o_lab}->{out_lab}", g, oth, preferred_element_type=base.dtype
     )
-    return base + lora.astype(base.dtype), "in" if fac is operand.a else "out"
+    return _sum(base, lora), "in" if fac is operand.a else "out"
 
 
 RULES = {
