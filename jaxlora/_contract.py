@@ -9,6 +9,10 @@ then materializes the weight for that one use.
 
 from __future__ import annotations
 
+import functools
+import math
+
+import jax
 import jax.numpy as jnp
 
 from jaxlora._symbolic import R, Sym, Unsupported, fresh_letters
@@ -16,6 +20,76 @@ from jaxlora._symbolic import R, Sym, Unsupported, fresh_letters
 
 def _sum(base, lora):
     return base + lora.astype(base.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lora_matmul(x, w, f1, f2, scale, dtype):
+    """``x @ w + scale · (x @ f1) @ f2`` for 2-D operands, as ONE matmul.
+
+    The forward appends ``t = scale · x @ f1`` to the contraction
+    (``[x, t] @ [w; f2]``) so the output is a single buffer: a separate add would be
+    fused by XLA into every consumer and keep both summands alive for the backward
+    pass. The backward computes the input gradient and the factor gradients only
+    (``w`` is frozen: its cotangent is zero).
+    """
+    return _lora_matmul_fwd(x, w, f1, f2, scale, dtype)[0]
+
+
+def _lora_matmul_fwd(x, w, f1, f2, scale, dtype):
+    t = jnp.dot(x, f1, preferred_element_type=dtype) * jnp.asarray(scale, dtype)
+    xt = jnp.concatenate([x.astype(dtype), t], axis=1)
+    # A dependency on t that is exactly 0 (even for non-finite t) keeps XLA from
+    # hoisting every weight concatenation to the program start, all alive at once.
+    tie = (t[:1, :1] != t[:1, :1]).astype(dtype) * 0
+    wf = jnp.concatenate([w.astype(dtype), f2.astype(dtype) + tie], axis=0)
+    return jnp.dot(xt, wf, preferred_element_type=dtype), (x, t, w, f1, f2)
+
+
+def _lora_matmul_bwd(scale, dtype, res, g):
+    x, t, w, f1, f2 = res
+    dt = jnp.dot(g, f2.T.astype(g.dtype), preferred_element_type=dtype)
+    df2 = jnp.dot(t.T, g.astype(t.dtype), preferred_element_type=dtype)
+    dts = dt * jnp.asarray(scale, dtype)
+    df1 = jnp.dot(x.T.astype(dtype), dts, preferred_element_type=dtype)
+    dx = jnp.dot(g, w.T.astype(g.dtype), preferred_element_type=dtype)
+    dx = dx + jnp.dot(dts, f1.T.astype(dtype), preferred_element_type=dtype)
+    return (
+        dx.astype(x.dtype),
+        jnp.zeros_like(w),
+        df1.astype(f1.dtype),
+        df2.astype(f2.dtype),
+    )
+
+
+_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+
+
+def _fused(x, sym, first, sc, xc, sym_lhs, dtype):
+    """The single-matmul path for a weight with no stacked axes and no batch dims."""
+    x_free = [i for i in range(x.ndim) if i not in xc]
+    s_free = [i for i in range(sym.ndim) if i not in sc]
+    x2 = jnp.transpose(x, x_free + list(xc))
+    w2 = jnp.transpose(sym.w, list(sc) + s_free)
+    f1, l1 = (sym.a, sym.a_lab) if first == "a" else (sym.b, sym.b_lab)
+    f2, l2 = (sym.b, sym.b_lab) if first == "a" else (sym.a, sym.a_lab)
+    f1 = jnp.transpose(f1, [l1.index(i) for i in sc] + [l1.index(R)])
+    f2 = jnp.transpose(f2, [l2.index(R)] + [l2.index(i) for i in s_free])
+    m = math.prod(x2.shape[: len(x_free)])
+    k = math.prod(w2.shape[: len(sc)])
+    n = math.prod(w2.shape[len(sc) :])
+    y = _lora_matmul(
+        x2.reshape(m, k),
+        w2.reshape(k, n),
+        f1.reshape(k, -1),
+        f2.reshape(-1, n),
+        sym.scale,
+        dtype,
+    )
+    y = y.reshape(x2.shape[: len(x_free)] + w2.shape[len(sc) :])
+    if sym_lhs:
+        nx = len(x_free)
+        y = jnp.transpose(y, list(range(nx, y.ndim)) + list(range(nx)))
+    return y
 
 
 def _two_step(first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype):
@@ -62,6 +136,8 @@ def dot_general(eqn, lhs, rhs):
     out_lab = "".join(batch + (s_free + x_free if sym_lhs else x_free + s_free))
     a_lab, b_lab = sym.letters(w_let, r_let)
     dtype = eqn.outvars[0].aval.dtype
+    if not sb and not sym.stack_axes and 0 not in x.shape + sym.shape:
+        return _fused(x, sym, first, sc, xc, sym_lhs, dtype), route
     base = eqn.primitive.bind(*((sym.w, x) if sym_lhs else (x, sym.w)), **eqn.params)
     fa = (sym.a, a_lab) if first == "a" else (sym.b, b_lab)
     fb = (sym.b, b_lab) if second == "b" else (sym.a, a_lab)
