@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora._symbolic import R, Sym, Unsupported, fresh_letters
 
@@ -22,74 +24,117 @@ def _sum(base, lora):
     return base + lora.astype(base.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lora_matmul(x, w, f1, f2, scale, dtype):
-    """``x @ w + scale · (x @ f1) @ f2`` for 2-D operands, as ONE matmul.
+def _sum_one_buffer(base, lora):
+    """``base + lora`` produced by a conditional (both branches equal), so the sum is
+    one buffer: XLA cannot fuse it into consumers and keep both summands alive."""
+    add = lambda u, v: u + v.astype(u.dtype)  # noqa: E731
+    flag = jnp.isfinite(lora.reshape(-1)[0])
+    return jax.lax.cond(flag, add, add, base, lora)
+
+
+class _Plan(NamedTuple):
+    """Static recipe mapping the operands of a contraction onto 2-D matrices."""
+
+    x_perm: tuple  # x -> (free..., contracted...)
+    w_perm: tuple  # w -> (contracted..., free...)
+    f1_perm: tuple  # first factor -> (contracted..., r)
+    f2_perm: tuple  # second factor -> (r, free...)
+    out_perm: tuple  # (x free..., w free...) -> the primitive's output order
+    scale: float
+    dtype: Any
+
+
+def _canon(x, w, f1, f2, plan):
+    xt, wt = jnp.transpose(x, plan.x_perm), jnp.transpose(w, plan.w_perm)
+    f1t, f2t = jnp.transpose(f1, plan.f1_perm), jnp.transpose(f2, plan.f2_perm)
+    k = math.prod(f1t.shape[:-1])
+    return (
+        xt.reshape(-1, k),
+        wt.reshape(k, -1),
+        f1t.reshape(k, -1),
+        f2t.reshape(f1t.shape[-1], -1),
+        xt.shape[: xt.ndim - (f1t.ndim - 1)] + wt.shape[f1t.ndim - 1 :],
+    )
+
+
+def _undo(y, perm, shape):
+    """Inverse of ``transpose(., perm).reshape(...)`` back to ``shape``."""
+    t_shape = tuple(shape[i] for i in perm)
+    return jnp.transpose(y.reshape(t_shape), tuple(int(i) for i in np.argsort(perm)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_contract(x, w, f1, f2, plan):
+    """``contract(x, w) + scale · contract(contract(x, f1), f2)`` as ONE matmul.
 
     The forward appends ``t = scale · x @ f1`` to the contraction
     (``[x, t] @ [w; f2]``) so the output is a single buffer: a separate add would be
     fused by XLA into every consumer and keep both summands alive for the backward
-    pass. The backward computes the input gradient and the factor gradients only
-    (``w`` is frozen: its cotangent is zero).
+    pass. The residuals are the operands as given (a scanned weight slice is then
+    forwarded, not stacked). The backward computes the input gradient and the
+    factor gradients only (``w`` is frozen: its cotangent is zero).
     """
-    return _lora_matmul_fwd(x, w, f1, f2, scale, dtype)[0]
+    return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
 
-def _lora_matmul_fwd(x, w, f1, f2, scale, dtype):
-    t = jnp.dot(x, f1, preferred_element_type=dtype) * jnp.asarray(scale, dtype)
-    xt = jnp.concatenate([x.astype(dtype), t], axis=1)
+def _lora_contract_fwd(x, w, f1, f2, plan):
+    dt = plan.dtype
+    x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
+    t = jnp.dot(x2, a2, preferred_element_type=dt) * jnp.asarray(plan.scale, dt)
+    xt = jnp.concatenate([x2.astype(dt), t], axis=1)
     # A dependency on t that is exactly 0 (even for non-finite t) keeps XLA from
     # hoisting every weight concatenation to the program start, all alive at once.
-    tie = (t[:1, :1] != t[:1, :1]).astype(dtype) * 0
-    wf = jnp.concatenate([w.astype(dtype), f2.astype(dtype) + tie], axis=0)
-    return jnp.dot(xt, wf, preferred_element_type=dtype), (x, t, w, f1, f2)
+    tie = (t[:1, :1] != t[:1, :1]).astype(dt) * 0
+    wf = jnp.concatenate([w2.astype(dt), b2.astype(dt) + tie], axis=0)
+    y = jnp.dot(xt, wf, preferred_element_type=dt).reshape(y_shape)
+    return jnp.transpose(y, plan.out_perm), (x, w, f1, f2, t)
 
 
-def _lora_matmul_bwd(scale, dtype, res, g):
-    x, t, w, f1, f2 = res
-    dt = jnp.dot(g, f2.T.astype(g.dtype), preferred_element_type=dtype)
-    df2 = jnp.dot(t.T, g.astype(t.dtype), preferred_element_type=dtype)
-    dts = dt * jnp.asarray(scale, dtype)
-    df1 = jnp.dot(x.T.astype(dtype), dts, preferred_element_type=dtype)
-    dx = jnp.dot(g, w.T.astype(g.dtype), preferred_element_type=dtype)
-    dx = dx + jnp.dot(dts, f1.T.astype(dtype), preferred_element_type=dtype)
+def _lora_contract_bwd(plan, res, g):
+    x, w, f1, f2, t = res
+    dt = plan.dtype
+    x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
+    g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
+    g2 = g2.reshape(-1, w2.shape[1])
+    dt_ = jnp.dot(g2, b2.T.astype(g2.dtype), preferred_element_type=dt)
+    db2 = jnp.dot(t.T, g2.astype(t.dtype), preferred_element_type=dt)
+    dts = dt_ * jnp.asarray(plan.scale, dt)
+    da2 = jnp.dot(x2.T.astype(dt), dts, preferred_element_type=dt)
+    dx2 = jnp.dot(g2, w2.T.astype(g2.dtype), preferred_element_type=dt)
+    dx2 = dx2 + jnp.dot(dts, a2.T.astype(dt), preferred_element_type=dt)
     return (
-        dx.astype(x.dtype),
+        _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
         jnp.zeros_like(w),
-        df1.astype(f1.dtype),
-        df2.astype(f2.dtype),
+        _undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype),
+        _undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype),
     )
 
 
-_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+_lora_contract.defvjp(_lora_contract_fwd, _lora_contract_bwd)
 
 
 def _fused(x, sym, first, sc, xc, sym_lhs, dtype):
     """The single-matmul path for a weight with no stacked axes and no batch dims."""
     x_free = [i for i in range(x.ndim) if i not in xc]
     s_free = [i for i in range(sym.ndim) if i not in sc]
-    x2 = jnp.transpose(x, x_free + list(xc))
-    w2 = jnp.transpose(sym.w, list(sc) + s_free)
     f1, l1 = (sym.a, sym.a_lab) if first == "a" else (sym.b, sym.b_lab)
     f2, l2 = (sym.b, sym.b_lab) if first == "a" else (sym.a, sym.a_lab)
-    f1 = jnp.transpose(f1, [l1.index(i) for i in sc] + [l1.index(R)])
-    f2 = jnp.transpose(f2, [l2.index(R)] + [l2.index(i) for i in s_free])
-    m = math.prod(x2.shape[: len(x_free)])
-    k = math.prod(w2.shape[: len(sc)])
-    n = math.prod(w2.shape[len(sc) :])
-    y = _lora_matmul(
-        x2.reshape(m, k),
-        w2.reshape(k, n),
-        f1.reshape(k, -1),
-        f2.reshape(-1, n),
-        sym.scale,
-        dtype,
+    nx, ns = len(x_free), len(s_free)
+    out_perm = (
+        tuple(range(nx, nx + ns)) + tuple(range(nx))
+        if sym_lhs
+        else tuple(range(nx + ns))
     )
-    y = y.reshape(x2.shape[: len(x_free)] + w2.shape[len(sc) :])
-    if sym_lhs:
-        nx = len(x_free)
-        y = jnp.transpose(y, list(range(nx, y.ndim)) + list(range(nx)))
-    return y
+    plan = _Plan(
+        x_perm=tuple(x_free) + tuple(xc),
+        w_perm=tuple(sc) + tuple(s_free),
+        f1_perm=tuple(l1.index(i) for i in sc) + (l1.index(R),),
+        f2_perm=(l2.index(R),) + tuple(l2.index(i) for i in s_free),
+        out_perm=out_perm,
+        scale=sym.scale,
+        dtype=np.dtype(dtype),
+    )
+    return _lora_contract(x, sym.w, f1, f2, plan)
 
 
 def _two_step(first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype):
