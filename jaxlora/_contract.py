@@ -42,6 +42,7 @@ class _Plan(NamedTuple):
     out_perm: tuple  # (x free..., w free...) -> the primitive's output order
     scale: float
     dtype: Any
+    precision: Any = None
 
 
 def _canon(x, w, f1, f2, plan):
@@ -80,13 +81,17 @@ def _lora_contract(x, w, f1, f2, plan):
 def _lora_contract_fwd(x, w, f1, f2, plan):
     dt = plan.dtype
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
-    t = jnp.dot(x2, a2, preferred_element_type=dt) * jnp.asarray(plan.scale, dt)
+    t = jnp.dot(
+        x2, a2, preferred_element_type=dt, precision=plan.precision
+    ) * jnp.asarray(plan.scale, dt)
     xt = jnp.concatenate([x2.astype(dt), t], axis=1)
     # A dependency on t that is exactly 0 (even for non-finite t) keeps XLA from
     # hoisting every weight concatenation to the program start, all alive at once.
     tie = (t[:1, :1] != t[:1, :1]).astype(dt) * 0
     wf = jnp.concatenate([w2.astype(dt), b2.astype(dt) + tie], axis=0)
-    y = jnp.dot(xt, wf, preferred_element_type=dt).reshape(y_shape)
+    y = jnp.dot(xt, wf, preferred_element_type=dt, precision=plan.precision).reshape(
+        y_shape
+    )
     return jnp.transpose(y, plan.out_perm), (x, w, f1, f2, t)
 
 
@@ -96,12 +101,22 @@ def _lora_contract_bwd(plan, res, g):
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
     g2 = g2.reshape(-1, w2.shape[1])
-    dt_ = jnp.dot(g2, b2.T.astype(g2.dtype), preferred_element_type=dt)
-    db2 = jnp.dot(t.T, g2.astype(t.dtype), preferred_element_type=dt)
+    dt_ = jnp.dot(
+        g2, b2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
+    )
+    db2 = jnp.dot(
+        t.T, g2.astype(t.dtype), preferred_element_type=dt, precision=plan.precision
+    )
     dts = dt_ * jnp.asarray(plan.scale, dt)
-    da2 = jnp.dot(x2.T.astype(dt), dts, preferred_element_type=dt)
-    dx2 = jnp.dot(g2, w2.T.astype(g2.dtype), preferred_element_type=dt)
-    dx2 = dx2 + jnp.dot(dts, a2.T.astype(dt), preferred_element_type=dt)
+    da2 = jnp.dot(
+        x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision
+    )
+    dx2 = jnp.dot(
+        g2, w2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
+    )
+    dx2 = dx2 + jnp.dot(
+        dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
+    )
     return (
         _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
         jnp.zeros_like(w),
@@ -113,7 +128,7 @@ def _lora_contract_bwd(plan, res, g):
 _lora_contract.defvjp(_lora_contract_fwd, _lora_contract_bwd)
 
 
-def _fused(x, sym, first, sc, xc, sym_lhs, dtype):
+def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision):
     """The single-matmul path for a weight with no stacked axes and no batch dims."""
     x_free = [i for i in range(x.ndim) if i not in xc]
     s_free = [i for i in range(sym.ndim) if i not in sc]
@@ -133,20 +148,31 @@ def _fused(x, sym, first, sc, xc, sym_lhs, dtype):
         out_perm=out_perm,
         scale=sym.scale,
         dtype=np.dtype(dtype),
+        precision=precision,
     )
     return _lora_contract(x, sym.w, f1, f2, plan)
 
 
-def _two_step(first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype):
+def _two_step(
+    first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype, prec=None
+):
     """``einsum(einsum(x, first), second)`` keeping only the letters still needed."""
     keep = set(second_lab) | set(out_lab)
     t_lab = "".join(dict.fromkeys(c for c in x_lab + first_lab if c in keep))
     t = jnp.einsum(
-        f"{x_lab},{first_lab}->{t_lab}", x, first, preferred_element_type=dtype
+        f"{x_lab},{first_lab}->{t_lab}",
+        x,
+        first,
+        preferred_element_type=dtype,
+        precision=prec,
     )
     t = t * jnp.asarray(scale, t.dtype)
     return jnp.einsum(
-        f"{t_lab},{second_lab}->{out_lab}", t, second, preferred_element_type=dtype
+        f"{t_lab},{second_lab}->{out_lab}",
+        t,
+        second,
+        preferred_element_type=dtype,
+        precision=prec,
     )
 
 
@@ -181,12 +207,13 @@ def dot_general(eqn, lhs, rhs):
     out_lab = "".join(batch + (s_free + x_free if sym_lhs else x_free + s_free))
     a_lab, b_lab = sym.letters(w_let, r_let)
     dtype = eqn.outvars[0].aval.dtype
+    prec = eqn.params.get("precision")
     if not sb and not sym.stack_axes and 0 not in x.shape + sym.shape:
-        return _fused(x, sym, first, sc, xc, sym_lhs, dtype), route
+        return _fused(x, sym, first, sc, xc, sym_lhs, dtype, prec), route
     base = eqn.primitive.bind(*((sym.w, x) if sym_lhs else (x, sym.w)), **eqn.params)
     fa = (sym.a, a_lab) if first == "a" else (sym.b, b_lab)
     fb = (sym.b, b_lab) if second == "b" else (sym.a, a_lab)
-    lora = _two_step(*fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype)
+    lora = _two_step(*fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype, prec)
     return _sum(base, lora), route
 
 

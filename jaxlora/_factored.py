@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Literal
@@ -146,9 +147,9 @@ def _scalar_mul(eqn, x, y):
 
 
 def _scalar_div(eqn, x, y):
-    if isinstance(y, Sym) or np.ndim(y) != 0:
+    if not isinstance(x, Sym) or isinstance(y, Sym) or np.ndim(y) != 0:
         raise Unsupported("divided by a non-scalar or used as a divisor")
-    return x.scalar_mul(eqn.primitive.bind(x.w, y), 1 / y)
+    return x.scalar_mul(eqn.primitive.bind(x.w, y), 1 / jnp.asarray(y))
 
 
 def _reshape(s, w, p, _):

@@ -230,7 +230,14 @@ class Sym:
                 k += len(bi)
             return f.reshape(out_shape), tuple(out_lab)
 
-        (a, a_lab), (b, b_lab) = fn(sym.a, sym.a_lab), fn(sym.b, sym.b_lab)
+        def canon(f, lab):  # w-axes ascending, then R: merged runs become contiguous
+            order = sorted(range(len(lab)), key=lambda k: (lab[k] == R, lab[k]))
+            return jnp.transpose(f, order), tuple(lab[k] for k in order)
+
+        (a, a_lab), (b, b_lab) = (
+            fn(*canon(sym.a, sym.a_lab)),
+            fn(*canon(sym.b, sym.b_lab)),
+        )
         units = [k for k, n in enumerate(new_sizes) if n == 1]
         a = a.reshape(a.shape + (1,) * len(units))
         return self._with(w, a, b, a_lab + tuple(units), b_lab)

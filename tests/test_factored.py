@@ -390,3 +390,43 @@ def test_dot_general_property(
 
     lp = adapt({"w": rand(w_shape, seed + 1, dtype)}, {"w": lay}, rank=rank, seed=seed)
     check(fn, lp, x, tol=tol)
+
+
+def test_views_and_control_flow_stay_factored():
+    """Indexing a stacked kernel, scalar scaling, transposes, reshapes, fori_loop
+    and cond all keep the weight symbolic."""
+
+    def fn(p, x):
+        w, v = p["w"], p["v"]  # (3, 4, 4) stacked; (4, 2, 2) with two output axes
+        h = x
+        for i in range(2):
+            h = jnp.tanh(h @ w[i])
+        h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w[i] * 0.5), h)
+        h = jax.lax.cond(
+            h.sum() > 0, lambda h: h @ (w[0] / 2.0), lambda h: h @ w[1].T.T, h
+        )
+        return jnp.sin(h @ v.reshape(4, 4)) + h @ jnp.transpose(v, (0, 2, 1)).reshape(
+            4, 4
+        )
+
+    params = {"w": rand((3, 4, 4), 2), "v": rand((4, 2, 2), 3)}
+    lays = {"w": Layout.dense(3, n_stack=1), "v": Layout.dense(3)}
+    report = check(fn, adapt(params, lays), rand((5, 4)))
+    assert {u.primitive for u in report.uses["w"]} == {"dot_general"}
+
+
+def test_stacked_weight_in_a_plain_scan():
+    def fn(p, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, p["w"])[0]
+
+    lp = adapt({"w": rand((3, 4, 4), 2)}, {"w": Layout.dense(3, n_stack=1)})
+    check(fn, lp, rand((5, 4)))
+
+
+def test_precision_is_kept():
+    def fn(p, x):
+        return jnp.dot(x, p["w1"], precision=jax.lax.Precision.HIGHEST)
+
+    lp = adapt(plain_params(), {"w1": Layout.dense(2)})
+    jaxpr = jax.make_jaxpr(lambda t: _factored.call(fn, (t, rand((5, 4))), {}))(lp)
+    assert "HIGHEST" in str(jaxpr)
