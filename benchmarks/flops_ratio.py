@@ -28,7 +28,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from jaxlora import _factored  # noqa: E402
 from jaxlora._layout import infer_layouts  # noqa: E402
-from jaxlora._node import LoraSpec, LoraWeight, is_lora  # noqa: E402
+from jaxlora._node import LoraSpec  # noqa: E402
+from jaxlora._node import LoraWeight  # noqa: E402
+from jaxlora._node import is_lora  # noqa: E402
 from jaxlora._paths import path_str  # noqa: E402
 
 

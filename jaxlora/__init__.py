@@ -1,13 +1,51 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax, centred on the choice of initialization."""
 
+from jaxlora._apply import lora_apply
+from jaxlora._checkpoint import load
+from jaxlora._checkpoint import save
+from jaxlora._init import init
+from jaxlora._linalg import svd_lowrank
+from jaxlora._merge import Adapters
+from jaxlora._merge import adapters
+from jaxlora._merge import base
+from jaxlora._merge import combine
+from jaxlora._merge import merge
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._optax import freeze_base
+from jaxlora._optax import lora_plus
+from jaxlora._optax import param_labels
+from jaxlora._optax import trainable_mask
+from jaxlora._residual import to_plain_lora
+from jaxlora._schemes import SCHEMES
+from jaxlora._schemes import OrthogonalScheme
+from jaxlora._schemes import Scheme
+
+__version__ = "0.1.0"
 
 __all__ = [
+    "SCHEMES",
+    "Adapters",
     "Layout",
     "LoraSpec",
     "LoraWeight",
+    "OrthogonalScheme",
+    "Scheme",
+    "adapters",
+    "base",
+    "combine",
+    "freeze_base",
+    "init",
     "is_lora",
+    "load",
+    "lora_apply",
+    "lora_plus",
+    "merge",
+    "param_labels",
+    "save",
+    "svd_lowrank",
+    "to_plain_lora",
+    "trainable_mask",
 ]

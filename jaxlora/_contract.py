@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora._symbolic import R, Sym, Unsupported, fresh_letters
+from jaxlora._symbolic import R
+from jaxlora._symbolic import Sym
+from jaxlora._symbolic import Unsupported
+from jaxlora._symbolic import fresh_letters
 
 
 def _sum(base, lora):

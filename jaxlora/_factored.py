@@ -26,7 +26,8 @@ from jax.extend.core import Literal
 from jaxlora import _contract
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
-from jaxlora._symbolic import Sym, Unsupported
+from jaxlora._symbolic import Sym
+from jaxlora._symbolic import Unsupported
 
 PyTree = Any
 

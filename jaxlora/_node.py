@@ -33,7 +33,7 @@ class Layout:
         Layout(in_axes=(0,), out_axes=(1,), stack_axes=())
         >>> Layout.conv(4)                     # Conv kernel (h, w, in, out)
         Layout(in_axes=(0, 1, 2), out_axes=(3,), stack_axes=())
-        >>> Layout.dense(3, n_in=2)            # attention out projection (heads, dim, embed)
+        >>> Layout.dense(3, n_in=2)            # out projection (heads, dim, embed)
         Layout(in_axes=(0, 1), out_axes=(2,), stack_axes=())
     """
 
@@ -87,7 +87,7 @@ class Layout:
         return (*s, *i, rank), (*s, rank, *o)
 
     def einsum_spec(self) -> str:
-        """The einsum ``'a_spec,b_spec->w_spec'`` that forms ``a @ b`` in weight order."""
+        """The einsum ``'a,b->w'`` that forms ``a @ b`` in the weight's axis order."""
         letters = string.ascii_letters
         w = letters[: self.ndim]
         r = letters[self.ndim]
@@ -178,13 +178,15 @@ class LoraWeight:
         return len(self.w.shape)
 
     def delta(self, dtype=None) -> jax.Array:
-        """The update ``scale · a @ b`` laid out like ``w`` (computed in ``a``'s dtype)."""
+        """The update ``scale · a @ b`` laid out like ``w`` (in ``a``'s dtype)."""
         d = jnp.einsum(self.layout.einsum_spec(), self.a, self.b) * self.scale
         return d if dtype is None else d.astype(dtype)
 
     def merged(self) -> jax.Array:
-        """``w + scale · a @ b`` in ``w``'s dtype (the sum is formed in float32 or wider)."""
-        acc = jnp.promote_types(jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32)
+        """``w + scale · a @ b`` in ``w``'s dtype (summed in float32 or wider)."""
+        acc = jnp.promote_types(
+            jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32
+        )
         return (self.w.astype(acc) + self.delta(acc)).astype(self.w.dtype)
 
     def replace(self, **changes) -> LoraWeight:
@@ -204,7 +206,7 @@ class LoraWeight:
     # -- loud failure when used as a plain array -------------------------------------
     def _refuse(self, *_, **__):
         raise TypeError(
-            f"A jaxlora LoraWeight (base shape {self.shape}) was used as a plain array. "
+            f"A jaxlora LoraWeight (base shape {self.shape}) was used as an array. "
             "The model was called with an adapted parameter tree: wrap its apply "
             "function with jaxlora.lora_apply(model.apply), or pass "
             "jaxlora.merge(params) (adapters folded in) or jaxlora.base(params) "

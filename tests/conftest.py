@@ -1,10 +1,52 @@
-"""Shared test setup: import this checkout's jaxlora and run JAX strictly."""
+"""Shared fixtures: small Flax models that hold every layer kind jaxlora adapts."""
 
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
+import pytest
 
+# Import this checkout's jaxlora (a worktree may sit beside an installed main).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from jaxlora import Layout  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+VOCAB, DIM, HEADS = 40, 32, 4
+
+
+class Mixed(nn.Module):
+    """Embed, attention (DenseGeneral q/k/v/out), Dense, Einsum and Conv together."""
+
+    @nn.compact
+    def __call__(self, tokens, image):
+        embed = nn.Embed(VOCAB, DIM, name="embed")
+        h = embed(tokens)
+        h = nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attn")(h)
+        h = nn.gelu(nn.Dense(DIM, name="mlp")(h))
+        h = nn.Einsum((DIM, DIM), "btd,de->bte", name="einsum")(h)
+        c = nn.Conv(DIM, (3, 3), name="conv")(image).mean(axis=(1, 2))
+        h = h + c[:, None, :]
+        return embed.attend(h)  # tied read-out: x @ tableᵀ
+
+
+@pytest.fixture(scope="session")
+def mixed():
+    """``(model, variables, tokens, image)`` for the `Mixed` model."""
+    model = Mixed()
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    tokens = jax.random.randint(k1, (2, 6), 0, VOCAB)
+    image = jax.random.normal(k2, (2, 8, 8, 3))
+    variables = model.init(k3, tokens, image)
+    return model, variables, tokens, image
+
+
+def all_weights(path, leaf):
+    """Targets every kernel and embedding table."""
+    return path.rsplit("/", 1)[-1] in ("kernel", "embedding")
+
+
+# Attention's output projection (heads, head_dim, embed) contracts two axes.
+LAYOUTS = {"attn/out": Layout.dense(3, n_in=2)}

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 
 from jaxlora import _factored
-from jaxlora._node import Layout, LoraSpec, LoraWeight, is_lora
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 
 RANK = 3

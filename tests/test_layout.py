@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
+from test_factored import RematMLP
+from test_factored import ScanMLP
+from test_factored import TiedLM
 
 from jaxlora._layout import infer_layouts
 from jaxlora._node import Layout
-from tests.test_factored import RematMLP, ScanMLP, TiedLM
 
 D2 = Layout.dense(2)
 

@@ -1,0 +1,303 @@
+"""`jaxlora.save` / `jaxlora.load`: adapter-only checkpoints (factors + metadata).
+
+A checkpoint is a directory holding
+
+- ``jaxlora.json``: the format version and, per adapted weight, its path, scheme,
+  rank, alpha, rsLoRA flag, residual and embedding flags, axis layout, the base
+  weight's shape and dtype, the factors' shapes and dtypes, and (for a residual
+  base) a float64 fingerprint of that base;
+- ``arrays/``: the factors ``a`` and ``b``, written by orbax-checkpoint
+  (tensorstore/OCDBT; no pickle anywhere).
+
+The base weights are never written: a checkpoint is a few MB for a model of any
+size, and `load` puts it back on the base tree of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._paths import path_str
+
+PyTree = Any
+
+FORMAT = "jaxlora.adapters"
+VERSION = 1
+METADATA = "jaxlora.json"
+ARRAYS = "arrays"
+_SPEC_FIELDS = ("scheme", "rank", "alpha", "rslora", "residual", "embedding")
+
+
+def _fingerprint(w: Any) -> list[float]:
+    """Float64 checksums of a weight: sum, sum of squares, position-weighted sum."""
+    x = np.asarray(jax.device_get(w), np.float64).ravel()
+    weights = 1.0 + (np.arange(x.size) % 1009) / 1009.0
+    return [float(x.sum()), float(np.dot(x, x)), float(np.dot(x, weights))]
+
+
+def _same_fingerprint(got: list[float], want: list[float]) -> bool:
+    pairs = zip(got, want, strict=True)
+    return all(abs(g - w) <= 1e-9 * max(1.0, abs(w)) for g, w in pairs)
+
+
+def _entry(path: str, node: LoraWeight, key: str) -> dict[str, Any]:
+    spec = node.spec
+    return {
+        "path": path,
+        "key": key,
+        **{f: getattr(spec, f) for f in _SPEC_FIELDS},
+        "layout": {
+            "in_axes": list(spec.layout.in_axes),
+            "out_axes": list(spec.layout.out_axes),
+            "stack_axes": list(spec.layout.stack_axes),
+        },
+        "base_shape": list(node.w.shape),
+        "base_dtype": jnp.dtype(node.w.dtype).name,
+        "a_shape": list(node.a.shape),
+        "a_dtype": jnp.dtype(node.a.dtype).name,
+        "b_shape": list(node.b.shape),
+        "b_dtype": jnp.dtype(node.b.dtype).name,
+        "residual_fingerprint": _fingerprint(node.w) if spec.residual else None,
+    }
+
+
+def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) -> str:
+    """Writes the adapters of ``params`` (factors and metadata, not the base).
+
+    The checkpoint is built in a temporary directory next to ``path`` and renamed
+    into place, so an interrupted save never leaves a half-written checkpoint
+    where a good one was.
+
+    Args:
+        path: the checkpoint directory to create.
+        params: an adapted tree (from `jaxlora.init` and training).
+        overwrite: replace an existing ``path``.
+
+    Returns:
+        The absolute path of the checkpoint.
+
+    Raises:
+        ValueError: if ``params`` holds no adapters, or ``path`` exists and
+            ``overwrite`` is False.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora, tempfile, os
+        >>> p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+        >>> d = os.path.join(tempfile.mkdtemp(), "adapter")
+        >>> _ = jaxlora.save(d, p)
+        >>> restored = jaxlora.load(d, {"kernel": jnp.ones((4, 3))})
+        >>> bool((restored["kernel"].a == p["kernel"].a).all())
+        True
+    """
+    path = os.path.abspath(os.fspath(path))
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    nodes = [(path_str(k), x) for k, x in flat if is_lora(x)]
+    if not nodes:
+        raise ValueError(
+            "params holds no LoRA adapters (no LoraWeight nodes): nothing to save. "
+            "Pass the adapted tree returned by jaxlora.init (and training)."
+        )
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(
+            f"Checkpoint {path!r} already exists. Pass overwrite=True to replace "
+            "it, or choose another path."
+        )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        entries, arrays = [], {}
+        for i, (p, node) in enumerate(nodes):
+            key = f"t{i}"
+            entries.append(_entry(p, node, key))
+            arrays[key] = {"a": jnp.asarray(node.a), "b": jnp.asarray(node.b)}
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, ARRAYS), arrays)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        meta = {"format": FORMAT, "version": VERSION, "targets": entries}
+        with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _replace(src: str, dst: str) -> None:
+    """Renames ``src`` to ``dst``, moving an existing ``dst`` aside until done."""
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    old = os.path.join(
+        os.path.dirname(dst), f".{os.path.basename(dst)}.old-{uuid.uuid4().hex}"
+    )
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_metadata(path: str) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"No jaxlora checkpoint at {path!r}: no such directory."
+        )
+    meta_file = os.path.join(path, METADATA)
+    if not os.path.isfile(meta_file):
+        raise ValueError(
+            f"{path!r} is not a complete jaxlora checkpoint: {METADATA} is missing "
+            "(truncated copy, or not written by jaxlora.save)."
+        )
+    try:
+        with open(meta_file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Corrupted jaxlora checkpoint {meta_file!r}: {e}.") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file!r} is not jaxlora adapter metadata.")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path!r} has jaxlora checkpoint format version {meta.get('version')!r}; "
+            f"this jaxlora reads version {VERSION}. Upgrade jaxlora."
+        )
+    return meta
+
+
+def _restore_arrays(path: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        tuple(shape), jnp.dtype(dtype), sharding=device
+    )
+    abstract = {
+        e["key"]: {
+            "a": spec(e["a_shape"], e["a_dtype"]),
+            "b": spec(e["b_shape"], e["b_dtype"]),
+        }
+        for e in entries
+    }
+    arrays_dir = os.path.join(path, ARRAYS)
+    if not os.path.isdir(arrays_dir):
+        raise ValueError(
+            f"{path!r} is not a complete jaxlora checkpoint: the {ARRAYS}/ directory "
+            "with the factors is missing (truncated copy?)."
+        )
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(arrays_dir, abstract)
+    except Exception as e:  # orbax/tensorstore raise many types for broken files
+        raise ValueError(
+            f"Could not read the factors of jaxlora checkpoint {path!r} (truncated or "
+            f"corrupted {ARRAYS}/): {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        checkpointer.close()
+
+
+def _check(entries, leaves) -> list[str]:
+    """Every problem of fitting ``entries`` onto the base ``leaves`` (path -> leaf)."""
+    problems = []
+    for e in entries:
+        p, leaf = e["path"], leaves.get(e["path"])
+        if leaf is None:
+            continue
+        w = leaf.w if is_lora(leaf) else leaf
+        shape, dtype = tuple(getattr(w, "shape", ())), getattr(w, "dtype", None)
+        want_shape, want_dtype = tuple(e["base_shape"]), jnp.dtype(e["base_dtype"])
+        if shape != want_shape or dtype != want_dtype:
+            problems.append(
+                f"{p!r}: the checkpoint was trained on a base weight of shape "
+                f"{want_shape} and dtype {want_dtype.name}, got shape {shape} and "
+                f"dtype {getattr(dtype, 'name', dtype)}"
+            )
+        elif e["residual"] and not _same_fingerprint(
+            _fingerprint(w), e["residual_fingerprint"]
+        ):
+            problems.append(
+                f"{p!r}: the adapter (scheme {e['scheme']!r}) was trained on a "
+                "residual base (the original weight minus its initial low-rank part), "
+                "and this base weight is not that residual. Load it onto the residual "
+                "tree: re-create it with jaxlora.init(...) using the same scheme, "
+                "rank, targets and key on the original model"
+            )
+    return problems
+
+
+def load(path: str | os.PathLike, params: PyTree) -> PyTree:
+    """Restores a `save`d adapter onto ``params`` and returns the adapted tree.
+
+    Args:
+        path: a checkpoint directory written by `jaxlora.save`.
+        params: the base tree of the same model: a plain tree (each target
+            becomes a `LoraWeight`) or an adapted tree (its factors and specs at
+            the checkpoint's paths are replaced; its base weights are kept).
+
+    Returns:
+        A new tree with a `LoraWeight` at every path of the checkpoint.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: for a truncated or corrupted checkpoint; a checkpoint path
+            missing from ``params`` (all of them: another model); a base weight of
+            another shape or dtype; a residual adapter whose base is not its
+            residual; adapters in ``params`` at paths the checkpoint lacks.
+    """
+    path = os.path.abspath(os.fspath(path))
+    meta = _read_metadata(path)
+    entries = meta["targets"]
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    leaves = {path_str(k): x for k, x in flat}
+    wanted = [e["path"] for e in entries]
+    missing = [p for p in wanted if p not in leaves]
+    if len(missing) == len(wanted):
+        raise ValueError(
+            f"None of the {len(wanted)} adapter paths of {path!r} (e.g. "
+            f"{wanted[:3]}) exist in params (which has e.g. {list(leaves)[:3]}). "
+            "Was this checkpoint saved for another model?"
+        )
+    problems = [f"{p!r}: not in params" for p in missing]
+    problems += _check(entries, leaves)
+    extra = sorted(p for p, x in leaves.items() if is_lora(x) and p not in wanted)
+    if extra:
+        problems.append(
+            f"params already holds adapters the checkpoint lacks: {extra[:8]}; pass "
+            "jaxlora.base(params) to load onto the base weights only"
+        )
+    if problems:
+        raise ValueError(
+            f"Cannot load jaxlora checkpoint {path!r} onto these params:\n  - "
+            + "\n  - ".join(problems)
+            + "\nLoad it onto the model it was trained for."
+        )
+    arrays = _restore_arrays(path, entries)
+    nodes = {e["path"]: (e, arrays[e["key"]]) for e in entries}
+
+    def attach(keypath, leaf):
+        found = nodes.get(path_str(keypath))
+        if found is None:
+            return leaf
+        e, f = found
+        layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
+        spec = LoraSpec(layout, **{k: e[k] for k in _SPEC_FIELDS})
+        return LoraWeight(leaf.w if is_lora(leaf) else leaf, f["a"], f["b"], spec)
+
+    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)

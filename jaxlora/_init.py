@@ -1,0 +1,277 @@
+"""`jaxlora.init`: add LoRA factors to the targeted weights of a parameter tree."""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import _residual
+from jaxlora import _schemes
+from jaxlora import _targets
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._paths import leaf_name
+from jaxlora._paths import path_str
+
+PyTree = Any
+
+
+def path_key(rng: jax.Array, path: str) -> jax.Array:
+    """The key of one target: ``rng`` folded with a stable hash of its path."""
+    return jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _draw(key, scheme, n_stack, fan_in, fan_out, rank, dtype):
+    """``n_stack`` independent draws of flat factors ``(fan_in, r), (r, fan_out)``."""
+    if n_stack == 0:
+        return scheme.factors(key, fan_in, fan_out, rank, dtype)
+    keys = jax.random.split(key, n_stack)
+    return jax.vmap(lambda k: scheme.factors(k, fan_in, fan_out, rank, dtype))(keys)
+
+
+def _factors(key, scheme, target, dtype):
+    """``(a, b)`` of one target: ``(*stack, *in, r)`` and ``(*stack, r, *out)``."""
+    stack, _, _ = target.layout.split_shape(target.shape)
+    fan_in, fan_out = target.layout.fans(target.shape)
+    n_stack = math.prod(stack) if stack else 0
+    a, b = _draw(key, scheme, n_stack, fan_in, fan_out, target.rank, dtype)
+    a_shape, b_shape = target.layout.factor_shapes(target.shape, target.rank)
+    return a.reshape(a_shape), b.reshape(b_shape)
+
+
+def _compensated(node: LoraWeight) -> LoraWeight:
+    """Subtracts the initial update from the base so the output starts unchanged."""
+    acc = jnp.promote_types(node.w.dtype, jnp.float32)
+    w_res = (node.w.astype(acc) - node.delta(acc)).astype(node.w.dtype)
+    spec = node.spec
+    return node.replace(w=w_res, spec=LoraSpec(**{**vars(spec), "residual": True}))
+
+
+def _plan(
+    params,
+    *,
+    targets,
+    rank,
+    alpha,
+    rank_pattern,
+    alpha_pattern,
+    layouts,
+    inferred,
+    scheme,
+):
+    """Validates everything up front and returns one `Target` per adapted leaf."""
+    paths = _targets.select(params, targets)
+    leaves = dict(_targets.leaves_with_paths(params))
+    ranks = _targets.resolve_pattern(rank_pattern, paths, "rank_pattern")
+    alphas = _targets.resolve_pattern(alpha_pattern, paths, "alpha_pattern")
+    user_layouts = _targets.resolve_pattern(layouts, paths, "layouts")
+    base_alpha = rank if alpha is None else alpha
+    plan, problems = [], []
+    for p in paths:
+        leaf = leaves[p]
+        shape = tuple(getattr(leaf, "shape", ()))
+        if not _targets.is_floating(leaf) or len(shape) < 2:
+            kind = getattr(leaf, "dtype", type(leaf).__name__)
+            problems.append(
+                f"{p!r}: expected a floating kernel with ndim >= 2, got shape {shape} "
+                f"of {kind}"
+            )
+            continue
+        if p in user_layouts:
+            layout = _targets.as_layout(user_layouts[p], p, shape)
+        elif p in inferred:
+            layout = inferred[p]
+        else:
+            layout = _targets.default_layout(p, shape)
+        r = int(ranks.get(p, rank))
+        fan_in, fan_out = layout.fans(shape)
+        if r < 1 or r > min(fan_in, fan_out):
+            problems.append(
+                f"{p!r}: rank {r} is outside [1, min(fan_in, fan_out)] = "
+                f"[1, {min(fan_in, fan_out)}] for shape {shape} (fan_in={fan_in}, "
+                f"fan_out={fan_out})"
+            )
+            continue
+        if (msg := scheme.check_rank(r)) is not None:
+            problems.append(f"{p!r}: {msg}")
+            continue
+        embedding = leaf_name(p) == "embedding"
+        a_ = float(alphas.get(p, base_alpha))
+        plan.append(_targets.Target(p, shape, leaf.dtype, layout, r, a_, embedding))
+    if problems:
+        raise ValueError(
+            "Cannot add LoRA to these parameters:\n  - "
+            + "\n  - ".join(problems)
+            + "\nFix the rank (rank=, rank_pattern=), the scheme, or exclude them "
+            "with targets=..."
+        )
+    return plan
+
+
+def init(
+    params: PyTree,
+    rng: jax.Array,
+    *,
+    scheme: str | _schemes.Scheme = "normal",
+    rank: int = 8,
+    alpha: float | None = None,
+    rslora: bool = False,
+    targets: _targets.Targets = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    layouts: Mapping[str, Any] | None = None,
+    embedding: str = "scheme",
+    compensate: bool = False,
+    dtype: Any = jnp.float32,
+    apply_fn: Callable | None = None,
+    example_args: tuple = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    niter: int | None = None,
+    loss_fn: Callable | None = None,
+    batches: Iterable | None = None,
+) -> PyTree:
+    """Adds LoRA factors to the targeted weights of ``params``.
+
+    Each targeted leaf ``W`` becomes a `LoraWeight` holding ``w = W`` (frozen), ``a``
+    of shape ``(*in_axes, r)`` and ``b`` of shape ``(r, *out_axes)``; the adapted
+    weight is ``w + scale · a @ b`` with ``scale = alpha / r`` (``alpha / √r`` with
+    ``rslora``). Pure: ``params`` is not modified.
+
+    Args:
+        params: a Linen variables dict or its ``"params"`` subtree, an NNX state or
+            its pure dict, or any pytree of arrays.
+        rng: a JAX key, the only source of randomness. Each target's factors come
+            from ``rng`` folded with its path: same key, same factors; two targets of
+            the same shape get different factors.
+        scheme: a name from ``jaxlora.SCHEMES`` or a `jaxlora.Scheme`.
+        rank: the rank ``r`` of every target (see ``rank_pattern``).
+        alpha: the LoRA alpha; ``None`` means ``alpha = rank`` (the global rank).
+        rslora: use ``alpha / √r`` (rank-stabilized LoRA) instead of ``alpha / r``.
+        targets: ``None`` (every floating ``kernel`` with ndim >= 2: all Dense,
+            DenseGeneral, Einsum and Conv kernels; embedding tables only when asked),
+            a regex fully matched against the ``/``-joined path, a sequence of module
+            names (PEFT ``target_modules`` suffix match, e.g. ``["query", "value"]``),
+            or a predicate ``(path, leaf) -> bool``.
+        rank_pattern: ``{regex: rank}`` per target (matched like PEFT's patterns).
+        alpha_pattern: ``{regex: alpha}`` per target.
+        layouts: ``{regex: Layout | "dense" | "conv"}`` per target. Defaults: Dense
+            ``(in, out)``; Conv (module named ``*conv*``) ``(*window, in, out)``;
+            embedding ``(vocab, dim)`` with vocab as input; other >= 3-D kernels
+            "first axis is input".
+        embedding: ``"scheme"`` (the scheme applies to tables like to kernels, with
+            the vocab axis as input side) or ``"peft"`` (PEFT's rule: ``a = 0``,
+            ``b ~ N(0, 1)``, whatever the scheme).
+        compensate: subtract the initial update from the base weight so the output
+            is unchanged at start (for schemes where ``a @ b != 0``, e.g.
+            ``both_random``). The base then holds a residual (``spec.residual``).
+        dtype: dtype of the factors (float32 by default, also for bf16 models).
+        apply_fn, example_args, example_kwargs: when given, the model is traced
+            abstractly once and each target's layout (input, output and stacked
+            axes) is inferred from how it is contracted.
+        niter: power iterations of the randomized SVD: ``scheme="pissa"`` with
+            ``niter=K`` is fast PiSSA (same as ``"pissa_niter_K"``); LoRA-GA's
+            default is 4.
+        loss_fn, batches: the data of ``scheme="lora_ga"``: ``loss_fn(params,
+            batch) -> scalar`` on the plain (un-adapted) tree, averaged over
+            ``batches``.
+
+    Returns:
+        A new tree in which every target is a `LoraWeight`.
+
+    Raises:
+        ValueError: unknown scheme; rank < 1 or > min(fan_in, fan_out); targets or a
+            pattern matching nothing; a non-floating or 1-D target; odd rank with
+            ``orthogonal``; an already adapted tree.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxlora
+        >>> model = nn.Dense(16)
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 32)))
+        >>> adapted = jaxlora.init(variables, jax.random.key(1), scheme="he", rank=4)
+        >>> adapted["params"]["kernel"].a.shape, adapted["params"]["kernel"].b.shape
+        ((32, 4), (4, 16))
+    """
+    scheme = _schemes.resolve(scheme, niter=niter)
+    if embedding not in ("scheme", "peft"):
+        raise ValueError(f"embedding must be 'scheme' or 'peft', got {embedding!r}.")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    _check_data(scheme, loss_fn=loss_fn, batches=batches, apply_fn=apply_fn)
+    if compensate and isinstance(scheme, _residual.WeightAware):
+        raise ValueError(
+            f"compensate=True has no effect with {scheme.name!r}: weight-aware schemes "
+            "already replace the base by the residual W - s*a@b. Remove compensate."
+        )
+    inferred = {}
+    if apply_fn is not None and example_args:
+        from jaxlora import _layout  # the layout tracer is only needed here
+
+        inferred = _layout.infer_layouts(
+            apply_fn, params, tuple(example_args), dict(example_kwargs or {})
+        )
+    plan = _plan(
+        params,
+        targets=targets,
+        rank=rank,
+        alpha=alpha,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        layouts=layouts,
+        inferred=inferred,
+        scheme=scheme,
+    )
+    dtype = jnp.dtype(dtype)
+    leaves = dict(_targets.leaves_with_paths(params))
+    grads = {}
+    if isinstance(scheme, _residual.WeightAware) and scheme.kind == "lora_ga":
+        grads = _residual.average_gradients(
+            loss_fn, params, batches, [t.path for t in plan]
+        )
+    nodes = {}
+    for t in plan:
+        s = _schemes.PEFT_EMBEDDING if (t.embedding and embedding == "peft") else scheme
+        spec = LoraSpec(t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding)
+        key = path_key(rng, t.path)
+        if isinstance(s, _residual.WeightAware):
+            nodes[t.path] = _residual.adapt(
+                s, key, leaves[t.path], spec, dtype, grads.get(t.path)
+            )
+            continue
+        a, b = _factors(key, s, t, dtype)
+        node = LoraWeight(leaves[t.path], a, b, spec)
+        nodes[t.path] = _compensated(node) if compensate else node
+
+    def attach(keypath, leaf):
+        return nodes.get(path_str(keypath), leaf)
+
+    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+
+
+def _check_data(scheme, *, loss_fn, batches, apply_fn) -> None:
+    """Data-aware schemes need their data; other schemes must not silently get it."""
+    kind = getattr(scheme, "kind", None)
+    if kind == "lora_ga" and (loss_fn is None or batches is None):
+        raise ValueError(
+            "scheme 'lora_ga' initializes from the gradient of the loss: pass "
+            "loss_fn=(params, batch) -> scalar and batches=[batch, ...] "
+            f"(got loss_fn={loss_fn!r}, batches={type(batches).__name__})."
+        )
+    if kind != "lora_ga" and loss_fn is not None:
+        raise ValueError(
+            f"loss_fn is only used by scheme 'lora_ga', not {scheme.name!r}; remove it."
+        )
+    if kind not in ("lora_ga", "eva") and batches is not None:
+        raise ValueError(
+            f"batches are only used by the data-aware schemes 'lora_ga' and 'eva', "
+            f"not {scheme.name!r}; remove them."
+        )

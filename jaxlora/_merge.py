@@ -1,0 +1,117 @@
+"""Moving between adapted trees, plain trees and adapter-only trees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._paths import path_str
+
+PyTree = Any
+#: Adapters of a tree: ``{path: LoraWeight(w=None, a, b, spec)}``.
+Adapters = dict[str, LoraWeight]
+
+
+def _map_lora(fn, params: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: fn(x) if is_lora(x) else x, params, is_leaf=is_lora)
+
+
+def merge(params: PyTree) -> PyTree:
+    """The plain tree with every adapted weight replaced by ``w + scale · a @ b``.
+
+    The result is what an unmodified ``model.apply`` takes. The sum is formed in
+    float32 (or wider) and cast back to the base weight's dtype.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+        >>> jaxlora.merge(p)["kernel"].shape
+        (4, 3)
+    """
+    return _map_lora(LoraWeight.merged, params)
+
+
+def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
+    """The plain tree with the base weights, adapters dropped.
+
+    Args:
+        params: an adapted tree.
+        allow_residual: weight-aware schemes (PiSSA, OLoRA, ...) and
+            ``compensate=True`` replace a base weight by a residual. Taking such a
+            base is refused unless this is True, so that a residual is never used as
+            if it were the original model by mistake.
+
+    Raises:
+        ValueError: if a target holds a residual base and ``allow_residual`` is False.
+    """
+    if not allow_residual:
+        residual = [
+            path_str(p)
+            for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+            if is_lora(x) and x.spec.residual
+        ]
+        if residual:
+            raise ValueError(
+                f"{residual[:8]} hold a residual base (scheme "
+                f"{_first_scheme(params)!r}), not the original weights. Use "
+                "jaxlora.merge(params) for the fine-tuned model, "
+                "jaxlora.to_plain_lora(params, original_params) for a portable "
+                "adapter, or base(params, allow_residual=True) if you mean the "
+                "residual."
+            )
+    return _map_lora(lambda x: x.w, params)
+
+
+def _first_scheme(params: PyTree) -> str:
+    leaves = jax.tree.leaves(params, is_leaf=is_lora)
+    return next((x.spec.scheme for x in leaves if is_lora(x) and x.spec.residual), "")
+
+
+def adapters(params: PyTree) -> Adapters:
+    """The factors only: ``{path: LoraWeight(w=None, a, b, spec)}``.
+
+    A pytree (``jax.tree.map`` reaches ``a`` and ``b``) that `combine` puts back on a
+    base tree. Paths are ``/``-joined (``'params/Dense_0/kernel'``).
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    return {path_str(p): x.replace(w=None) for p, x in flat if is_lora(x)}
+
+
+def combine(base_params: PyTree, adapter_tree: Adapters) -> PyTree:
+    """Puts adapters (from `adapters`) back on a plain base tree.
+
+    Raises:
+        ValueError: listing every adapter path missing from ``base_params`` and every
+            shape that does not fit.
+    """
+    found, problems = set(), []
+
+    def attach(keypath, leaf):
+        p = path_str(keypath)
+        node = adapter_tree.get(p)
+        if node is None:
+            return leaf
+        found.add(p)
+        want = node.layout.factor_shapes(tuple(leaf.shape), node.rank)
+        got = (tuple(node.a.shape), tuple(node.b.shape))
+        if want != got:
+            problems.append(
+                f"{p!r}: factors {got} do not fit a base weight of shape "
+                f"{tuple(leaf.shape)} (expected {want})"
+            )
+        return node.replace(w=leaf)
+
+    out = jax.tree_util.tree_map_with_path(attach, base_params, is_leaf=is_lora)
+    missing = sorted(set(adapter_tree) - found)
+    if missing:
+        problems.append(f"adapter paths not in the base tree: {missing[:8]}")
+    if problems:
+        raise ValueError(
+            "Cannot combine these adapters with this base tree:\n  - "
+            + "\n  - ".join(problems)
+            + "\nCheck the adapters were trained for this model (same paths, shapes)."
+        )
+    return out

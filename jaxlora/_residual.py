@@ -1,0 +1,213 @@
+"""Weight- and data-aware schemes: the factors come from the weight (or its gradient)
+and the base weight becomes the residual ``W − s·a@b``.
+
+The 2-D maths lives in `jaxlora._weight_aware` (one kernel in the ``(fan_in,
+fan_out)`` orientation); this module moves any target between its layout and that
+2-D form (stacked layers are vmapped), collects LoRA-GA's gradients, and turns a
+trained residual adapter back into a plain one (`to_plain_lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import _weight_aware
+from jaxlora._linalg import svd_lowrank
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._paths import path_str
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightAware:
+    """A scheme computed from each target's weight: PiSSA, MiLoRA, OLoRA, LoRA-GA.
+
+    Attributes:
+        name: the scheme's name as stored in metadata (``"pissa_niter_4"``, ...).
+        kind: ``"pissa"``, ``"milora"``, ``"olora"`` or ``"lora_ga"``.
+        niter: power iterations of the randomized SVD (fast PiSSA, LoRA-GA); None
+            for PiSSA's exact SVD.
+    """
+
+    name: str
+    kind: str
+    niter: int | None = None
+
+    def check_rank(self, rank: int) -> str | None:
+        del rank
+        return None
+
+
+def to_3d(w: jax.Array, layout: Layout) -> jax.Array:
+    """``w`` as ``(n_stack, fan_in, fan_out)`` (``n_stack = 1`` when not stacked)."""
+    perm = layout.stack_axes + layout.in_axes + layout.out_axes
+    fan_in, fan_out = layout.fans(tuple(w.shape))
+    return jnp.transpose(w, perm).reshape(-1, fan_in, fan_out)
+
+
+def from_3d(x: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of `to_3d` for a weight of ``shape``."""
+    perm = layout.stack_axes + layout.in_axes + layout.out_axes
+    x = x.reshape(tuple(shape[i] for i in perm))
+    return jnp.transpose(x, np.argsort(perm))
+
+
+def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
+    def one(key, k, g):
+        if scheme.kind == "pissa":
+            return _weight_aware.pissa(
+                key, k, rank, scale, niter=scheme.niter, dtype=dtype, path=path
+            )
+        if scheme.kind == "milora":
+            return _weight_aware.milora(key, k, rank, scale, dtype=dtype, path=path)
+        if scheme.kind == "olora":
+            return _weight_aware.olora(key, k, rank, scale, dtype=dtype, path=path)
+        return _weight_aware.lora_ga(
+            key, k, g, rank, scale, niter=scheme.niter or 4, dtype=dtype, path=path
+        )
+
+    if g3 is None:
+        return jax.vmap(lambda key, k: one(key, k, None))(keys, k3)
+    return jax.vmap(one)(keys, k3, g3)
+
+
+def adapt(scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None) -> LoraWeight:
+    """One target's `LoraWeight` with factors from ``w`` and the residual as base."""
+    layout, shape = spec.layout, tuple(w.shape)
+    k3 = to_3d(w, layout)
+    g3 = None if grad is None else to_3d(grad, layout)
+    keys = jax.random.split(key, k3.shape[0])
+    a, b, res = _factors_3d(
+        scheme, keys, k3, g3, spec.rank, spec.scale, dtype, spec.scheme
+    )
+    a_shape, b_shape = layout.factor_shapes(shape, spec.rank)
+    return LoraWeight(
+        from_3d(res, layout, shape),
+        a.reshape(a_shape),
+        b.reshape(b_shape),
+        dataclasses.replace(spec, residual=True),
+    )
+
+
+def average_gradients(
+    loss_fn: Callable, params: PyTree, batches: Iterable, paths: list[str]
+) -> dict[str, jax.Array]:
+    """The average over ``batches`` of ∂loss/∂W for the weights at ``paths``.
+
+    Only the targeted weights are differentiated; the gradient of each is held once
+    (float32), so the extra memory is one float32 copy of the targeted weights.
+    """
+    wanted = set(paths)
+
+    def split(tree):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        names = [path_str(p) for p, _ in flat]
+        picked = {n: x for n, (_, x) in zip(names, flat, strict=True) if n in wanted}
+        return picked, names, [x for _, x in flat], treedef
+
+    picked, names, leaves, treedef = split(params)
+
+    @jax.jit
+    def grad_fn(picked, batch):
+        def loss(picked):
+            full = [picked.get(n, x) for n, x in zip(names, leaves, strict=True)]
+            return loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch)
+
+        return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(picked))
+
+    total, count = None, 0
+    for batch in batches:
+        g = grad_fn(picked, batch)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+        count += 1
+    if count == 0:
+        raise ValueError("scheme 'lora_ga' got no batches: pass batches=[batch, ...].")
+    return {p: total[p] / count for p in paths}
+
+
+def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
+    """Turns residual-init adapters into plain adapters on the ORIGINAL weights.
+
+    A residual adapter (PiSSA, OLoRA, MiLoRA, LoRA-GA, ``compensate=True``) started at
+    ``(a0, b0)`` on ``W_res = W − s·a0@b0`` and trained to ``(a, b)`` computes
+    ``W_res + s·a@b = W + s·(a@b − a0@b0)``: a plain LoRA of rank ``2r`` on ``W``
+    with ``a' = [a, a0]``, ``b' = [b; −b0]`` and ``alpha' = 2·alpha`` (``√2·alpha``
+    with rsLoRA), so the scale is unchanged. ``a0@b0 = (W − W_res)/s`` is
+    recovered from the two bases by a rank-``r`` factorization, so nothing extra
+    has to be kept from the start of training. The result can be merged into, saved
+    for, or shared with anyone holding the original model.
+
+    Args:
+        params: an adapted tree whose residual targets were trained.
+        original_params: the plain tree the adapters were initialized from.
+
+    Returns:
+        The adapted tree on the original weights, with no residual targets.
+
+    Raises:
+        ValueError: if a residual target's path is missing from ``original_params``
+            or has another shape.
+    """
+    originals = {
+        path_str(p): x
+        for p, x in jax.tree_util.tree_flatten_with_path(original_params)[0]
+    }
+    problems = []
+
+    def convert(keypath, node):
+        if not (is_lora(node) and node.spec.residual):
+            return node
+        p = path_str(keypath)
+        orig = originals.get(p)
+        if orig is None or tuple(orig.shape) != node.shape:
+            got = "missing" if orig is None else f"shape {tuple(orig.shape)}"
+            problems.append(f"{p!r}: original weight {got}, residual base {node.shape}")
+            return node
+        return _plain(node, jnp.asarray(orig))
+
+    out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_lora)
+    if problems:
+        raise ValueError(
+            "to_plain_lora needs the original (pre-init) weights of every residual "
+            "target:\n  - "
+            + "\n  - ".join(problems)
+            + "\nPass the plain tree you gave jaxlora.init."
+        )
+    return out
+
+
+def _plain(node: LoraWeight, orig: jax.Array) -> LoraWeight:
+    spec, layout, r = node.spec, node.spec.layout, node.spec.rank
+    acc = jnp.promote_types(orig.dtype, jnp.float32)
+    d3 = to_3d(orig.astype(acc) - node.w.astype(acc), layout) / spec.scale  # a0 @ b0
+    # d3 has rank <= r: a randomized range finder on r columns recovers it exactly
+    # (up to rounding) for any sketch, so the fixed key does not change the result.
+    keys = jax.random.split(jax.random.key(0), d3.shape[0])
+    u, s, vt = jax.vmap(lambda k, d: svd_lowrank(k, d, r, niter=2))(keys, d3)
+    root = jnp.sqrt(s)
+    a0 = (u * root[:, None, :]).astype(node.a.dtype)
+    b0 = (root[:, :, None] * vt).astype(node.b.dtype)
+    n = d3.shape[0]
+    plain = lambda a, b, a0, b0: _weight_aware.to_plain_lora(  # noqa: E731
+        a, b, a0, b0, spec.alpha, spec.rslora
+    )
+    a, b, alpha = jax.vmap(plain, out_axes=(0, 0, None))(
+        node.a.reshape(n, -1, r), node.b.reshape(n, r, -1), a0, b0
+    )
+    a_shape, b_shape = layout.factor_shapes(node.shape, 2 * r)
+    a, b = a.reshape(a_shape), b.reshape(b_shape)
+    new = dataclasses.replace(
+        spec, rank=2 * r, alpha=alpha, residual=False, scheme=f"{spec.scheme}:plain"
+    )
+    return LoraWeight(orig, a, b, new)

@@ -1,0 +1,195 @@
+"""Which leaves of a parameter tree get adapters, with which rank, alpha and layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora._node import Layout
+from jaxlora._node import is_lora
+from jaxlora._paths import leaf_name
+from jaxlora._paths import path_str
+
+PyTree = Any
+Targets = None | str | Sequence[str] | Callable[[str, Any], bool]
+
+_KERNEL_NAMES = ("kernel", "embedding")
+
+
+def leaves_with_paths(params: PyTree) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a tree, `LoraWeight` nodes kept whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def is_floating(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _default_target(path: str, leaf: Any) -> bool:
+    return leaf_name(path) == "kernel" and is_floating(leaf) and leaf.ndim >= 2
+
+
+def _name_matches(name: str, path: str) -> bool:
+    """PEFT-style suffix match of a module name (or a full leaf path) against a path."""
+    module = path.rsplit("/", 1)[0] if "/" in path else ""
+    if path == name or path.endswith("/" + name):
+        return True
+    return leaf_name(path) in _KERNEL_NAMES and (
+        module == name or module.endswith("/" + name)
+    )
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """A pattern key (rank/alpha/layout patterns) matches a path or its module path.
+
+    Like PEFT's ``re.match(rf"(.*\\.)?({key})$", name)`` with ``/`` as separator.
+    """
+    module = path.rsplit("/", 1)[0] if "/" in path else path
+    regex = rf"(?:.*/)?(?:{pattern})"
+    return bool(re.fullmatch(regex, path) or re.fullmatch(regex, module))
+
+
+def _examples(paths: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(repr(p) for p in paths[:n])
+    more = f" (and {len(paths) - n} more)" if len(paths) > n else ""
+    return shown + more
+
+
+def select(params: PyTree, targets: Targets) -> list[str]:
+    """The paths of the leaves ``targets`` selects (before validation).
+
+    Args:
+        params: the parameter tree.
+        targets: ``None`` (every floating ``kernel`` with ndim >= 2), a regex fully
+            matched against each ``/``-joined path, a sequence of module names or
+            paths (suffix match, as PEFT's ``target_modules``), or a predicate
+            ``(path, leaf) -> bool``.
+
+    Raises:
+        ValueError: if the tree is already adapted, or ``targets`` (or one name in
+            it) matches nothing; the message lists available paths.
+    """
+    items = leaves_with_paths(params)
+    adapted = [p for p, leaf in items if is_lora(leaf)]
+    if adapted:
+        raise ValueError(
+            f"params already holds LoRA adapters at {_examples(adapted)}. Call "
+            "jaxlora.init on jaxlora.base(params) (or jaxlora.merge(params)) instead."
+        )
+    arrays = [(p, leaf) for p, leaf in items if hasattr(leaf, "shape")]
+    available = [p for p, leaf in arrays if leaf.ndim >= 2] or [p for p, _ in arrays]
+    if targets is None:
+        chosen = [p for p, leaf in arrays if _default_target(p, leaf)]
+        what = "the default targets (floating 'kernel' leaves with ndim >= 2)"
+    elif isinstance(targets, str):
+        chosen = [p for p, _ in arrays if re.fullmatch(targets, p)]
+        what = f"targets={targets!r} (a regex fully matched against each path)"
+    elif callable(targets):
+        chosen = [p for p, leaf in arrays if targets(p, leaf)]
+        what = f"the targets predicate {getattr(targets, '__name__', targets)!r}"
+    elif isinstance(targets, Sequence):
+        unmatched = [
+            n for n in targets if not any(_name_matches(n, p) for p, _ in arrays)
+        ]
+        if unmatched:
+            raise ValueError(
+                f"targets names {unmatched} match no parameter. Names are matched as "
+                f"path suffixes (e.g. 'query' or 'Dense_0/kernel'). Available: "
+                f"{_examples(available)}."
+            )
+        chosen = [p for p, _ in arrays if any(_name_matches(n, p) for n in targets)]
+        what = f"targets={list(targets)!r}"
+    else:
+        raise TypeError(
+            "targets must be None, a regex string, a sequence of module names or a "
+            f"predicate (path, leaf) -> bool; got {type(targets).__name__}."
+        )
+    if not chosen:
+        raise ValueError(
+            f"{what} matched no parameter. Available paths: {_examples(available)}."
+        )
+    return chosen
+
+
+def resolve_pattern(
+    patterns: Mapping[str, Any] | None, paths: Sequence[str], name: str
+) -> dict[str, Any]:
+    """Per-path values from a ``{regex: value}`` dict; first matching key wins.
+
+    Raises:
+        ValueError: if a key matches none of the target ``paths``.
+    """
+    if not patterns:
+        return {}
+    unused = [k for k in patterns if not any(pattern_matches(k, p) for p in paths)]
+    if unused:
+        raise ValueError(
+            f"{name} keys {unused} match no LoRA target. Keys are regexes matched "
+            f"against the end of a target's path or module path. Targets: "
+            f"{_examples(list(paths))}."
+        )
+    out = {}
+    for p in paths:
+        for k, v in patterns.items():
+            if pattern_matches(k, p):
+                out[p] = v
+                break
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Everything `jaxlora.init` needs to adapt one leaf."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    layout: Layout
+    rank: int
+    alpha: float
+    embedding: bool
+
+
+def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
+    """The layout used when neither ``layouts`` nor inference gives one.
+
+    Dense ``(in, out)``; Conv ``(*window, in, out)`` when the module name contains
+    "conv"; a 3-D kernel of a module named ``out`` (the output projection of Flax's
+    attention layers) ``(heads, head_dim, embed)`` with two input axes; any other
+    >= 3-D kernel ``(in, *out)`` ("first axis is input").
+    """
+    module = path.rsplit("/", 2)[-2] if path.count("/") >= 1 else ""
+    if len(shape) >= 3 and "conv" in module.lower():
+        return Layout.conv(len(shape))
+    if len(shape) == 3 and module == "out":  # Flax attention: (heads, head_dim, embed)
+        return Layout.dense(3, n_in=2)
+    return Layout.dense(len(shape))
+
+
+def as_layout(value: Any, path: str, shape: tuple[int, ...]) -> Layout:
+    """A `Layout` from a user's layout value (``Layout``, ``"dense"`` or ``"conv"``)."""
+    if isinstance(value, Layout):
+        layout = value
+    elif value == "dense":
+        layout = Layout.dense(len(shape))
+    elif value == "conv":
+        layout = Layout.conv(len(shape))
+    else:
+        raise ValueError(
+            f"layouts[...] for {path!r} must be a jaxlora.Layout, 'dense' or 'conv'; "
+            f"got {value!r}."
+        )
+    if layout.ndim != len(shape):
+        raise ValueError(
+            f"Layout {layout} for {path!r} names {layout.ndim} axes but the weight has "
+            f"shape {shape}. Pass a Layout with one entry per axis."
+        )
+    return layout

@@ -1,0 +1,317 @@
+"""jaxlora.save / jaxlora.load: bitwise round trips, atomicity and every error."""
+
+import json
+import os
+import pickle
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import LAYOUTS
+from conftest import all_weights
+
+import jaxlora
+from jaxlora import _checkpoint
+
+
+def _trained(variables, *, seed=1, **kw):
+    """An adapted tree whose factors are all non-zero (as after training)."""
+    params = jaxlora.init(
+        variables,
+        jax.random.key(seed),
+        rank=2,
+        targets=all_weights,
+        layouts=LAYOUTS,
+        **kw,
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    leaves = [
+        x + 0.01 * jax.random.normal(k, x.shape, x.dtype)
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    trained = jax.tree.unflatten(treedef, leaves)
+    # Base weights must stay the originals (or residuals): put them back.
+    return jax.tree.map(
+        lambda t, p: t.replace(w=p.w) if jaxlora.is_lora(t) else p,
+        trained,
+        params,
+        is_leaf=jaxlora.is_lora,
+    )
+
+
+def _nodes(tree):
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jaxlora.is_lora)
+    return {jax.tree_util.keystr(p): x for p, x in flat if jaxlora.is_lora(x)}
+
+
+@pytest.fixture
+def saved(mixed, tmp_path):
+    model, variables, tokens, image = mixed
+    params = _trained(variables)
+    path = jaxlora.save(tmp_path / "adapter", params)
+    return path, params
+
+
+def test_round_trip_is_bitwise(mixed, saved):
+    model, variables, tokens, image = mixed
+    path, params = saved
+    restored = jaxlora.load(path, variables)
+    want, got = _nodes(params), _nodes(restored)
+    assert list(got) == list(want) and len(got) == 8
+    for k in want:
+        assert got[k].spec == want[k].spec, k
+        assert got[k].a.dtype == want[k].a.dtype and got[k].b.dtype == want[k].b.dtype
+    chex.assert_trees_all_equal(restored, params)
+    apply = jaxlora.lora_apply(model.apply)
+    out, ref = apply(restored, tokens, image), apply(params, tokens, image)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ref), model.apply(variables, tokens, image))
+
+
+def test_load_replaces_factors_of_an_adapted_tree(mixed, saved):
+    _, variables, _, _ = mixed
+    path, params = saved
+    other = jaxlora.init(
+        variables, jax.random.key(7), rank=4, targets=all_weights, layouts=LAYOUTS
+    )
+    chex.assert_trees_all_equal(jaxlora.load(path, other), params)
+
+
+def test_low_precision_factors_and_base_round_trip(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables)
+    params = _trained(base16, dtype=jnp.bfloat16)
+    path = jaxlora.save(tmp_path / "bf16", params)
+    restored = jaxlora.load(path, base16)
+    chex.assert_trees_all_equal(restored, params)
+    assert {x.a.dtype for x in _nodes(restored).values()} == {jnp.dtype("bfloat16")}
+
+
+def test_metadata_describes_every_target(saved):
+    path, params = saved
+    with open(os.path.join(path, "jaxlora.json")) as f:
+        meta = json.load(f)
+    assert meta["format"] == "jaxlora.adapters" and meta["version"] == 1
+    by_path = {e["path"]: e for e in meta["targets"]}
+    for p, node in jaxlora.adapters(params).items():
+        e = by_path[p]
+        spec = node.spec
+        assert (e["scheme"], e["rank"], e["alpha"], e["rslora"]) == (
+            spec.scheme,
+            spec.rank,
+            spec.alpha,
+            spec.rslora,
+        )
+        assert (e["residual"], e["embedding"]) == (spec.residual, spec.embedding)
+        assert tuple(e["layout"]["in_axes"]) == spec.layout.in_axes
+        assert tuple(e["layout"]["out_axes"]) == spec.layout.out_axes
+        assert tuple(e["layout"]["stack_axes"]) == spec.layout.stack_axes
+        assert e["a_shape"] == list(node.a.shape) and e["a_dtype"] == "float32"
+        assert e["b_shape"] == list(node.b.shape) and e["b_dtype"] == "float32"
+    assert by_path["params/attn/out/kernel"]["base_shape"] == [4, 8, 32]
+    assert by_path["params/embed/embedding"]["embedding"] is True
+
+
+def test_only_factors_are_written(tmp_path):
+    big = {"dense": {"kernel": jnp.ones((512, 512)), "bias": jnp.zeros(512)}}
+    params = jaxlora.init(big, jax.random.key(0), rank=1)  # 4 KB of factors
+    path = jaxlora.save(tmp_path / "big", params)
+    size = sum(
+        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs
+    )
+    assert size < 100_000  # the base kernel alone is 1 MB
+
+
+def test_no_pickle_anywhere(mixed, saved, monkeypatch):
+    _, variables, _, _ = mixed
+    path, _ = saved
+    for root, _, files in os.walk(path):
+        for name in files:
+            assert not name.endswith((".pkl", ".pickle", ".npy")), name
+            with open(os.path.join(root, name), "rb") as f:
+                head = f.read(2)
+            is_pickle = len(head) == 2 and head[0] == 0x80 and head[1] in range(2, 6)
+            assert not is_pickle, f"{name} looks like a pickle"
+
+    def refuse(*_, **__):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    jaxlora.load(path, variables)
+
+
+def test_refuses_to_overwrite(mixed, saved):
+    _, variables, _, _ = mixed
+    path, params = saved
+    newer = _trained(variables, seed=5)
+    with pytest.raises(ValueError, match="already exists. Pass overwrite=True"):
+        jaxlora.save(path, newer)
+    chex.assert_trees_all_equal(jaxlora.load(path, variables), params)
+    jaxlora.save(path, newer, overwrite=True)
+    chex.assert_trees_all_equal(jaxlora.load(path, variables), newer)
+    assert os.listdir(os.path.dirname(path)) == ["adapter"]  # no temp dirs left
+
+
+def test_failed_save_keeps_the_old_checkpoint(mixed, saved, monkeypatch):
+    _, variables, _, _ = mixed
+    path, params = saved
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        jaxlora.save(path, _trained(variables, seed=5), overwrite=True)
+    assert os.listdir(os.path.dirname(path)) == ["adapter"]
+    chex.assert_trees_all_equal(jaxlora.load(path, variables), params)
+
+
+def test_save_without_adapters(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        jaxlora.save(tmp_path / "x", variables)
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_missing_directory(mixed, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        jaxlora.load(tmp_path / "nope", mixed[1])
+
+
+def test_missing_metadata(mixed, saved):
+    path, _ = saved
+    os.remove(os.path.join(path, "jaxlora.json"))
+    with pytest.raises(ValueError, match=r"jaxlora.json is missing \(truncated"):
+        jaxlora.load(path, mixed[1])
+
+
+def test_corrupted_metadata(mixed, saved):
+    path, _ = saved
+    with open(os.path.join(path, "jaxlora.json"), "w") as f:
+        f.write('{"format": "jaxlora.adap')
+    with pytest.raises(ValueError, match="Corrupted jaxlora checkpoint"):
+        jaxlora.load(path, mixed[1])
+
+
+def test_newer_format_version(mixed, saved):
+    path, _ = saved
+    meta_file = os.path.join(path, "jaxlora.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["version"] = 99
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="format version 99; .* reads version 1"):
+        jaxlora.load(path, mixed[1])
+
+
+def test_missing_arrays_directory(mixed, saved):
+    path, _ = saved
+    shutil.rmtree(os.path.join(path, "arrays"))
+    with pytest.raises(ValueError, match=r"arrays/ directory .* is missing"):
+        jaxlora.load(path, mixed[1])
+
+
+def test_missing_array_files(mixed, saved):
+    path, _ = saved
+    arrays = os.path.join(path, "arrays")
+    for root, _, files in os.walk(arrays):
+        for name in files:
+            if os.path.basename(root) == "d":  # the data files of the factors
+                os.remove(os.path.join(root, name))
+    with pytest.raises(ValueError, match="Could not read the factors"):
+        jaxlora.load(path, mixed[1])
+
+
+def test_path_missing_from_base(mixed, saved):
+    _, variables, _, _ = mixed
+    path, _ = saved
+    params = dict(variables["params"])
+    del params["mlp"]
+    with pytest.raises(ValueError, match=r"'params/mlp/kernel': not in params"):
+        jaxlora.load(path, {"params": params})
+
+
+def test_checkpoint_for_another_model(saved):
+    path, _ = saved
+    other = {"params": {"Dense_0": {"kernel": jnp.ones((3, 3))}}}
+    with pytest.raises(
+        ValueError, match="None of the 8 adapter paths .* saved for another model"
+    ):
+        jaxlora.load(path, other)
+
+
+def test_shape_and_dtype_mismatch_all_reported(mixed, saved):
+    _, variables, _, _ = mixed
+    path, _ = saved
+    params = jax.tree.map(lambda x: x, variables)
+    params["params"]["mlp"]["kernel"] = jnp.ones((32, 16))
+    params["params"]["einsum"]["kernel"] = params["params"]["einsum"]["kernel"].astype(
+        jnp.bfloat16
+    )
+    with pytest.raises(ValueError) as info:
+        jaxlora.load(path, params)
+    msg = str(info.value)
+    assert (
+        "'params/mlp/kernel': the checkpoint was trained on a base weight of shape "
+        "(32, 32) and dtype float32, got shape (32, 16) and dtype float32"
+    ) in msg
+    assert (
+        "'params/einsum/kernel'" in msg
+        and "got shape (32, 32) and dtype bfloat16" in msg
+    )
+
+
+def test_adapters_the_checkpoint_lacks(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    mlp = jaxlora.init(variables, jax.random.key(0), rank=2, targets=["mlp"])
+    path = jaxlora.save(tmp_path / "mlp", mlp)
+    both = jaxlora.init(variables, jax.random.key(0), rank=2, targets=["mlp", "conv"])
+    with pytest.raises(
+        ValueError, match=r"adapters the checkpoint lacks: \['params/conv/kernel'\]"
+    ):
+        jaxlora.load(path, both)
+    chex.assert_trees_all_equal(jaxlora.load(path, jaxlora.base(both)), mlp)
+
+
+def test_residual_adapter_needs_its_residual_base(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    params = _trained(variables, scheme="both_random", compensate=True)
+    path = jaxlora.save(tmp_path / "res", params)
+    with pytest.raises(ValueError) as info:
+        jaxlora.load(path, variables)
+    msg = str(info.value)
+    assert "'params/mlp/kernel': the adapter (scheme 'both_random') was" in msg
+    assert "residual base" in msg and "is not that residual" in msg
+    assert "jaxlora.init(...) using the same scheme" in msg
+    residual = jaxlora.base(params, allow_residual=True)
+    chex.assert_trees_all_equal(jaxlora.load(path, residual), params)
+    again = jaxlora.init(
+        variables,
+        jax.random.key(1),
+        rank=2,
+        targets=all_weights,
+        layouts=LAYOUTS,
+        scheme="both_random",
+        compensate=True,
+    )
+    chex.assert_trees_all_equal(jaxlora.load(path, again), params)
+
+
+def test_fingerprint_tells_residual_from_original(mixed):
+    _, variables, _, _ = mixed
+    w = variables["params"]["mlp"]["kernel"]
+    fp = _checkpoint._fingerprint(w)
+    assert _checkpoint._same_fingerprint(_checkpoint._fingerprint(w), fp)
+    assert not _checkpoint._same_fingerprint(_checkpoint._fingerprint(w[::-1]), fp)
+    assert not _checkpoint._same_fingerprint(_checkpoint._fingerprint(w + 1e-6), fp)

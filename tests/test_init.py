@@ -1,0 +1,233 @@
+"""Targeting, patterns, metadata and every error `jaxlora.init` raises."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import LAYOUTS
+from conftest import all_weights
+
+import jaxlora
+
+KEY = jax.random.key(0)
+
+
+def adapted_paths(p):
+    return sorted(jaxlora.adapters(p))
+
+
+def test_default_targets_every_kernel_but_not_embeddings(mixed):
+    _, variables, _, _ = mixed
+    p = jaxlora.init(variables, KEY, rank=2)
+    assert adapted_paths(p) == [
+        "params/attn/key/kernel",
+        "params/attn/out/kernel",
+        "params/attn/query/kernel",
+        "params/attn/value/kernel",
+        "params/conv/kernel",
+        "params/einsum/kernel",
+        "params/mlp/kernel",
+    ]
+    assert p["params"]["conv"]["kernel"].a.shape == (3, 3, 3, 2)  # (*window, in, r)
+    assert p["params"]["attn"]["query"]["kernel"].b.shape == (
+        2,
+        4,
+        8,
+    )  # (r, heads, dim)
+
+
+def test_targets_by_name_regex_and_predicate(mixed):
+    _, variables, _, _ = mixed
+    by_name = jaxlora.init(variables, KEY, targets=["query", "value"], rank=2)
+    assert adapted_paths(by_name) == [
+        "params/attn/query/kernel",
+        "params/attn/value/kernel",
+    ]
+    by_regex = jaxlora.init(
+        variables, KEY, targets=r".*attn/(query|key)/kernel", rank=2
+    )
+    assert adapted_paths(by_regex) == [
+        "params/attn/key/kernel",
+        "params/attn/query/kernel",
+    ]
+    by_pred = jaxlora.init(variables, KEY, targets=all_weights, rank=2, layouts=LAYOUTS)
+    assert "params/embed/embedding" in adapted_paths(by_pred)
+    assert by_pred["params"]["embed"]["embedding"].spec.embedding
+
+
+def test_rank_and_alpha_patterns(mixed):
+    _, variables, _, _ = mixed
+    p = jaxlora.init(
+        variables,
+        KEY,
+        rank=4,
+        alpha=8,
+        rank_pattern={"query": 2, "mlp": 8},
+        alpha_pattern={"value": 1.0},
+    )["params"]
+    assert p["attn"]["query"]["kernel"].rank == 2
+    assert p["mlp"]["kernel"].rank == 8
+    assert p["attn"]["key"]["kernel"].rank == 4
+    assert p["attn"]["query"]["kernel"].scale == 8 / 2
+    assert p["attn"]["value"]["kernel"].scale == 1.0 / 4
+
+
+def test_alpha_defaults_to_rank_and_rslora_scale():
+    tree = {"kernel": jnp.zeros((64, 64))}
+    assert jaxlora.init(tree, KEY, rank=16)["kernel"].scale == 1.0
+    assert jaxlora.init(tree, KEY, rank=16, alpha=32)["kernel"].scale == 2.0
+    rs = jaxlora.init(tree, KEY, rank=16, alpha=32, rslora=True)["kernel"]
+    assert rs.scale == 32 / 4
+
+
+def test_init_is_pure(mixed):
+    _, variables, _, _ = mixed
+    before = jax.tree.map(np.asarray, variables)
+    jaxlora.init(variables, KEY, compensate=True, scheme="both_random")
+    jax.tree.map(
+        np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables)
+    )
+
+
+def test_nnx_state_and_its_pure_dict_give_the_same_adapters():
+    from flax import nnx
+
+    model = nnx.Sequential(
+        nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1))
+    )
+    _, state = nnx.split(model)
+    from_state = jaxlora.adapters(jaxlora.init(state, KEY, scheme="he", rank=2))
+    from_dict = jaxlora.adapters(
+        jaxlora.init(nnx.to_pure_dict(state), KEY, scheme="he", rank=2)
+    )
+    assert (
+        sorted(from_state)
+        == sorted(from_dict)
+        == ["layers/0/kernel", "layers/1/kernel"]
+    )
+    for k in from_state:
+        np.testing.assert_array_equal(from_state[k].a, from_dict[k].a)
+
+
+# ---- errors: each names the path, what was received and the fix ----------------------
+
+
+def test_unknown_scheme_lists_available():
+    with pytest.raises(
+        ValueError, match=r"Unknown LoRA scheme 'lora_fa'.*normal.*orthogonal"
+    ):
+        jaxlora.init({"kernel": jnp.zeros((4, 4))}, KEY, scheme="lora_fa")
+    with pytest.raises(TypeError, match=r"scheme must be a name or a jaxlora.Scheme"):
+        jaxlora.init({"kernel": jnp.zeros((4, 4))}, KEY, scheme=3)
+
+
+def test_rank_below_one():
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 1, got 0"):
+        jaxlora.init({"kernel": jnp.zeros((4, 4))}, KEY, rank=0)
+    with pytest.raises(ValueError, match=r"'k/kernel': rank 0 is outside"):
+        jaxlora.init({"k": {"kernel": jnp.zeros((4, 4))}}, KEY, rank_pattern={"k": 0})
+
+
+def test_rank_above_min_fan_lists_every_bad_target():
+    tree = {
+        "small": {"kernel": jnp.zeros((4, 64))},
+        "tiny": {"kernel": jnp.zeros((64, 2))},
+        "ok": {"kernel": jnp.zeros((64, 64))},
+    }
+    with pytest.raises(ValueError) as err:
+        jaxlora.init(tree, KEY, rank=8)
+    msg = str(err.value)
+    assert "'small/kernel': rank 8 is outside [1, min(fan_in, fan_out)] = [1, 4]" in msg
+    assert "'tiny/kernel': rank 8" in msg and "fan_out=2" in msg
+    assert "'ok/kernel'" not in msg
+    assert "rank_pattern" in msg  # the fix
+
+
+def test_targets_matching_nothing():
+    tree = {"Dense_0": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}
+    with pytest.raises(
+        ValueError, match=r"names \['q_proj'\] match no parameter.*'Dense_0/kernel'"
+    ):
+        jaxlora.init(tree, KEY, targets=["q_proj", "Dense_0"], rank=2)
+    with pytest.raises(
+        ValueError, match=r"targets='.*q_proj.*' .*matched no parameter.*Dense_0/kernel"
+    ):
+        jaxlora.init(tree, KEY, targets=".*q_proj.*", rank=2)
+    with pytest.raises(ValueError, match=r"predicate .*matched no parameter"):
+        jaxlora.init(tree, KEY, targets=lambda p, x: False, rank=2)
+    with pytest.raises(ValueError, match=r"default targets .*matched no parameter"):
+        jaxlora.init({"w": jnp.zeros((4, 4))}, KEY, rank=2)
+
+
+def test_patterns_matching_nothing():
+    tree = {"Dense_0": {"kernel": jnp.zeros((4, 4))}}
+    with pytest.raises(
+        ValueError, match=r"rank_pattern keys \['q_proj'\] match no LoRA target"
+    ):
+        jaxlora.init(tree, KEY, rank=2, rank_pattern={"q_proj": 1})
+    with pytest.raises(
+        ValueError, match=r"alpha_pattern keys \['v'\] match no LoRA target"
+    ):
+        jaxlora.init(tree, KEY, rank=2, alpha_pattern={"v": 1.0})
+    with pytest.raises(
+        ValueError, match=r"layouts keys \['conv'\] match no LoRA target"
+    ):
+        jaxlora.init(tree, KEY, rank=2, layouts={"conv": "conv"})
+
+
+def test_non_floating_and_1d_targets_are_collected():
+    tree = {
+        "Dense_0": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+        "ids": {"kernel": jnp.zeros((4, 4), jnp.int32)},
+    }
+    with pytest.raises(ValueError) as err:
+        jaxlora.init(tree, KEY, targets=r"(Dense_0/.*|ids/kernel)", rank=2)
+    msg = str(err.value)
+    assert (
+        "'Dense_0/bias': expected a floating kernel with ndim >= 2, got shape (4,)"
+        in msg
+    )
+    assert (
+        "'ids/kernel': expected a floating kernel with ndim >= 2, "
+        "got shape (4, 4) of int32" in msg
+    )
+    assert "exclude them with targets=" in msg
+
+
+def test_already_adapted_tree():
+    p = jaxlora.init({"kernel": jnp.zeros((4, 4))}, KEY, rank=2)
+    with pytest.raises(
+        ValueError, match=r"already holds LoRA adapters at 'kernel'.*jaxlora.base"
+    ):
+        jaxlora.init(p, KEY, rank=2)
+
+
+def test_bad_layout_and_embedding_values():
+    tree = {"kernel": jnp.zeros((4, 4, 4))}
+    with pytest.raises(
+        ValueError, match=r"names 2 axes but the weight has shape \(4, 4, 4\)"
+    ):
+        jaxlora.init(tree, KEY, rank=2, layouts={"kernel": jaxlora.Layout.dense(2)})
+    with pytest.raises(
+        ValueError, match=r"must be a jaxlora.Layout, 'dense' or 'conv'; got 'bogus'"
+    ):
+        jaxlora.init(tree, KEY, rank=2, layouts={"kernel": "bogus"})
+    with pytest.raises(ValueError, match=r"embedding must be 'scheme' or 'peft'"):
+        jaxlora.init(tree, KEY, rank=2, embedding="lora")
+    with pytest.raises(
+        ValueError, match=re.escape("must name each axis 0..2 exactly once")
+    ):
+        jaxlora.Layout(in_axes=(0,), out_axes=(0, 1))
+
+
+def test_model_apply_on_adapted_tree_fails_loudly(mixed):
+    model, variables, tokens, image = mixed
+    p = jaxlora.init(variables, KEY, rank=2)
+    with pytest.raises(
+        TypeError, match=r"LoraWeight .* was used as an array.*lora_apply"
+    ):
+        model.apply(p, tokens, image)
+    with pytest.raises(TypeError, match=r"jaxlora.merge\(params\)"):
+        jax.jit(model.apply)(p, tokens, image)

@@ -1,0 +1,193 @@
+"""Weight- and data-aware schemes through `jaxlora.init`: residual bases done right."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import LAYOUTS
+
+import jaxlora
+
+RESIDUAL = ["pissa", "pissa_niter_4", "olora", "milora"]
+
+
+def init(variables, scheme, **kw):
+    kw.setdefault("rank", 2)
+    return jaxlora.init(
+        variables, jax.random.key(5), scheme=scheme, alpha=4, layouts=LAYOUTS, **kw
+    )
+
+
+@pytest.mark.parametrize("scheme", RESIDUAL)
+def test_output_at_init_is_preserved_fp32(mixed, scheme):
+    model, variables, tokens, image = mixed
+    params = init(variables, scheme)
+    nodes = jaxlora.adapters(params)
+    assert len(nodes) == 7 and all(n.spec.residual for n in nodes.values())
+    assert all(float(jnp.abs(n.a).max()) > 0 for n in nodes.values())
+    want = model.apply(variables, tokens, image)
+    got = jaxlora.lora_apply(model.apply)(params, tokens, image)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+class Bf16(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        h = nn.gelu(nn.Dense(96, name="up", **kw)(x))
+        return nn.Dense(48, name="down", **kw)(h)
+
+
+@pytest.mark.parametrize("scheme", RESIDUAL)
+def test_output_at_init_is_preserved_bf16(scheme):
+    model = Bf16()
+    x = jax.random.normal(jax.random.key(0), (16, 48), jnp.bfloat16)
+    variables = model.init(jax.random.key(1), x)
+    params = jaxlora.init(variables, jax.random.key(2), scheme=scheme, rank=8)
+    node = params["params"]["up"]["kernel"]
+    assert node.w.dtype == jnp.bfloat16 and node.a.dtype == jnp.float32
+    # the merged weight is the original up to the bf16 roundings of the residual and
+    # of the sum (half an ulp each: 2^-8 relative, bf16 keeps 7 mantissa bits)
+    merged = jaxlora.merge(params)["params"]["up"]["kernel"].astype(jnp.float32)
+    w = variables["params"]["up"]["kernel"].astype(jnp.float32)
+    w_res = node.w.astype(jnp.float32)
+    assert bool(jnp.all(jnp.abs(merged - w) <= 2**-8 * (jnp.abs(w) + jnp.abs(w_res))))
+    want = model.apply(variables, x).astype(jnp.float32)
+    got = jaxlora.lora_apply(model.apply)(params, x).astype(jnp.float32)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_pissa_is_the_best_rank_r_approximation():
+    k = jax.random.normal(jax.random.key(0), (40, 30))
+    node = jaxlora.init(
+        {"kernel": k}, jax.random.key(1), scheme="pissa", rank=5, alpha=10
+    )["kernel"]
+    s = np.linalg.svd(np.asarray(k), compute_uv=False)
+    approx = np.asarray(node.delta())
+    np.testing.assert_allclose(
+        np.sum((np.asarray(k) - approx) ** 2), np.sum(s[5:] ** 2), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.linalg.svd(np.asarray(node.w), compute_uv=False)[:25],
+        s[5:],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_fast_pissa_names_niter_and_is_reproducible():
+    tree = {"kernel": jax.random.normal(jax.random.key(0), (64, 48))}
+    by_name = jaxlora.init(tree, jax.random.key(1), scheme="pissa_niter_2", rank=4)
+    by_kw = jaxlora.init(tree, jax.random.key(1), scheme="pissa", niter=2, rank=4)
+    chex.assert_trees_all_equal(by_name, by_kw)
+    assert by_name["kernel"].spec.scheme == "pissa_niter_2"
+    other = jaxlora.init(tree, jax.random.key(2), scheme="pissa_niter_2", rank=4)
+    assert not np.array_equal(other["kernel"].a, by_name["kernel"].a)
+
+
+def test_stacked_kernels_are_factored_per_layer():
+    k = jax.random.normal(jax.random.key(0), (3, 24, 16))
+    layout = jaxlora.Layout.dense(3, n_stack=1)
+    node = jaxlora.init(
+        {"kernel": k},
+        jax.random.key(1),
+        scheme="pissa",
+        rank=2,
+        layouts={"kernel": layout},
+    )["kernel"]
+    assert node.a.shape == (3, 24, 2) and node.b.shape == (3, 2, 16)
+    for i in range(3):
+        single = jaxlora.init(
+            {"kernel": k[i]}, jax.random.key(1), scheme="pissa", rank=2
+        )["kernel"]
+        np.testing.assert_allclose(
+            np.asarray(node.delta())[i], single.delta(), atol=1e-5
+        )
+
+
+def test_to_plain_lora_reproduces_the_trained_model(mixed):
+    model, variables, tokens, image = mixed
+    apply = jaxlora.lora_apply(model.apply)
+    params = init(variables, "pissa")
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    state = tx.init(params)
+    loss = lambda p: jnp.mean(apply(p, tokens, image) ** 2)  # noqa: E731
+    for _ in range(5):
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    plain = jaxlora.to_plain_lora(params, variables)
+    for path, node in jaxlora.adapters(plain).items():
+        assert not node.spec.residual and node.rank == 4, path
+    jax.tree.map(np.testing.assert_array_equal, jaxlora.base(plain), variables)
+    np.testing.assert_allclose(
+        apply(plain, tokens, image), apply(params, tokens, image), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(
+        ValueError, match=r"'params/mlp/kernel': original weight missing"
+    ):
+        jaxlora.to_plain_lora(params, {"params": {}})
+
+
+def test_residual_base_is_explicit(mixed):
+    _, variables, _, _ = mixed
+    params = init(variables, "olora")
+    with pytest.raises(ValueError, match=r"hold a residual base \(scheme 'olora'\)"):
+        jaxlora.base(params)
+    res = jaxlora.base(params, allow_residual=True)
+    assert not np.array_equal(
+        res["params"]["mlp"]["kernel"], variables["params"]["mlp"]["kernel"]
+    )
+
+
+def test_lora_ga_through_init_preserves_output_and_uses_the_gradient():
+    model = nn.Dense(24)
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    y = jax.random.normal(jax.random.key(1), (64, 24))
+    variables = model.init(jax.random.key(2), x)
+    loss_fn = lambda p, batch: jnp.mean((model.apply(p, batch[0]) - batch[1]) ** 2)  # noqa: E731
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    params = jaxlora.init(
+        variables,
+        jax.random.key(3),
+        scheme="lora_ga",
+        rank=4,
+        loss_fn=loss_fn,
+        batches=batches,
+    )
+    apply = jaxlora.lora_apply(model.apply)
+    np.testing.assert_allclose(apply(params, x), model.apply(variables, x), atol=1e-5)
+    # a spans G's top right-singular directions (A = Vᵀ[:r] in PEFT orientation)
+    g = jax.grad(lambda p: (loss_fn(p, batches[0]) + loss_fn(p, batches[1])) / 2)(
+        variables
+    )
+    u, _, _ = np.linalg.svd(np.asarray(g["params"]["kernel"]))  # (in, out) = Gᵀ
+    a = np.asarray(params["params"]["kernel"].a)
+    q, _ = np.linalg.qr(a)
+    np.testing.assert_allclose(np.linalg.norm(u[:, :4].T @ q, axis=0), 1.0, atol=1e-3)
+
+
+def test_data_aware_and_option_errors():
+    tree = {"kernel": jnp.ones((8, 8))}
+    with pytest.raises(
+        ValueError, match=r"'lora_ga' initializes from the gradient.*loss_fn="
+    ):
+        jaxlora.init(tree, jax.random.key(0), scheme="lora_ga", rank=2)
+    with pytest.raises(ValueError, match=r"loss_fn is only used by scheme 'lora_ga'"):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, loss_fn=len)
+    with pytest.raises(ValueError, match=r"batches are only used by the data-aware"):
+        jaxlora.init(tree, jax.random.key(0), scheme="he", rank=2, batches=[1])
+    with pytest.raises(
+        ValueError, match=r"niter is only used by 'pissa' and 'lora_ga'"
+    ):
+        jaxlora.init(tree, jax.random.key(0), scheme="he", rank=2, niter=2)
+    with pytest.raises(ValueError, match=r"compensate=True has no effect with 'pissa'"):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, compensate=True)
+    with pytest.raises(ValueError, match=r"'kernel': rank 9 is outside \[1, min"):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=9)
+    q = {"kernel": jnp.ones((8, 8), jnp.int8)}
+    with pytest.raises(ValueError, match=r"'kernel': expected a floating kernel.*int8"):
+        jaxlora.init(q, jax.random.key(0), scheme="pissa", rank=2, targets="kernel")

@@ -1,0 +1,162 @@
+"""End-to-end training: the base never moves, the factors learn, merge agrees."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxlora
+
+D_IN, D_HID, D_OUT, TEACHER_RANK = 32, 64, 16, 2
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(D_HID, name="fc1")(x))
+        return nn.Dense(D_OUT, name="fc2")(h)
+
+
+def teacher_task(key):
+    """A frozen 'pretrained' MLP and a teacher: it plus a rank-2 change per kernel."""
+    k_init, k_u, k_v, k_x = jax.random.split(key, 4)
+    model = MLP()
+    x = jax.random.normal(k_x, (256, D_IN))
+    variables = model.init(k_init, x)
+
+    def shift(path, w):
+        if path[-1].key != "kernel":
+            return w
+        n_in, n_out = w.shape
+        ku, kv = jax.random.split(jax.random.fold_in(k_u, n_in * n_out))
+        u = jax.random.normal(ku, (n_in, TEACHER_RANK)) / np.sqrt(n_in)
+        v = jax.random.normal(kv, (TEACHER_RANK, n_out))
+        return w + u @ v
+
+    teacher = jax.tree_util.tree_map_with_path(shift, variables)
+    y = model.apply(teacher, x)
+    return model, variables, x, y
+
+
+def train(model, params, x, y, tx, steps):
+    apply = jaxlora.lora_apply(model.apply)
+    loss = lambda p: jnp.mean((apply(p, x) - y) ** 2)  # noqa: E731
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    state = tx.init(params)
+    losses = []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    return params, losses, float(loss(params))
+
+
+@pytest.mark.parametrize("scheme", ["he", "init_b", "orthogonal"])
+def test_freeze_base_trains_factors_only_and_fits_teacher(scheme):
+    model, variables, x, y = teacher_task(jax.random.key(0))
+    params = jaxlora.init(variables, jax.random.key(1), scheme=scheme, rank=4)
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    trained, losses, final = train(model, params, x, y, tx, steps=400)
+
+    assert final < 0.05 * losses[0], (losses[0], final)  # the teacher is learnable
+    for path, before in jaxlora.adapters(params).items():
+        after = jaxlora.adapters(trained)[path]
+        assert not np.array_equal(after.a, before.a) or not np.array_equal(
+            after.b, before.b
+        )
+    # base weights (and untargeted biases) bitwise unchanged
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jaxlora.base(params),
+        jaxlora.base(trained),
+    )
+    # the merged plain tree through the unmodified model agrees with lora_apply
+    got = jaxlora.lora_apply(model.apply)(trained, x)
+    want = model.apply(jaxlora.merge(trained), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_holds_no_state_for_base_weights():
+    model, variables, _, _ = teacher_task(jax.random.key(0))
+    params = jaxlora.init(variables, jax.random.key(1), rank=4)
+    state = jaxlora.freeze_base(optax.adam(1e-3)).init(params)
+    n_state = sum(x.size for x in jax.tree.leaves(state))
+    n_factors = sum(x.size for x in jax.tree.leaves(jaxlora.adapters(params)))
+    assert n_state == 2 * n_factors + 1  # mu and nu of a and b, plus Adam's step count
+
+
+def test_trainable_head_is_trained_in_full():
+    model, variables, x, y = teacher_task(jax.random.key(0))
+    params = jaxlora.init(variables, jax.random.key(1), rank=4, targets=["fc1"])
+    mask = jaxlora.trainable_mask(params, trainable=["fc2"])
+    assert mask["params"]["fc2"]["kernel"] and mask["params"]["fc2"]["bias"]
+    assert not mask["params"]["fc1"]["bias"]
+    node = mask["params"]["fc1"]["kernel"]
+    assert (node.w, node.a, node.b) == (False, True, True)
+    tx = jaxlora.freeze_base(optax.adam(1e-2), trainable=["fc2"])
+    trained, _, _ = train(model, params, x, y, tx, steps=3)
+    assert not np.array_equal(
+        trained["params"]["fc2"]["kernel"], params["params"]["fc2"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        trained["params"]["fc1"]["bias"], params["params"]["fc1"]["bias"]
+    )
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate():
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8))}},
+        jax.random.key(0),
+        scheme="both_random",
+        rank=2,
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    # plain SGD so the update is exactly -lr * grad
+    tx = jaxlora.lora_plus(optax.sgd, 0.1, ratio=16)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    node = updates["k"]["kernel"]
+    np.testing.assert_allclose(node.a, -0.1 * np.ones((8, 2)), rtol=1e-6)
+    np.testing.assert_allclose(node.b, -1.6 * np.ones((2, 8)), rtol=1e-6)
+    assert not np.asarray(node.w).any()
+    sched = jaxlora.lora_plus(optax.sgd, optax.constant_schedule(0.1), ratio=4)
+    node = sched.update(grads, sched.init(params), params)[0]["k"]["kernel"]
+    np.testing.assert_allclose(node.b, -0.4 * np.ones((2, 8)), rtol=1e-6)
+
+
+def test_param_labels():
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}},
+        jax.random.key(0),
+        rank=2,
+    )
+    labels = jaxlora.param_labels(params, trainable=r"k/bias")
+    node = labels["k"]["kernel"]
+    assert (node.w, node.a, node.b, labels["k"]["bias"]) == (
+        "frozen",
+        "lora_a",
+        "lora_b",
+        "full",
+    )
+
+
+def test_combine_reports_missing_paths_and_bad_shapes():
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), rank=2
+    )
+    ads = jaxlora.adapters(params)
+    with pytest.raises(
+        ValueError, match=r"adapter paths not in the base tree: \['k/kernel'\]"
+    ):
+        jaxlora.combine({"other": {"kernel": jnp.ones((8, 8))}}, ads)
+    with pytest.raises(
+        ValueError,
+        match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)",
+    ):
+        jaxlora.combine({"k": {"kernel": jnp.ones((8, 4))}}, ads)
