@@ -28,12 +28,14 @@ def _sum(base, lora):
     return base + lora.astype(base.dtype)
 
 
-def _sum_one_buffer(base, lora):
-    """``base + lora`` produced by a conditional (both branches equal), so the sum is
-    one buffer: XLA cannot fuse it into consumers and keep both summands alive."""
-    add = lambda u, v: u + v.astype(u.dtype)  # noqa: E731
-    flag = jnp.isfinite(lora.reshape(-1)[0])
-    return jax.lax.cond(flag, add, add, base, lora)
+def _one_buffer_sum(base, lora):
+    """``base + lora``, bitwise, as a reduction over a stacked pair with weights that
+    XLA cannot prove are 1: a plain add would be fused into every consumer, keeping
+    both summands alive as backward residuals; a reduction output is one buffer.
+    """
+    one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
+    pair = jnp.stack([base, lora.astype(base.dtype)], axis=-1)
+    return jnp.einsum("...k,k->...", pair, jnp.concatenate([one, one]))
 
 
 class _Plan(NamedTuple):
@@ -46,7 +48,9 @@ class _Plan(NamedTuple):
     out_perm: tuple  # (x free..., w free...) -> the primitive's output order
     scale: float
     dtype: Any
-    precision: Any = None
+    precision: Any
+    base_params: Any  # the dot_general's own params, to form x·w bitwise as the model
+    sym_lhs: bool
 
 
 def _canon(x, w, f1, f2, plan):
@@ -70,33 +74,32 @@ def _undo(y, perm, shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lora_contract(x, w, f1, f2, plan):
-    """``contract(x, w) + scale · contract(contract(x, f1), f2)`` as ONE matmul.
+    """``dot_general(x, w) + scale · (x @ f1) @ f2`` with a hand-written VJP.
 
-    The forward appends ``t = scale · x @ f1`` to the contraction
-    (``[x, t] @ [w; f2]``) so the output is a single buffer: a separate add would be
-    fused by XLA into every consumer and keep both summands alive for the backward
-    pass. The residuals are the operands as given (a scanned weight slice is then
-    forwarded, not stacked). The backward computes the input gradient and the
-    factor gradients only (``w`` is frozen: its cotangent is zero).
+    The base product is the model's own ``dot_general`` (so with ``b = 0`` the output
+    is bitwise the base model's) and the sum is formed as one buffer
+    (`_one_buffer_sum`). The residuals are the operands as given (a scanned weight
+    slice is then forwarded by ``scan``, not stacked) and ``t = scale · x @ f1``.
+    The backward computes the input gradient and the factor gradients only: ``w``
+    is frozen and gets a zero cotangent.
     """
     return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
 
 def _lora_contract_fwd(x, w, f1, f2, plan):
     dt = plan.dtype
-    x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
+    x2, _, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
+    base = jax.lax.dot_general(
+        *((w, x) if plan.sym_lhs else (x, w)), **dict(plan.base_params)
+    )
     t = jnp.dot(
         x2, a2, preferred_element_type=dt, precision=plan.precision
     ) * jnp.asarray(plan.scale, dt)
-    xt = jnp.concatenate([x2.astype(dt), t], axis=1)
-    # A dependency on t that is exactly 0 (even for non-finite t) keeps XLA from
-    # hoisting every weight concatenation to the program start, all alive at once.
-    tie = (t[:1, :1] != t[:1, :1]).astype(dt) * 0
-    wf = jnp.concatenate([w2.astype(dt), b2.astype(dt) + tie], axis=0)
-    y = jnp.dot(xt, wf, preferred_element_type=dt, precision=plan.precision).reshape(
-        y_shape
+    lora = jnp.dot(
+        t, b2.astype(dt), preferred_element_type=dt, precision=plan.precision
     )
-    return jnp.transpose(y, plan.out_perm), (x, w, f1, f2, t)
+    lora = jnp.transpose(lora.reshape(y_shape), plan.out_perm)
+    return _one_buffer_sum(base, lora), (x, w, f1, f2, t)
 
 
 def _lora_contract_bwd(plan, res, g):
@@ -132,7 +135,7 @@ def _lora_contract_bwd(plan, res, g):
 _lora_contract.defvjp(_lora_contract_fwd, _lora_contract_bwd)
 
 
-def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision):
+def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
     """The single-matmul path for a weight with no stacked axes and no batch dims."""
     x_free = [i for i in range(x.ndim) if i not in xc]
     s_free = [i for i in range(sym.ndim) if i not in sc]
@@ -153,6 +156,8 @@ def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision):
         scale=sym.scale,
         dtype=np.dtype(dtype),
         precision=precision,
+        base_params=base_params,
+        sym_lhs=sym_lhs,
     )
     return _lora_contract(x, sym.w, f1, f2, plan)
 
@@ -213,12 +218,14 @@ def dot_general(eqn, lhs, rhs):
     dtype = eqn.outvars[0].aval.dtype
     prec = eqn.params.get("precision")
     if not sb and not sym.stack_axes and 0 not in x.shape + sym.shape:
-        return _fused(x, sym, first, sc, xc, sym_lhs, dtype, prec), route
+        base_params = tuple(sorted(eqn.params.items()))
+        fused = _fused(x, sym, first, sc, xc, sym_lhs, dtype, prec, base_params)
+        return fused, route
     base = eqn.primitive.bind(*((sym.w, x) if sym_lhs else (x, sym.w)), **eqn.params)
     fa = (sym.a, a_lab) if first == "a" else (sym.b, b_lab)
     fb = (sym.b, b_lab) if second == "b" else (sym.a, a_lab)
     lora = _two_step(*fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype, prec)
-    return _sum(base, lora), route
+    return _one_buffer_sum(base, lora), route
 
 
 def conv_general_dilated(eqn, lhs, rhs):
@@ -251,7 +258,7 @@ def conv_general_dilated(eqn, lhs, rhs):
     lora = jnp.einsum(
         f"{t_lab},{b_lab}->{out_lab}", t, rhs.b, preferred_element_type=base.dtype
     )
-    return _sum(base, lora), "in"
+    return _one_buffer_sum(base, lora), "in"
 
 
 def gather(eqn, operand, indices):
@@ -311,7 +318,7 @@ def gather(eqn, operand, indices):
     lora = jnp.einsum(
         f"{g_lab},{o_lab}->{out_lab}", g, oth, preferred_element_type=base.dtype
     )
-    return _sum(base, lora), "in" if fac is operand.a else "out"
+    return _one_buffer_sum(base, lora), "in" if fac is operand.a else "out"
 
 
 RULES = {

@@ -6,7 +6,7 @@ gradients only) plus the exact cost of the rank-r paths, ``6·N·r·(fan_in + fa
 per adapted kernel (``6·N·r·fan_out`` for a gathered embedding), plus 1% slack.
 (2) The ratio to a full fine-tuning step. At full size (d_model 512, 4 layers,
 vocab 1000, 32×128 tokens, r = 8, all 26 kernels adapted) XLA counts the floor alone
-at 0.681 of the full step and the rank-8 paths at +0.022, so the measured 0.703 sits
+at 0.681 of the full step and the rank-8 paths at +0.022, so the measured 0.704 sits
 on that bound and the requested 0.70 is not reachable with every kernel adapted.
 """
 
@@ -67,7 +67,7 @@ def test_small_nnx_ratio():
 @pytest.mark.parametrize("variant", ["linen", "scan", "nnx"])
 def test_full_model_ratio(variant):
     r = fr.measure(variant, fr.FULL)
-    assert r["ratio"] <= 0.705, r  # measured 0.703 / 0.702 / 0.703
+    assert r["ratio"] <= 0.705, r  # measured 0.704 / 0.703 / 0.704
     if r["ratio"] > 0.70:
         pytest.xfail(f"ratio {r['ratio']:.4f} > 0.70: floor 0.681 + rank-8 paths 0.022")
 
@@ -76,7 +76,7 @@ def test_full_model_ratio(variant):
 @pytest.mark.parametrize("variant", ["linen", "nnx", "scan"])
 def test_full_model_temp_memory(variant):
     r = fr.measure(variant, fr.FULL)
-    # measured: linen +0.4%, nnx +0.4%, scan +7% (XLA buffer assignment of the loops)
+    # measured: linen +2.4%, nnx +2.4%, scan +7% (see the report in the PR)
     assert r["lora_temp"] <= 1.08 * r["full_temp"], r
     if r["lora_temp"] > r["full_temp"]:
         pytest.xfail(f"LoRA temp {r['lora_temp']} > full {r['full_temp']}")
