@@ -3,11 +3,25 @@
 `call` traces ``fn`` once with each adapted weight replaced by its base array, then
 evaluates the jaxpr with an interpreter in which values derived from an adapted weight
 are symbolic (`jaxlora._symbolic.Sym`). Contractions (``dot_general``, convolutions,
-row gathers) run factored, ``W0·x + s·b(a(x))``, with ``stop_gradient`` on ``W0`` so a
-backward pass computes the input gradient but no weight gradient. Nested ``jit``,
-``checkpoint``, ``scan``, ``while``, ``cond`` and custom-derivative functions are
-followed inside. Any other use materializes ``w + s·a@b`` for that use only, with one
-warning per parameter path. `explain` reports what happened to every adapted weight.
+row gathers) run factored, ``W0·x + s·b(a(x))``, with ``W0`` frozen so a backward
+pass computes the input gradient but no weight gradient (`jaxlora._contract`).
+
+Followed inside: nested ``jit``; ``checkpoint``/``remat`` (re-applied with the same
+policy); ``scan`` (a stacked weight passed as ``xs`` is sliced factor by factor, or
+closed over as a constant); ``while`` and ``cond`` (weights as constants or branch
+operands); ``custom_jvp_call``/``custom_vjp_call`` — only when an adapted weight
+flows into one is its custom rule dropped and its primal body differentiated
+instead (recorded as "followed" by `explain`); otherwise it is re-bound unchanged.
+
+Any other use (``jnp.sin(kernel)``, a weight carried through a loop, ...) is computed
+correctly by materializing ``w + s·a@b`` for that use only, with one warning per
+parameter path. `explain` reports, per path, which primitives consumed the weight and
+whether each ran factored or materialized.
+
+Limits: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported
+through a factored ``dot_general`` (it has a custom VJP). The base weight is treated
+as a constant: a differentiable scalar that multiplies the kernel before use gets
+its gradient through the factors only.
 """
 
 from __future__ import annotations
