@@ -1,10 +1,16 @@
 """Shared fixtures: small Flax models that hold every layer kind jaxlora adapts."""
 
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import pytest
 
-from jaxlora import Layout
+# Import this checkout's jaxlora (a worktree may sit beside an installed main).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from jaxlora import Layout  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -1,0 +1,263 @@
+"""FLOPs and temp memory of a LoRA training step against full fine-tuning (XLA's count).
+
+A transformer built from Flax's own layers (``nn.Embed``,
+``nn.MultiHeadDotProductAttention``, ``nn.Dense`` MLP and head), in three forms:
+a Python loop of Linen blocks, the same blocks under ``nn.scan``, and Flax NNX.
+Every kernel and the embedding table is adapted, with layouts inferred by
+`jaxlora._layout.infer_layouts`. Both steps are ``jax.grad`` + ``optax.adam`` +
+``optax.apply_updates`` under ``jax.jit``; the LoRA step trains the factors only
+(``optax.multi_transform`` with ``set_to_zero`` for everything else).
+
+Run: ``python benchmarks/flops_ratio.py`` (``--small`` for the test-sized model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from jaxlora import _factored  # noqa: E402
+from jaxlora._layout import infer_layouts  # noqa: E402
+from jaxlora._node import LoraSpec  # noqa: E402
+from jaxlora._node import LoraWeight  # noqa: E402
+from jaxlora._node import is_lora  # noqa: E402
+from jaxlora._paths import path_str  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    d_model: int = 512
+    heads: int = 8
+    layers: int = 4
+    vocab: int = 1000
+    batch: int = 32
+    seq: int = 128
+    rank: int = 8
+
+
+FULL = Size()
+SMALL = Size(d_model=256, heads=4, layers=2, vocab=500, batch=8, seq=64)
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    size: Size
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        s = self.size
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=s.heads)(h)
+        h = nn.Dense(4 * s.d_model)(nn.LayerNorm()(x))
+        x = x + nn.Dense(s.d_model)(jax.nn.gelu(h))
+        return x, None
+
+
+class LinenLM(nn.Module):
+    size: Size
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        s = self.size
+        x = nn.Embed(s.vocab, s.d_model)(ids)
+        if self.scan:
+            blocks = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=s.layers,
+            )
+            x = blocks(s)(x, None)[0]
+        else:
+            for _ in range(s.layers):
+                x = Block(s)(x)[0]
+        return nn.Dense(s.vocab)(nn.LayerNorm()(x))
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, s: Size, rngs):
+        d = s.d_model
+        self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(s.heads, d, decode=False, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+class NnxLM(nnx.Module):
+    def __init__(self, s: Size, rngs):
+        self.embed = nnx.Embed(s.vocab, s.d_model, rngs=rngs)
+        self.blocks = nnx.List([NnxBlock(s, rngs) for _ in range(s.layers)])
+        self.ln = nnx.LayerNorm(s.d_model, rngs=rngs)
+        self.head = nnx.Linear(s.d_model, s.vocab, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x))
+
+
+def build(variant: str, s: Size):
+    """``(apply_fn, params, ids)`` for ``variant`` in {linen, scan, nnx}."""
+    ids = jax.random.randint(jax.random.key(1), (s.batch, s.seq), 0, s.vocab)
+    if variant == "nnx":
+        graphdef, state = nnx.split(NnxLM(s, nnx.Rngs(0)))
+        return (lambda st, ids: nnx.merge(graphdef, st)(ids)), state, ids
+    model = LinenLM(s, scan=variant == "scan")
+    return model.apply, model.init(jax.random.key(0), ids), ids
+
+
+# -- steps ----------------------------------------------------------------------------
+
+
+def adapt(params, layouts, rank, seed=0):
+    """LoraWeights on every path in ``layouts`` (a random, b small random)."""
+
+    def wrap(kp, x):
+        lay = layouts.get(path_str(kp))
+        if lay is None:
+            return x
+        sa, sb = lay.factor_shapes(x.shape, rank)
+        ka, kb = jax.random.split(jax.random.fold_in(jax.random.key(seed), x.size))
+        a = jax.random.normal(ka, sa, x.dtype) / jnp.sqrt(sa[-2])
+        b = jax.random.normal(kb, sb, x.dtype) * 1e-3
+        return LoraWeight(x, a, b, LoraSpec(lay, rank, float(rank)))
+
+    return jax.tree_util.tree_map_with_path(wrap, params)
+
+
+def _xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def full_step_fn(apply_fn, tx):
+    def step(params, opt_state, ids):
+        loss, g = jax.value_and_grad(lambda p: _xent(apply_fn(p, ids), ids))(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def lora_optimizer(lp, tx):
+    """``tx`` on the factors, zero updates for every other leaf (frozen base)."""
+    labels = jax.tree.map(
+        lambda x: (
+            x.replace(w="frozen", a="train", b="train") if is_lora(x) else "frozen"
+        ),
+        lp,
+        is_leaf=is_lora,
+    )
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def lora_step_fn(apply_fn, tx):
+    def step(lp, opt_state, ids):
+        def loss(t):
+            return _xent(_factored.call(apply_fn, (t, ids), {}), ids)
+
+        value, g = jax.value_and_grad(loss)(lp)
+        updates, opt_state = tx.update(g, opt_state, lp)
+        return optax.apply_updates(lp, updates), opt_state, value
+
+    return step
+
+
+def naive_step_fn(apply_fn, tx):
+    """LoRA formed the naive way: merge ``w + s·a@b`` and differentiate through it."""
+
+    def merged(t):
+        return jax.tree.map(
+            lambda x: x.merged() if is_lora(x) else x, t, is_leaf=is_lora
+        )
+
+    def step(lp, opt_state, ids):
+        def loss(t):
+            return _xent(apply_fn(merged(t), ids), ids)
+
+        value, g = jax.value_and_grad(loss)(lp)
+        updates, opt_state = tx.update(g, opt_state, lp)
+        return optax.apply_updates(lp, updates), opt_state, value
+
+    return step
+
+
+def compiled_cost(fn, *args):
+    """``(flops, temp_bytes)`` of ``jax.jit(fn)`` compiled for ``args``."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"]), int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def setup(variant: str, s: Size):
+    """Everything a step needs: apply_fn, params, adapted params, ids, optimizers."""
+    apply_fn, params, ids = build(variant, s)
+    layouts = infer_layouts(apply_fn, params, (ids,))
+    lp = adapt(params, layouts, s.rank)
+    tx = optax.adam(1e-3)
+    ltx = lora_optimizer(lp, optax.adam(1e-3))
+    return apply_fn, params, lp, ids, tx, ltx, layouts
+
+
+def measure(variant: str, s: Size = FULL) -> dict:
+    apply_fn, params, lp, ids, tx, ltx, layouts = setup(variant, s)
+    full_flops, full_temp = compiled_cost(
+        full_step_fn(apply_fn, tx), params, tx.init(params), ids
+    )
+    lora_flops, lora_temp = compiled_cost(
+        lora_step_fn(apply_fn, ltx), lp, ltx.init(lp), ids
+    )
+    return {
+        "variant": variant,
+        "adapted": len(layouts),
+        "full_flops": full_flops,
+        "lora_flops": lora_flops,
+        "ratio": lora_flops / full_flops,
+        "full_temp": full_temp,
+        "lora_temp": lora_temp,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the test-sized model")
+    parser.add_argument("--variants", default="linen,scan,nnx")
+    args = parser.parse_args()
+    s = SMALL if args.small else FULL
+    print(f"model: {s}")
+    print(
+        "| variant | adapted | full GFLOPs | LoRA GFLOPs | ratio | "
+        "full temp MiB | LoRA temp MiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for v in args.variants.split(","):
+        r = measure(v, s)
+        print(
+            f"| {v} | {r['adapted']} | {r['full_flops'] / 1e9:.2f} | "
+            f"{r['lora_flops'] / 1e9:.2f} | {r['ratio']:.3f} | "
+            f"{r['full_temp'] / 2**20:.1f} | {r['lora_temp'] / 2**20:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Factored rules for the primitives that contract an adapted weight.
+
+Each rule gets the equation's inputs, one of them a `Sym` standing for
+``W = w + s · a @ b``, and returns ``op(x, w) + s · op'(op''(x, a), b)`` so the product
+``a @ b`` is never formed and ``w`` (stop-gradient'ed) gets no weight gradient.
+A rule raises `Unsupported` with a reason when the use does not fit; the interpreter
+then materializes the weight for that one use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora._symbolic import R
+from jaxlora._symbolic import Sym
+from jaxlora._symbolic import Unsupported
+from jaxlora._symbolic import fresh_letters
+
+
+def _sum(base, lora):
+    return base + lora.astype(base.dtype)
+
+
+def _one_buffer_sum(base, lora):
+    """``base + lora``, bitwise, as a reduction over a stacked pair with weights that
+    XLA cannot prove are 1: a plain add would be fused into every consumer, keeping
+    both summands alive as backward residuals; a reduction output is one buffer.
+    """
+    one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
+    pair = jnp.stack([base, lora.astype(base.dtype)], axis=-1)
+    return jnp.einsum("...k,k->...", pair, jnp.concatenate([one, one]))
+
+
+class _Plan(NamedTuple):
+    """Static recipe mapping the operands of a contraction onto 2-D matrices."""
+
+    x_perm: tuple  # x -> (free..., contracted...)
+    w_perm: tuple  # w -> (contracted..., free...)
+    f1_perm: tuple  # first factor -> (contracted..., r)
+    f2_perm: tuple  # second factor -> (r, free...)
+    out_perm: tuple  # (x free..., w free...) -> the primitive's output order
+    scale: float
+    dtype: Any
+    precision: Any
+    base_params: Any  # the dot_general's own params, to form x·w bitwise as the model
+    sym_lhs: bool
+
+
+def _canon(x, w, f1, f2, plan):
+    xt, wt = jnp.transpose(x, plan.x_perm), jnp.transpose(w, plan.w_perm)
+    f1t, f2t = jnp.transpose(f1, plan.f1_perm), jnp.transpose(f2, plan.f2_perm)
+    k = math.prod(f1t.shape[:-1])
+    return (
+        xt.reshape(-1, k),
+        wt.reshape(k, -1),
+        f1t.reshape(k, -1),
+        f2t.reshape(f1t.shape[-1], -1),
+        xt.shape[: xt.ndim - (f1t.ndim - 1)] + wt.shape[f1t.ndim - 1 :],
+    )
+
+
+def _undo(y, perm, shape):
+    """Inverse of ``transpose(., perm).reshape(...)`` back to ``shape``."""
+    t_shape = tuple(shape[i] for i in perm)
+    return jnp.transpose(y.reshape(t_shape), tuple(int(i) for i in np.argsort(perm)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_contract(x, w, f1, f2, plan):
+    """``dot_general(x, w) + scale · (x @ f1) @ f2`` with a hand-written VJP.
+
+    The base product is the model's own ``dot_general`` (so with ``b = 0`` the output
+    is bitwise the base model's) and the sum is formed as one buffer
+    (`_one_buffer_sum`). The residuals are the operands as given (a scanned weight
+    slice is then forwarded by ``scan``, not stacked) and ``t = scale · x @ f1``.
+    The backward computes the input gradient and the factor gradients only: ``w``
+    is frozen and gets a zero cotangent.
+    """
+    return _lora_contract_fwd(x, w, f1, f2, plan)[0]
+
+
+def _lora_contract_fwd(x, w, f1, f2, plan):
+    dt = plan.dtype
+    x2, _, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
+    base = jax.lax.dot_general(
+        *((w, x) if plan.sym_lhs else (x, w)), **dict(plan.base_params)
+    )
+    t = jnp.dot(
+        x2, a2, preferred_element_type=dt, precision=plan.precision
+    ) * jnp.asarray(plan.scale, dt)
+    lora = jnp.dot(
+        t, b2.astype(dt), preferred_element_type=dt, precision=plan.precision
+    )
+    lora = jnp.transpose(lora.reshape(y_shape), plan.out_perm)
+    return _one_buffer_sum(base, lora), (x, w, f1, f2, t)
+
+
+def _lora_contract_bwd(plan, res, g):
+    x, w, f1, f2, t = res
+    dt = plan.dtype
+    x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
+    g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
+    g2 = g2.reshape(-1, w2.shape[1])
+    dt_ = jnp.dot(
+        g2, b2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
+    )
+    db2 = jnp.dot(
+        t.T, g2.astype(t.dtype), preferred_element_type=dt, precision=plan.precision
+    )
+    dts = dt_ * jnp.asarray(plan.scale, dt)
+    da2 = jnp.dot(
+        x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision
+    )
+    dx2 = jnp.dot(
+        g2, w2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
+    )
+    dx2 = dx2 + jnp.dot(
+        dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
+    )
+    return (
+        _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
+        jnp.zeros_like(w),
+        _undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype),
+        _undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype),
+    )
+
+
+_lora_contract.defvjp(_lora_contract_fwd, _lora_contract_bwd)
+
+
+def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
+    """The single-matmul path for a weight with no stacked axes and no batch dims."""
+    x_free = [i for i in range(x.ndim) if i not in xc]
+    s_free = [i for i in range(sym.ndim) if i not in sc]
+    f1, l1 = (sym.a, sym.a_lab) if first == "a" else (sym.b, sym.b_lab)
+    f2, l2 = (sym.b, sym.b_lab) if first == "a" else (sym.a, sym.a_lab)
+    nx, ns = len(x_free), len(s_free)
+    out_perm = (
+        tuple(range(nx, nx + ns)) + tuple(range(nx))
+        if sym_lhs
+        else tuple(range(nx + ns))
+    )
+    plan = _Plan(
+        x_perm=tuple(x_free) + tuple(xc),
+        w_perm=tuple(sc) + tuple(s_free),
+        f1_perm=tuple(l1.index(i) for i in sc) + (l1.index(R),),
+        f2_perm=(l2.index(R),) + tuple(l2.index(i) for i in s_free),
+        out_perm=out_perm,
+        scale=sym.scale,
+        dtype=np.dtype(dtype),
+        precision=precision,
+        base_params=base_params,
+        sym_lhs=sym_lhs,
+    )
+    return _lora_contract(x, sym.w, f1, f2, plan)
+
+
+def _two_step(
+    first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype, prec=None
+):
+    """``einsum(einsum(x, first), second)`` keeping only the letters still needed."""
+    keep = set(second_lab) | set(out_lab)
+    t_lab = "".join(dict.fromkeys(c for c in x_lab + first_lab if c in keep))
+    t = jnp.einsum(
+        f"{x_lab},{first_lab}->{t_lab}",
+        x,
+        first,
+        preferred_element_type=dtype,
+        precision=prec,
+    )
+    t = t * jnp.asarray(scale, t.dtype)
+    return jnp.einsum(
+        f"{t_lab},{second_lab}->{out_lab}",
+        t,
+        second,
+        preferred_element_type=dtype,
+        precision=prec,
+    )
+
+
+def dot_general(eqn, lhs, rhs):
+    """``dot_general`` with the weight on either side, contracting in- or out-axes."""
+    if isinstance(lhs, Sym) and isinstance(rhs, Sym):
+        raise Unsupported("both operands are adapted weights")
+    sym_lhs = isinstance(lhs, Sym)
+    sym, x = (lhs, rhs) if sym_lhs else (rhs, lhs)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    sc, xc, sb, xb = (lc, rc, lb, rb) if sym_lhs else (rc, lc, rb, lb)
+    if not set(sb) <= set(sym.stack_axes):
+        raise Unsupported("a batch dimension of the weight is not a stacked axis")
+    if set(sc) == set(sym.in_axes) and sc:
+        first, second, route = "a", "b", "in"
+    elif set(sc) == set(sym.out_axes) and sc:
+        first, second, route = "b", "a", "out"
+    else:
+        raise Unsupported(
+            f"contracts axes {tuple(sc)} of the weight, neither its input axes "
+            f"{sym.in_axes} nor its output axes {sym.out_axes}"
+        )
+    letters = fresh_letters(x.ndim + sym.ndim + 1)
+    x_let = list(letters[: x.ndim])
+    w_let = list(letters[x.ndim : x.ndim + sym.ndim])
+    r_let = letters[-1]
+    for si, xi in zip(tuple(sc) + tuple(sb), tuple(xc) + tuple(xb), strict=True):
+        w_let[si] = x_let[xi]
+    s_free = [w_let[i] for i in range(sym.ndim) if i not in sc and i not in sb]
+    x_free = [x_let[i] for i in range(x.ndim) if i not in xc and i not in xb]
+    batch = [x_let[i] for i in xb]
+    out_lab = "".join(batch + (s_free + x_free if sym_lhs else x_free + s_free))
+    a_lab, b_lab = sym.letters(w_let, r_let)
+    dtype = eqn.outvars[0].aval.dtype
+    prec = eqn.params.get("precision")
+    if not sb and not sym.stack_axes and 0 not in x.shape + sym.shape:
+        base_params = tuple(sorted(eqn.params.items()))
+        fused = _fused(x, sym, first, sc, xc, sym_lhs, dtype, prec, base_params)
+        return fused, route
+    base = eqn.primitive.bind(*((sym.w, x) if sym_lhs else (x, sym.w)), **eqn.params)
+    fa = (sym.a, a_lab) if first == "a" else (sym.b, b_lab)
+    fb = (sym.b, b_lab) if second == "b" else (sym.a, a_lab)
+    lora = _two_step(*fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype, prec)
+    return _one_buffer_sum(base, lora), route
+
+
+def conv_general_dilated(eqn, lhs, rhs):
+    """Weight as a conv kernel: ``a`` as a conv to r channels, then b."""
+    if isinstance(lhs, Sym):
+        raise Unsupported(
+            "the adapted weight is the convolution's input, not its kernel"
+        )
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    o_dim, i_dim, *spatial = dn.rhs_spec
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        raise Unsupported("grouped convolution")
+    if rhs.stack_axes or set(rhs.out_axes) != {o_dim}:
+        raise Unsupported(f"kernel output axis {o_dim} is not the weight's output axis")
+    if set(rhs.in_axes) != {i_dim, *spatial}:
+        raise Unsupported(
+            "kernel window and input axes are not the weight's input axes"
+        )
+    base = eqn.primitive.bind(lhs, rhs.w, **p)
+    want = [R if k == o_dim else k for k in range(rhs.ndim)]
+    a_k = jnp.transpose(rhs.a, [rhs.a_lab.index(k) for k in want])
+    t = eqn.primitive.bind(lhs, a_k, **p)
+    t = t * jnp.asarray(rhs.scale, t.dtype)
+    letters = fresh_letters(t.ndim + 1)
+    t_lab, o_let = letters[: t.ndim], letters[-1]
+    f = dn.out_spec[1]
+    out_lab = t_lab[:f] + o_let + t_lab[f + 1 :]
+    b_lab = "".join(t_lab[f] if k == R else o_let for k in rhs.b_lab)
+    lora = jnp.einsum(
+        f"{t_lab},{b_lab}->{out_lab}", t, rhs.b, preferred_element_type=base.dtype
+    )
+    return _one_buffer_sum(base, lora), "in"
+
+
+def gather(eqn, operand, indices):
+    """Row lookup (``nn.Embed``): gather the factor holding the indexed axes, then @."""
+    if not isinstance(operand, Sym) or isinstance(indices, Sym):
+        raise Unsupported("the adapted weight is used as gather indices")
+    p = eqn.params
+    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+    if dn.operand_batching_dims:
+        raise Unsupported("batched gather")
+    idx = set(dn.start_index_map)
+    if idx <= set(operand.in_axes):
+        fac, fac_lab, oth, oth_lab = operand.a, operand.a_lab, operand.b, operand.b_lab
+    elif idx <= set(operand.out_axes):
+        fac, fac_lab, oth, oth_lab = operand.b, operand.b_lab, operand.a, operand.a_lab
+    else:
+        raise Unsupported("gather indexes axes from both factors")
+    full = [i for i in range(operand.ndim) if i not in idx]
+    if any(sizes[i] != operand.shape[i] for i in full) or any(
+        i in oth_lab for i in idx
+    ):
+        raise Unsupported("gather takes a partial slice of a non-indexed axis")
+    base = eqn.primitive.bind(operand.w, indices, **p)
+    pos = {lab: k for k, lab in enumerate(fac_lab)}
+    collapsed = tuple(pos[i] for i in dn.collapsed_slice_dims)
+    n_batch = base.ndim - len(dn.offset_dims)
+    n_off = len(fac_lab) - len(collapsed)
+    fdn = type(dn)(
+        offset_dims=tuple(range(n_batch, n_batch + n_off)),
+        collapsed_slice_dims=collapsed,
+        start_index_map=tuple(pos[i] for i in dn.start_index_map),
+        operand_batching_dims=(),
+        start_indices_batching_dims=(),
+    )
+    f_sizes = tuple(
+        fac.shape[k] if lab == R else sizes[lab] for k, lab in enumerate(fac_lab)
+    )
+    g = eqn.primitive.bind(
+        fac, indices, **{**p, "dimension_numbers": fdn, "slice_sizes": f_sizes}
+    )
+    g = g * jnp.asarray(operand.scale, g.dtype)
+    letters = fresh_letters(base.ndim + operand.ndim + 1)
+    w_let, r_let = letters[: operand.ndim], letters[-1]
+    batch_let = iter(letters[operand.ndim : operand.ndim + n_batch])
+    kept = iter(i for i in range(operand.ndim) if i not in dn.collapsed_slice_dims)
+    out_lab = "".join(
+        w_let[next(kept)] if k in dn.offset_dims else next(batch_let)
+        for k in range(base.ndim)
+    )
+    g_lab = "".join(c for k, c in enumerate(out_lab) if k not in dn.offset_dims)
+    g_lab += "".join(
+        r_let if lab == R else w_let[lab]
+        for lab in fac_lab
+        if lab not in dn.collapsed_slice_dims
+    )
+    o_lab = "".join(r_let if lab == R else w_let[lab] for lab in oth_lab)
+    lora = jnp.einsum(
+        f"{g_lab},{o_lab}->{out_lab}", g, oth, preferred_element_type=base.dtype
+    )
+    return _one_buffer_sum(base, lora), "in" if fac is operand.a else "out"
+
+
+RULES = {
+    "dot_general": dot_general,
+    "conv_general_dilated": conv_general_dilated,
+    "gather": gather,
+}

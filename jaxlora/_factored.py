@@ -1,0 +1,461 @@
+"""Run any function on a tree holding `LoraWeight` leaves without forming ``a @ b``.
+
+`call` traces ``fn`` once with each adapted weight replaced by its base array, then
+evaluates the jaxpr with an interpreter in which values derived from an adapted weight
+are symbolic (`jaxlora._symbolic.Sym`). Contractions (``dot_general``, convolutions,
+row gathers) run factored, ``W0·x + s·b(a(x))``, with ``W0`` frozen so a backward
+pass computes the input gradient but no weight gradient (`jaxlora._contract`).
+
+Followed inside: nested ``jit``; ``checkpoint``/``remat`` (re-applied with the same
+policy); ``scan`` (a stacked weight passed as ``xs`` is sliced factor by factor, or
+closed over as a constant); ``while`` and ``cond`` (weights as constants or branch
+operands); ``custom_jvp_call``/``custom_vjp_call`` — only when an adapted weight
+flows into one is its custom rule dropped and its primal body differentiated
+instead (recorded as "followed" by `explain`); otherwise it is re-bound unchanged.
+
+Any other use (``jnp.sin(kernel)``, a weight carried through a loop, ...) is computed
+correctly by materializing ``w + s·a@b`` for that use only, with one warning per
+parameter path. `explain` reports, per path, which primitives consumed the weight and
+whether each ran factored or materialized.
+
+Limits: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported
+through a factored ``dot_general`` (it has a custom VJP). The base weight is treated
+as a constant: a differentiable scalar that multiplies the kernel before use gets
+its gradient through the factors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Literal
+
+from jaxlora import _contract
+from jaxlora._node import is_lora
+from jaxlora._paths import path_str
+from jaxlora._symbolic import Sym
+from jaxlora._symbolic import Unsupported
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """One consumer of an adapted weight: the primitive, how it ran, and why."""
+
+    primitive: str
+    mode: str  # "factored", "materialized" or "followed" (custom rule dropped)
+    reason: str = ""
+
+
+class _Context:
+    """Per-call record of uses; warns once per path on materialization."""
+
+    def __init__(self, warn: bool):
+        self.warn = warn
+        self.uses: dict[str, list[Use]] = {}
+        self.warned: set[str] = set()
+
+    def record(self, path, primitive, mode, reason=""):
+        use = Use(primitive, mode, reason)
+        uses = self.uses.setdefault(path, [])
+        if use not in uses:
+            uses.append(use)
+
+    def materialize(self, x, primitive, reason):
+        if not isinstance(x, Sym):
+            return x
+        self.record(x.path, primitive, "materialized", reason)
+        if self.warn and x.path not in self.warned:
+            self.warned.add(x.path)
+            warnings.warn(
+                f"jaxlora: the adapted weight '{x.path}' is used by '{primitive}' "
+                f"({reason}), which has no factored rule; it is materialized as "
+                "w + scale * a @ b for that use (correct, but it costs a dense weight "
+                "and its gradient).",
+                stacklevel=2,
+            )
+        return x.materialize()
+
+
+# -- the interpreter ---------------------------------------------------------------
+
+
+def _eval(ctx, jaxpr, consts, args):
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, Sym) for x in invals):
+            outs = _eval_sym_eqn(ctx, eqn, invals)
+        else:
+            outs = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, invals):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        return eqn.primitive.bind(*invals, **params)
+
+
+def _fallback(ctx, eqn, invals, reason):
+    name = eqn.primitive.name
+    return _bind(eqn, [ctx.materialize(x, name, reason) for x in invals])
+
+
+def _eval_sym_eqn(ctx, eqn, invals):
+    name = eqn.primitive.name
+    try:
+        if name in _contract.RULES:
+            out, route = _contract.RULES[name](eqn, *invals)
+            for x in invals:
+                if isinstance(x, Sym):
+                    ctx.record(x.path, name, "factored", f"via {route}-axes")
+            return out
+        if name in _VIEWS:
+            return _VIEWS[name](eqn, *invals)
+        if name in _HIGHER:
+            return _HIGHER[name](ctx, eqn, invals)
+    except Unsupported as e:
+        return _fallback(ctx, eqn, invals, str(e))
+    return _fallback(ctx, eqn, invals, f"no factored rule for '{name}'")
+
+
+# -- views: applied to w directly and mirrored on the factors -----------------------
+
+
+def _view(method):
+    def rule(eqn, x, *rest):
+        if any(isinstance(r, Sym) for r in rest):
+            raise Unsupported("an adapted weight used as an operand index or shape")
+        w = eqn.primitive.bind(x.w, *rest, **eqn.params)
+        return method(x, w, eqn.params, rest)
+
+    return rule
+
+
+def _scalar_mul(eqn, x, y):
+    if isinstance(y, Sym):
+        x, y = y, x
+    if isinstance(y, Sym) or np.ndim(y) != 0:
+        raise Unsupported("multiplied by a non-scalar")
+    return x.scalar_mul(eqn.primitive.bind(x.w, y), y)
+
+
+def _scalar_div(eqn, x, y):
+    if not isinstance(x, Sym) or isinstance(y, Sym) or np.ndim(y) != 0:
+        raise Unsupported("divided by a non-scalar or used as a divisor")
+    return x.scalar_mul(eqn.primitive.bind(x.w, y), 1 / jnp.asarray(y))
+
+
+def _reshape(s, w, p, _):
+    if p.get("dimensions") is not None:
+        raise Unsupported("reshape with a dimension permutation")
+    return s.reshape(w, p["new_sizes"])
+
+
+_VIEWS = {
+    "convert_element_type": _view(lambda s, w, p, _: s.convert(w, p["new_dtype"])),
+    "transpose": _view(lambda s, w, p, _: s.transpose(w, p["permutation"])),
+    "reshape": _view(_reshape),
+    "squeeze": _view(lambda s, w, p, _: s.squeeze(w, p["dimensions"])),
+    "broadcast_in_dim": _view(
+        lambda s, w, p, _: s.broadcast(w, p["shape"], p["broadcast_dimensions"])
+    ),
+    "slice": _view(
+        lambda s, w, p, _: s.slice(
+            w, p["start_indices"], p["limit_indices"], p["strides"]
+        )
+    ),
+    "dynamic_slice": _view(lambda s, w, p, r: s.dynamic_slice(w, r, p["slice_sizes"])),
+    "rev": _view(lambda s, w, p, _: s.rev(w, p["dimensions"])),
+    "copy": _view(lambda s, w, p, _: s.map_factors(w, lambda f, _: f)),
+    "copy_p": _view(lambda s, w, p, _: s.map_factors(w, lambda f, _: f)),
+    "stop_gradient": _view(
+        lambda s, w, p, _: s.map_factors(w, lambda f, _: lax.stop_gradient(f))
+    ),
+    "mul": _scalar_mul,
+    "div": _scalar_div,
+}
+
+
+# -- higher-order primitives ---------------------------------------------------------
+
+
+def _jit(ctx, eqn, invals):
+    closed = eqn.params["jaxpr"]
+    return _eval(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _remat(ctx, eqn, invals):
+    p = eqn.params
+    body = jax.checkpoint(
+        lambda *xs: _eval(ctx, p["jaxpr"], (), xs),
+        prevent_cse=p["prevent_cse"],
+        policy=p["policy"],
+    )
+    return body(*invals)
+
+
+def _custom(ctx, eqn, invals):
+    name = eqn.params.get("name", eqn.primitive.name)
+    for x in invals:
+        if isinstance(x, Sym):
+            ctx.record(
+                x.path,
+                eqn.primitive.name,
+                "followed",
+                f"custom rule of '{name}' dropped",
+            )
+    closed = eqn.params["call_jaxpr"]
+    return _eval(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _concrete(ctx, xs, primitive, reason):
+    return [ctx.materialize(x, primitive, reason) for x in xs]
+
+
+def _slice0(x: Sym):
+    """Splits a Sym into per-step parts sliced along w's axis 0 and the rest."""
+    if x.ndim == 0:
+        raise Unsupported("scanned over a scalar")
+    to_front = lambda f, lab: (
+        f if 0 not in lab else jax.numpy.moveaxis(f, lab.index(0), 0)
+    )
+    a, b = to_front(x.a, x.a_lab), to_front(x.b, x.b_lab)
+    a_lab = ((0,) + tuple(i for i in x.a_lab if i != 0)) if 0 in x.a_lab else x.a_lab
+    b_lab = ((0,) + tuple(i for i in x.b_lab if i != 0)) if 0 in x.b_lab else x.b_lab
+    sliced = (x.w, a if 0 in a_lab else None, b if 0 in b_lab else None)
+    rest = (None if 0 in a_lab else a, None if 0 in b_lab else b)
+    dec = lambda lab: tuple(i if i < 0 else i - 1 for i in lab if i != 0)
+
+    def rebuild(parts):
+        w, sa, sb = parts
+        fa = sa if sa is not None else rest[0]
+        fb = sb if sb is not None else rest[1]
+        return Sym(w, fa, fb, dec(a_lab), dec(b_lab), x.scale, x.path)
+
+    return sliced, rebuild
+
+
+def _scan(ctx, eqn, invals):
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+    carry = _concrete(ctx, carry, "scan", "carried through the loop")
+    xs_parts, builders = [], []
+    for x in xs:
+        if isinstance(x, Sym):
+            part, build = _slice0(x)
+        else:
+            part, build = x, None
+        xs_parts.append(part)
+        builders.append(build)
+    closed = p["jaxpr"]
+
+    def body(c, xs_step):
+        xs_vals = [b(v) if b else v for b, v in zip(builders, xs_step, strict=True)]
+        outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
+        outs = _concrete(ctx, outs, "scan", "returned from the loop body")
+        return outs[:nk], outs[nk:]
+
+    c, ys = lax.scan(
+        body,
+        carry,
+        xs_parts,
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    return [*c, *ys]
+
+
+def _while(ctx, eqn, invals):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cc, bc, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
+    carry = _concrete(ctx, carry, "while", "carried through the loop")
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond(c):
+        return _eval(ctx, cj.jaxpr, cj.consts, [*cc, *c])[0]
+
+    def body(c):
+        outs = _eval(ctx, bj.jaxpr, bj.consts, [*bc, *c])
+        return _concrete(ctx, outs, "while", "returned from the loop body")
+
+    return lax.while_loop(cond, body, carry)
+
+
+def _cond(ctx, eqn, invals):
+    index, ops = invals[0], invals[1:]
+    if isinstance(index, Sym):
+        raise Unsupported("an adapted weight used as a branch index")
+
+    def branch(closed):
+        def run(*xs):
+            outs = _eval(ctx, closed.jaxpr, closed.consts, xs)
+            return _concrete(ctx, outs, "cond", "returned from a branch")
+
+        return run
+
+    return lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)
+
+
+_HIGHER = {
+    "jit": _jit,
+    "pjit": _jit,
+    "closed_call": _jit,
+    "core_call": _jit,
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "custom_jvp_call": _custom,
+    "custom_vjp_call": _custom,
+    "custom_vjp_call_jaxpr": _custom,
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
+}
+
+
+# -- entry points ---------------------------------------------------------------------
+
+
+def _arg_path(keypath) -> str:
+    """Names a leaf of ``(args, kwargs)``: the first positional argument (the params,
+    by convention) is unprefixed, other arguments are prefixed with their position or
+    keyword (``'1/...'``, ``'state/...'``)."""
+    which, arg, rest = keypath[0].idx, keypath[1], keypath[2:]
+    if which == 0 and arg.idx == 0:
+        return path_str(rest)
+    return path_str((arg, *rest))
+
+
+def _is_dynamic(x) -> bool:
+    return is_lora(x) or isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _run(ctx, fn, args, kwargs):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        (args, kwargs), is_leaf=is_lora
+    )
+    values = [x for _, x in leaves]
+    dyn = [i for i, x in enumerate(values) if _is_dynamic(x)]
+
+    def flat_fn(*dyn_vals):
+        full = list(values)
+        for i, v in zip(dyn, dyn_vals, strict=True):
+            full[i] = v
+        a, kw = jax.tree.unflatten(treedef, full)
+        return fn(*a, **kw)
+
+    placeholders = [values[i].w if is_lora(values[i]) else values[i] for i in dyn]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*placeholders)
+    invals = [
+        Sym.from_lora(values[i], _arg_path(leaves[i][0]))
+        if is_lora(values[i])
+        else values[i]
+        for i in dyn
+    ]
+    outs = _eval(ctx, closed.jaxpr, closed.consts, invals)
+    outs = _concrete(ctx, outs, "output", "returned by the function")
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def call(fn: Callable, args: tuple, kwargs: dict) -> PyTree:
+    """Evaluates ``fn(*args, **kwargs)`` with every `LoraWeight` leaf run factored.
+
+    Args:
+        fn: any JAX-traceable function (a Flax ``apply``, an NNX or Equinox-style
+            forward, a plain function).
+        args: positional arguments; any pytree may hold `LoraWeight` leaves.
+        kwargs: keyword arguments, likewise.
+
+    Returns:
+        ``fn``'s output, equal to running ``fn`` on the merged weights, computed as
+        ``W0·x + s·b(a(x))`` wherever a weight is contracted.
+
+    Warns:
+        UserWarning: once per parameter path whose weight had to be materialized.
+
+    Example:
+        >>> y = call(model.apply, (lora_params, x), {})  # doctest: +SKIP
+    """
+    return _run(_Context(warn=True), fn, tuple(args), dict(kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What `explain` found: for each adapted weight path, its uses."""
+
+    uses: dict[str, tuple[Use, ...]]
+
+    def status(self, path: str) -> str:
+        modes = {u.mode for u in self.uses[path]}
+        if "materialized" in modes:
+            return "materialized"
+        return "factored" if "factored" in modes else "unused"
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        return {p: self.status(p) for p in self.uses}
+
+    def __str__(self) -> str:
+        rows = [("path", "status", "used by")]
+        for path, uses in self.uses.items():
+            how = "; ".join(
+                u.primitive
+                + (f" ({u.mode}: {u.reason})" if u.mode != "factored" else "")
+                for u in uses
+            )
+            rows.append((path, self.status(path), how or "-"))
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def explain(fn: Callable, args: tuple, kwargs: dict) -> Report:
+    """Reports, without running any FLOPs, how each `LoraWeight` in the args is used.
+
+    Example:
+        >>> print(explain(model.apply, (lora_params, x), {}))  # doctest: +SKIP
+        path                  status    used by
+        params/Dense_0/kernel factored  dot_general
+    """
+    ctx = _Context(warn=False)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        (tuple(args), dict(kwargs)), is_leaf=is_lora
+    )
+    values = [x for _, x in leaves]
+    for kp, x in leaves:
+        if is_lora(x):
+            ctx.uses.setdefault(_arg_path(kp), [])
+    dyn = [i for i, x in enumerate(values) if _is_dynamic(x)]
+
+    def run(dyn_vals):
+        full = list(values)
+        for i, v in zip(dyn, dyn_vals, strict=True):
+            full[i] = v
+        return _run(ctx, fn, *jax.tree.unflatten(treedef, full))
+
+    jax.eval_shape(run, [values[i] for i in dyn])
+    return Report({p: tuple(u) for p, u in ctx.uses.items()})

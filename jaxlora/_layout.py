@@ -1,0 +1,252 @@
+"""Infer each weight's input / output / stacked axes from how the model uses it.
+
+`infer_layouts` traces ``apply_fn(params, *example_args)`` to a jaxpr (abstractly: no
+FLOPs are run) and follows every floating parameter with ``ndim >= 2`` through view
+operations (casts, transposes, reshapes, slices) and into nested ``jit``,
+``checkpoint``, custom-derivative functions, ``scan``, ``while`` and ``cond``. The
+first recognisable consumer decides its `Layout`:
+
+* ``dot_general``: contracted axes are inputs, free axes outputs, batch axes stacked;
+* ``conv_general_dilated`` (as kernel): window and input-feature axes are inputs;
+* ``gather`` (an embedding lookup): the indexed axes are inputs; this wins over a
+  ``dot_general`` use of the same table (``attend``);
+* ``scan`` over the weight: the scanned leading axis is a stacked (layer) axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal
+
+from jaxlora._node import Layout
+from jaxlora._paths import path_str
+
+PyTree = Any
+
+
+class _T:
+    """A value derived from parameter ``leaf``; ``axes[k]``: original axes of axis k."""
+
+    __slots__ = ("leaf", "axes")
+
+    def __init__(self, leaf, axes):
+        self.leaf, self.axes = leaf, tuple(frozenset(a) for a in axes)
+
+
+def _union(sets):
+    return frozenset().union(*sets)
+
+
+class _Walker:
+    def __init__(self):
+        self.obs: dict[int, list[tuple[str, frozenset, frozenset]]] = {}
+        self.stack: dict[int, set[int]] = {}
+
+    def note(self, t, kind, ins, stack=frozenset()):
+        self.obs.setdefault(t.leaf, []).append((kind, frozenset(ins), frozenset(stack)))
+
+    def walk(self, jaxpr, args):
+        env = {}
+        read = lambda v: None if isinstance(v, Literal) else env.get(v)  # noqa: E731
+        for v, x in zip(jaxpr.invars, args, strict=True):
+            env[v] = x
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            if not any(isinstance(x, _T) for x in ins):
+                continue
+            outs = self.eqn(eqn, ins)
+            for v, x in zip(eqn.outvars, outs, strict=False):
+                if isinstance(x, _T):
+                    env[v] = x
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, ins):
+        name, p = eqn.primitive.name, eqn.params
+        t = next(x for x in ins if isinstance(x, _T))
+        if name in _IDENTITY:
+            return [t]
+        if name == "transpose":
+            return [_T(t.leaf, [t.axes[i] for i in p["permutation"]])]
+        if name == "squeeze":
+            dims = {d % len(t.axes) for d in p["dimensions"]}
+            return [_T(t.leaf, [a for i, a in enumerate(t.axes) if i not in dims])]
+        if name == "broadcast_in_dim":
+            new = [frozenset()] * len(p["shape"])
+            for i, d in enumerate(p["broadcast_dimensions"]):
+                new[d] = t.axes[i]
+            return [_T(t.leaf, new)]
+        if name == "reshape" and ins[0] is t:
+            old = eqn.invars[0].aval.shape
+            return [_T(t.leaf, _reshape_axes(old, p["new_sizes"], t.axes))]
+        if name == "dot_general" and len([x for x in ins if isinstance(x, _T)]) == 1:
+            (lc, rc), (lb, rb) = p["dimension_numbers"]
+            c, b = (lc, lb) if ins[0] is t else (rc, rb)
+            self.note(
+                t, "dot", _union(t.axes[i] for i in c), _union(t.axes[i] for i in b)
+            )
+        elif name == "conv_general_dilated" and ins[1] is t:
+            self.note(
+                t,
+                "conv",
+                _union(t.axes[i] for i in p["dimension_numbers"].rhs_spec[1:]),
+            )
+        elif name == "gather" and ins[0] is t:
+            idx = p["dimension_numbers"].start_index_map
+            self.note(t, "gather", _union(t.axes[i] for i in idx))
+        elif name in (
+            "jit",
+            "pjit",
+            "closed_call",
+            "custom_jvp_call",
+            "custom_vjp_call",
+        ):
+            closed = p.get("jaxpr") or p["call_jaxpr"]
+            return self.walk(closed.jaxpr, ins)
+        elif name in ("remat2", "checkpoint"):
+            return self.walk(p["jaxpr"], ins)
+        elif name == "scan":
+            return self.scan(p, ins)
+        elif name == "while":
+            cn = p["cond_nconsts"]
+            body_in = ins[cn:]
+            self.walk(p["cond_jaxpr"].jaxpr, ins[:cn] + ins[cn + p["body_nconsts"] :])
+            self.walk(p["body_jaxpr"].jaxpr, body_in)
+        elif name == "cond":
+            for br in p["branches"]:
+                self.walk(br.jaxpr, ins[1:])
+        return [None] * len(eqn.outvars)
+
+    def scan(self, p, ins):
+        n = p["num_consts"] + p["num_carry"]
+        body_in = list(ins[:n])
+        for x in ins[n:]:
+            if isinstance(x, _T) and x.axes:
+                self.stack.setdefault(x.leaf, set()).update(x.axes[0])
+                x = _T(x.leaf, x.axes[1:])
+            body_in.append(x)
+        outs = self.walk(p["jaxpr"].jaxpr, body_in)
+        return outs[: p["num_carry"]] + [None] * (len(outs) - p["num_carry"])
+
+
+_IDENTITY = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "stop_gradient",
+    "slice",
+    "dynamic_slice",
+    "rev",
+    "mul",
+    "div",
+    "neg",
+    "reduce_precision",
+    "sharding_constraint",
+    "optimization_barrier",
+}
+
+
+def _reshape_axes(old, new, axes):
+    """Original-axis sets after a reshape: a new axis inherits every old axis whose
+    span of the flattened index overlaps its own."""
+    po, pn = np.cumprod((1, *old)), np.cumprod((1, *new))
+    return [
+        _union(
+            axes[k]
+            for k in range(len(old))
+            if old[k] != 1 and po[k] < pn[j + 1] and pn[j] < po[k + 1]
+        )
+        if new[j] != 1
+        else frozenset()
+        for j in range(len(new))
+    ]
+
+
+def _decide(ndim, obs, stack):
+    gathers = [o for o in obs if o[0] == "gather"]
+    use = gathers[0] if gathers else (obs[0] if obs else None)
+    if use is None:
+        return None
+    stack = set(stack) | set(use[2])
+    ins = set(use[1]) - stack
+    outs = set(range(ndim)) - ins - stack
+    if not ins or not outs:
+        return None
+    return Layout(in_axes=sorted(ins), out_axes=sorted(outs), stack_axes=sorted(stack))
+
+
+def _is_candidate(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return (
+        dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(x.shape) >= 2
+    )
+
+
+def infer_layouts(
+    apply_fn: Callable,
+    params: PyTree,
+    example_args: tuple,
+    example_kwargs: dict | None = None,
+    *,
+    paths=None,
+) -> dict[str, Layout]:
+    """The `Layout` of every floating weight (``ndim >= 2``) that the model contracts.
+
+    Args:
+        apply_fn: called as ``apply_fn(params, *example_args, **example_kwargs)``.
+        params: the parameter tree (arrays or `jax.ShapeDtypeStruct`).
+        example_args: example positional inputs (arrays or `jax.ShapeDtypeStruct`).
+        example_kwargs: example keyword inputs.
+        paths: if given, only these parameter paths are inferred.
+
+    Returns:
+        ``{path: Layout}``; leaves not consumed by a recognisable contraction are
+        omitted.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> m = nn.Dense(3)
+        >>> p = m.init(jax.random.key(0), jnp.ones((1, 2)))
+        >>> infer_layouts(m.apply, p, (jnp.ones((1, 2)),))
+        {'params/kernel': Layout(in_axes=(0,), out_axes=(1,), stack_axes=())}
+    """
+    example_kwargs = dict(example_kwargs or {})
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    names = [path_str(kp) for kp, _ in p_leaves]
+    a_leaves, a_def = jax.tree.flatten((tuple(example_args), example_kwargs))
+    dyn = lambda x: isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))  # noqa: E731
+    a_dyn = [i for i, x in enumerate(a_leaves) if dyn(x)]
+
+    def flat(p_vals, a_vals):
+        full = list(a_leaves)
+        for i, v in zip(a_dyn, a_vals, strict=True):
+            full[i] = v
+        args, kwargs = jax.tree.unflatten(a_def, full)
+        return apply_fn(jax.tree.unflatten(p_def, p_vals), *args, **kwargs)
+
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    closed = jax.make_jaxpr(flat)(
+        [abstract(x) for _, x in p_leaves], [abstract(a_leaves[i]) for i in a_dyn]
+    )
+    want = set(paths) if paths is not None else None
+    tracked = [
+        _T(k, [{d} for d in range(len(x.shape))])
+        if _is_candidate(x) and (want is None or names[k] in want)
+        else None
+        for k, (_, x) in enumerate(p_leaves)
+    ]
+    walker = _Walker()
+    walker.walk(closed.jaxpr, tracked + [None] * len(a_dyn))
+    out = {}
+    for k, t in enumerate(tracked):
+        if t is None:
+            continue
+        ndim = len(p_leaves[k][1].shape)
+        lay = _decide(ndim, walker.obs.get(k, []), walker.stack.get(k, set()))
+        if lay is not None:
+            out[names[k]] = lay
+    return out

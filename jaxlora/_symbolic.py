@@ -1,0 +1,254 @@
+"""The symbolic value of an adapted weight inside the factored interpreter.
+
+A `Sym` stands for the array ``w + scale · einsum(a, b)`` without forming it.
+Its factors carry *axis labels*: each axis of ``a`` and ``b`` is either the index
+of an axis of ``w`` or `R` (the rank axis, contracted between them). An axis of
+``w`` found only in ``a`` is an input axis, only in ``b`` an output axis, in both a
+stacked (layer) axis.
+
+Cheap view operations (dtype casts, transposes, reshapes within a group, squeezes,
+broadcasts, slices, reversals, scalar multiples) are applied to ``w`` and to the factors
+so the result is again a `Sym`; everything else asks for `Sym.materialize`.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+R = -1  # the label of the rank axis
+
+
+class Unsupported(Exception):
+    """A view that cannot be expressed on the factors (the caller materializes)."""
+
+
+@jax.tree_util.register_pytree_node_class
+class Sym:
+    """``w + scale · einsum(a, b)`` with labelled factor axes (see module docstring)."""
+
+    __slots__ = ("w", "a", "b", "a_lab", "b_lab", "scale", "path")
+
+    def __init__(self, w, a, b, a_lab, b_lab, scale, path):
+        self.w, self.a, self.b = w, a, b
+        self.a_lab, self.b_lab = tuple(a_lab), tuple(b_lab)
+        self.scale, self.path = scale, path
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), (self.a_lab, self.b_lab, self.scale, self.path)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @classmethod
+    def from_lora(cls, lw, path: str) -> Sym:
+        """The symbolic value of a `LoraWeight` (``w`` gets no gradient)."""
+        lay = lw.layout
+        s = lay.stack_axes
+        return cls(
+            lax.stop_gradient(lw.w),
+            lw.a,
+            lw.b,
+            (*s, *lay.in_axes, R),
+            (*s, R, *lay.out_axes),
+            lw.scale,
+            path,
+        )
+
+    # -- structure -----------------------------------------------------------------
+    @property
+    def shape(self):
+        return tuple(self.w.shape)
+
+    @property
+    def ndim(self):
+        return len(self.w.shape)
+
+    @property
+    def in_axes(self):
+        return tuple(i for i in self.a_lab if i != R and i not in self.b_lab)
+
+    @property
+    def out_axes(self):
+        return tuple(i for i in self.b_lab if i != R and i not in self.a_lab)
+
+    @property
+    def stack_axes(self):
+        return tuple(i for i in self.a_lab if i != R and i in self.b_lab)
+
+    def _with(self, w, a, b, a_lab, b_lab, scale=None):
+        scale = self.scale if scale is None else scale
+        return Sym(w, a, b, a_lab, b_lab, scale, self.path)
+
+    def letters(self, w_letters, r_letter):
+        """Einsum subscripts of ``a`` and ``b`` given letters for w's axes and R."""
+        pick = lambda lab: "".join(r_letter if i == R else w_letters[i] for i in lab)
+        return pick(self.a_lab), pick(self.b_lab)
+
+    def materialize(self):
+        """The dense array ``w + scale · a @ b`` (as `LoraWeight.merged` forms it)."""
+        w_let = string.ascii_letters[: self.ndim]
+        sa, sb = self.letters(w_let, string.ascii_letters[self.ndim])
+        delta = jnp.einsum(f"{sa},{sb}->{w_let}", self.a, self.b) * self.scale
+        acc = jnp.promote_types(
+            jnp.promote_types(self.w.dtype, self.a.dtype), "float32"
+        )
+        return (self.w.astype(acc) + delta.astype(acc)).astype(self.w.dtype)
+
+    # -- views: each returns a new Sym or raises Unsupported -------------------------
+    def convert(self, w, new_dtype):
+        if not jnp.issubdtype(new_dtype, jnp.floating):
+            raise Unsupported(f"cast to non-floating {new_dtype}")
+        a, b = self.a.astype(new_dtype), self.b.astype(new_dtype)
+        return self._with(w, a, b, self.a_lab, self.b_lab)
+
+    def transpose(self, w, perm):
+        inv = {old: new for new, old in enumerate(perm)}
+        rel = lambda lab: tuple(R if i == R else inv[i] for i in lab)
+        return self._with(w, self.a, self.b, rel(self.a_lab), rel(self.b_lab))
+
+    def map_factors(self, w, fn, a_lab=None, b_lab=None, scale=None):
+        """Applies ``fn(factor, labels)`` to both factors."""
+        a = fn(self.a, self.a_lab)
+        b = fn(self.b, self.b_lab)
+        a_lab = self.a_lab if a_lab is None else a_lab
+        b_lab = self.b_lab if b_lab is None else b_lab
+        return self._with(w, a, b, a_lab, b_lab, scale)
+
+    def slice(self, w, starts, limits, strides):
+        strides = strides or (1,) * self.ndim
+
+        def fn(f, lab):
+            st = [0 if i == R else starts[i] for i in lab]
+            lim = [f.shape[k] if i == R else limits[i] for k, i in enumerate(lab)]
+            sd = [1 if i == R else strides[i] for i in lab]
+            return lax.slice(f, st, lim, sd)
+
+        return self.map_factors(w, fn)
+
+    def dynamic_slice(self, w, starts, sizes):
+        def fn(f, lab):
+            zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
+            st = [zero if i == R else starts[i] for i in lab]
+            sz = [f.shape[k] if i == R else sizes[i] for k, i in enumerate(lab)]
+            return lax.dynamic_slice(f, st, sz)
+
+        return self.map_factors(w, fn)
+
+    def rev(self, w, dims):
+        def fn(f, lab):
+            return lax.rev(f, [k for k, i in enumerate(lab) if i in dims])
+
+        return self.map_factors(w, fn)
+
+    def squeeze(self, w, dims):
+        dims = set(d % self.ndim for d in dims)
+        keep = [i for i in range(self.ndim) if i not in dims]
+        new = {old: k for k, old in enumerate(keep)}
+
+        def fn(f, lab):
+            return jnp.squeeze(f, tuple(k for k, i in enumerate(lab) if i in dims))
+
+        rel = lambda lab: tuple(R if i == R else new[i] for i in lab if i not in dims)
+        return self.map_factors(w, fn, rel(self.a_lab), rel(self.b_lab))
+
+    def broadcast(self, w, shape, bdims):
+        """``broadcast_in_dim``: new axes join ``a`` only (an input-side broadcast)."""
+        new_axes = [k for k in range(len(shape)) if k not in bdims]
+
+        def grow(f, lab):
+            return jnp.broadcast_to(
+                f,
+                tuple(
+                    f.shape[k] if i == R else shape[bdims[i]] for k, i in enumerate(lab)
+                ),
+            )
+
+        a, b = grow(self.a, self.a_lab), grow(self.b, self.b_lab)
+        a_lab = tuple(R if i == R else bdims[i] for i in self.a_lab) + tuple(new_axes)
+        b_lab = tuple(R if i == R else bdims[i] for i in self.b_lab)
+        a = jnp.broadcast_to(
+            a.reshape(a.shape + (1,) * len(new_axes)),
+            a.shape + tuple(shape[k] for k in new_axes),
+        )
+        return self._with(w, a, b, a_lab, b_lab)
+
+    def scalar_mul(self, w, c):
+        return self._with(
+            w, self.a * c.astype(self.a.dtype), self.b, self.a_lab, self.b_lab
+        )
+
+    def reshape(self, w, new_sizes):
+        """A reshape that only splits or merges axes within one group."""
+        old = self.shape
+        if math.prod(old) != math.prod(new_sizes):
+            raise Unsupported("reshape changes the size")
+        sym = self.squeeze(self.w, [i for i, n in enumerate(old) if n == 1])
+        cur = tuple(n for n in old if n != 1)  # non-unit old axes
+        new_nu = [k for k, n in enumerate(new_sizes) if n != 1]
+        blocks, i, j = [], 0, 0
+        while i < len(cur):
+            bi, bj, po, pn = [i], [j], cur[i], new_sizes[new_nu[j]]
+            while po != pn:
+                if po < pn:
+                    i += 1
+                    bi.append(i)
+                    po *= cur[i]
+                else:
+                    j += 1
+                    bj.append(j)
+                    pn *= new_sizes[new_nu[j]]
+            blocks.append((bi, bj))
+            i, j = i + 1, j + 1
+        first = {bi[0]: (bi, bj) for bi, bj in blocks}
+        cls = lambda x: (x in sym.a_lab, x in sym.b_lab)  # noqa: E731
+
+        def fn(f, lab):
+            out_lab, out_shape, k = [], [], 0
+            while k < len(lab):
+                x = lab[k]
+                if x == R:
+                    out_lab.append(R)
+                    out_shape.append(f.shape[k])
+                    k += 1
+                    continue
+                if x not in first:
+                    raise Unsupported("reshape mixes axes across factor groups")
+                bi, bj = first[x]
+                if (
+                    tuple(lab[k : k + len(bi)]) != tuple(bi)
+                    or len({cls(y) for y in bi}) > 1
+                ):
+                    raise Unsupported("reshape merges axes of different groups")
+                out_lab += [new_nu[y] for y in bj]
+                out_shape += [new_sizes[new_nu[y]] for y in bj]
+                k += len(bi)
+            return f.reshape(out_shape), tuple(out_lab)
+
+        def canon(f, lab):  # w-axes ascending, then R: merged runs become contiguous
+            order = sorted(range(len(lab)), key=lambda k: (lab[k] == R, lab[k]))
+            return jnp.transpose(f, order), tuple(lab[k] for k in order)
+
+        (a, a_lab), (b, b_lab) = (
+            fn(*canon(sym.a, sym.a_lab)),
+            fn(*canon(sym.b, sym.b_lab)),
+        )
+        units = [k for k, n in enumerate(new_sizes) if n == 1]
+        a = a.reshape(a.shape + (1,) * len(units))
+        return self._with(w, a, b, a_lab + tuple(units), b_lab)
+
+
+def is_sym(x) -> bool:
+    return isinstance(x, Sym)
+
+
+def fresh_letters(n: int, used: str = "") -> str:
+    out = [c for c in string.ascii_letters if c not in used][:n]
+    if len(out) < n:
+        raise Unsupported("too many axes for an einsum")
+    return "".join(out)

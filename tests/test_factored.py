@@ -1,0 +1,436 @@
+"""The factored engine agrees with the materialized formulation on real models."""
+
+import dataclasses
+import warnings
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from hypothesis import given
+from hypothesis import settings
+
+from jaxlora import _factored
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._paths import path_str
+
+RANK = 3
+
+
+def adapt(params, layouts, *, rank=RANK, seed=0, alpha=2.0):
+    """Wraps the leaves named in ``layouts`` as LoraWeights with non-zero a AND b."""
+
+    def wrap(kp, x):
+        path = path_str(kp)
+        if path not in layouts:
+            return x
+        lay = layouts[path]
+        sa, sb = lay.factor_shapes(x.shape, rank)
+        key = jax.random.fold_in(jax.random.key(seed), len(path) * 131 + x.size)
+        ka, kb = jax.random.split(key)
+        a = (jax.random.normal(ka, sa) * 0.5).astype(x.dtype)
+        b = (jax.random.normal(kb, sb) * 0.5).astype(x.dtype)
+        return LoraWeight(x, a, b, LoraSpec(lay, rank, alpha))
+
+    out = jax.tree_util.tree_map_with_path(wrap, params)
+    found = {
+        path_str(kp)
+        for kp, x in jax.tree_util.tree_flatten_with_path(out, is_leaf=is_lora)[0]
+        if is_lora(x)
+    }
+    assert found == set(layouts), (found, set(layouts))
+    return out
+
+
+def merged(tree):
+    return jax.tree.map(
+        lambda x: x.merged() if is_lora(x) else x, tree, is_leaf=is_lora
+    )
+
+
+def factors(tree):
+    """The (a, b) of every LoraWeight, keyed by path."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]
+    return {path_str(kp): (x.a, x.b) for kp, x in leaves if is_lora(x)}
+
+
+def rel_err(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
+
+
+def _loss(out):
+    leaves = jax.tree.leaves(out)
+    return sum(jnp.sum(jnp.cos(o.astype(jnp.float32))) for o in leaves)
+
+
+def _upcast(tree):
+    up = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x  # noqa: E731
+    return jax.tree.map(up, tree)
+
+
+def check(fn, lp, *args, tol=1e-5, kwargs=None):
+    """Outputs and gradients wrt every a and b agree with fn on merged weights.
+
+    In float32 the two agree to ``tol`` relative. In low precision both are compared
+    with a float32 reference and the factored error must be within ``tol`` or at
+    most twice the materialized formulation's own error.
+    """
+    kwargs = kwargs or {}
+
+    @jax.jit
+    def factored(t, args):
+        out = _factored.call(fn, (t, *args), kwargs)
+        return out, factors(
+            jax.grad(lambda t: _loss(_factored.call(fn, (t, *args), kwargs)))(t)
+        )
+
+    @jax.jit
+    def materialized(t, args):
+        out = fn(merged(t), *args, **kwargs)
+        return out, factors(
+            jax.grad(lambda t: _loss(fn(merged(t), *args, **kwargs)))(t)
+        )
+
+    got, want = factored(lp, args), materialized(lp, args)
+    low = any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((lp, args)))
+    ref = materialized(_upcast(lp), _upcast(args)) if low else want
+    for u, v, r in zip(*map(jax.tree.leaves, (got, want, ref)), strict=True):
+        assert u.shape == v.shape and u.dtype == v.dtype
+        assert np.linalg.norm(np.asarray(r, np.float64)) > 0
+        err = rel_err(u, r)
+        assert err <= tol or err <= 2 * rel_err(v, r), (err, rel_err(v, r))
+    report = _factored.explain(fn, (lp, *args), kwargs)
+    assert set(report.statuses) == set(factors(lp)), str(report)
+    assert set(report.statuses.values()) == {"factored"}, str(report)
+    return report
+
+
+def rand(shape, seed=1, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
+
+
+# -- Flax Linen -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_dense(dtype, tol):
+    m = nn.Dense(5, dtype=dtype)
+    x = rand((2, 4), dtype=dtype)
+    lp = adapt(m.init(jax.random.key(0), x), {"params/kernel": Layout.dense(2)})
+    check(m.apply, lp, x, tol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_bf16_params(dtype, tol):
+    m = nn.Dense(5, dtype=dtype, param_dtype=dtype)
+    x = rand((2, 4), dtype=dtype)
+    lp = adapt(m.init(jax.random.key(0), x), {"params/kernel": Layout.dense(2)})
+    check(m.apply, lp, x, tol=tol)
+
+
+def test_multi_head_attention():
+    m = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    x = rand((2, 5, 8))
+    p = m.init(jax.random.key(0), x)
+    qkv = Layout.dense(3)
+    lays = {f"params/{n}/kernel": qkv for n in ("query", "key", "value")}
+    lays["params/out/kernel"] = Layout.dense(3, n_in=2)
+    check(m.apply, adapt(p, lays), x)
+
+
+def test_einsum():
+    m = nn.Einsum((4, 2, 3), "bti,ihj->bthj")
+    x = rand((2, 5, 4))
+    lp = adapt(m.init(jax.random.key(0), x), {"params/kernel": Layout.dense(3)})
+    check(m.apply, lp, x)
+
+
+@pytest.mark.parametrize("strides,padding", [(1, "VALID"), (2, "SAME")])
+def test_conv(strides, padding):
+    m = nn.Conv(6, (3, 3), strides=strides, padding=padding)
+    x = rand((2, 9, 9, 3))
+    lp = adapt(m.init(jax.random.key(0), x), {"params/kernel": Layout.conv(4)})
+    check(m.apply, lp, x)
+
+
+class TiedLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(11, 6)
+        h = jnp.tanh(emb(ids))
+        return emb.attend(h)
+
+
+def test_embed_lookup_and_attend():
+    ids = jnp.array([[0, 3, 10], [5, 5, 1]])
+    p = TiedLM().init(jax.random.key(0), ids)
+    lp = adapt(p, {"params/Embed_0/embedding": Layout.dense(2)})
+    report = check(TiedLM().apply, lp, ids)
+    prims = {u.primitive for u in report.uses["params/Embed_0/embedding"]}
+    assert prims == {"gather", "dot_general"}
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(8)(h)), None
+
+
+class ScanMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return stack()(x, None)[0]
+
+
+def test_scan_stacked():
+    x = rand((4, 8))
+    p = ScanMLP().init(jax.random.key(0), x)
+    assert p["params"]["ScanBlock_0"]["Dense_0"]["kernel"].shape == (3, 8, 8)
+    lays = {"params/ScanBlock_0/Dense_0/kernel": Layout.dense(3, n_stack=1)}
+    check(ScanMLP().apply, adapt(p, lays), x)
+
+
+class RematMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(2):
+            x = jnp.tanh(nn.remat(nn.Dense)(8)(x))
+        return x
+
+
+def test_remat():
+    x = rand((4, 8))
+    p = RematMLP().init(jax.random.key(0), x)
+    lays = {f"params/CheckpointDense_{i}/kernel": Layout.dense(2) for i in range(2)}
+    lp = adapt(p, lays)
+    check(RematMLP().apply, lp, x)
+    jaxpr = jax.make_jaxpr(
+        jax.grad(lambda t: _loss(_factored.call(RematMLP().apply, (t, x), {})))
+    )(lp)
+    assert "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)
+
+
+# -- plain JAX, nested jit, custom_vjp ------------------------------------------------
+
+
+def mlp(params, x):
+    return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+
+PLAIN = {"w1": Layout.dense(2), "w2": Layout.dense(2)}
+
+
+def plain_params():
+    return {"w1": rand((4, 6), 2), "w2": rand((6, 3), 3)}
+
+
+def test_plain_function():
+    check(mlp, adapt(plain_params(), PLAIN), rand((5, 4)))
+
+
+def test_nested_jit():
+    fn = lambda p, x: jnp.sin(jax.jit(mlp)(p, x))  # noqa: E731
+    check(fn, adapt(plain_params(), PLAIN), rand((5, 4)))
+
+
+@jax.custom_vjp
+def matmul_cvjp(x, w):
+    return x @ w
+
+
+matmul_cvjp.defvjp(
+    lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g)
+)
+
+
+def test_custom_vjp_and_gelu():
+    def fn(p, x):
+        return matmul_cvjp(jax.nn.gelu(x @ p["w1"]), p["w2"])
+
+    report = check(fn, adapt(plain_params(), PLAIN), rand((5, 4)))
+    modes = {u.mode for u in report.uses["w2"]}
+    assert "followed" in modes
+
+
+# -- NNX and Equinox-style pytrees ----------------------------------------------------
+
+
+def test_nnx_split_merge():
+    model = nnx.Sequential(
+        nnx.Linear(4, 6, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+    )
+    graphdef, state = nnx.split(model)
+    lays = {f"layers/{i}/kernel": Layout.dense(2) for i in (0, 2)}
+
+    def fn(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    check(fn, adapt(state, lays), rand((5, 4)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PytreeMLP:
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.w1 + self.b1[None]) @ self.w2
+
+
+def test_equinox_style_pytree():
+    model = PytreeMLP(rand((4, 6), 2), jnp.zeros((6,)), rand((6, 3), 3))
+    lp = adapt(model, {"w1": Layout.dense(2), "w2": Layout.dense(2)})
+    check(lambda m, x: m(x), lp, rand((5, 4)))
+
+
+# -- properties of the engine ----------------------------------------------------------
+
+
+def test_weight_gradient_is_zero_and_factored_grads_nonzero():
+    lp = adapt(plain_params(), PLAIN)
+    g = jax.grad(lambda t: _loss(_factored.call(mlp, (t, rand((5, 4))), {})))(lp)
+    for x in jax.tree.leaves(g, is_leaf=is_lora):
+        chex.assert_trees_all_equal(x.w, jnp.zeros_like(x.w))
+        assert jnp.abs(x.a).sum() > 0 and jnp.abs(x.b).sum() > 0
+
+
+def test_no_recompile_when_factor_values_change():
+    x = rand((5, 4))
+    step = jax.jit(jax.grad(lambda t: _loss(_factored.call(mlp, (t, x), {}))))
+    step(adapt(plain_params(), PLAIN, seed=0))
+    assert step._cache_size() == 1
+    step(adapt(plain_params(), PLAIN, seed=1))
+    assert step._cache_size() == 1
+
+
+def test_vmap_of_call():
+    lp = adapt(plain_params(), PLAIN)
+    xs = rand((3, 5, 4))
+    ys = jax.vmap(lambda x: _factored.call(mlp, (lp, x), {}))(xs)
+    chex.assert_trees_all_close(
+        ys, jax.vmap(lambda x: mlp(merged(lp), x))(xs), rtol=1e-5
+    )
+    # vmap over the adapted tree itself (an ensemble of adapters)
+    lps = jax.tree.map(
+        lambda *z: jnp.stack(z), lp, adapt(plain_params(), PLAIN, seed=7)
+    )
+    ys = jax.vmap(lambda t: _factored.call(mlp, (t, xs[0]), {}))(lps)
+    ys0 = jax.vmap(lambda t: mlp(merged(t), xs[0]))(lps)
+    chex.assert_trees_all_close(ys, ys0, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_warns_once_and_is_correct():
+    def fn(p, x):
+        return jnp.sin(p["w1"]).sum() + mlp(p, x) + jnp.cos(p["w1"]).sum()
+
+    lp = adapt(plain_params(), PLAIN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = _factored.call(fn, (lp, rand((5, 4))), {})
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "'w1'" in msgs[0] and "'sin'" in msgs[0], msgs
+    chex.assert_trees_all_close(y, fn(merged(lp), rand((5, 4))), rtol=1e-5)
+    report = _factored.explain(fn, (lp, rand((5, 4))), {})
+    assert report.statuses == {"w1": "materialized", "w2": "factored"}
+    assert "materialized" in str(report) and "sin" in str(report)
+
+
+_DTYPES = st.sampled_from([(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n_in=st.integers(1, 2),
+    n_out=st.integers(1, 2),
+    n_batch=st.integers(0, 2),
+    rank=st.integers(1, 4),
+    weight_lhs=st.booleans(),
+    transpose_w=st.booleans(),
+    dtype_tol=_DTYPES,
+    sizes=st.lists(st.integers(1, 4), min_size=4, max_size=4),
+    seed=st.integers(0, 100),
+)
+def test_dot_general_property(
+    n_in, n_out, n_batch, rank, weight_lhs, transpose_w, dtype_tol, sizes, seed
+):
+    """Random layouts (in/out axes in any order) contracted either way round."""
+    dtype, tol = dtype_tol
+    in_shape, out_shape = tuple(sizes[:n_in]), tuple(sizes[2 : 2 + n_out])
+    rng = np.random.default_rng(seed)
+    perm = tuple(rng.permutation(n_in + n_out)) if transpose_w else None
+    base = in_shape + out_shape
+    w_shape = tuple(base[i] for i in perm) if perm else base
+    inv = np.argsort(perm) if perm else np.arange(n_in + n_out)
+    lay = Layout(
+        in_axes=tuple(int(inv[i]) for i in range(n_in)),
+        out_axes=tuple(int(inv[n_in + i]) for i in range(n_out)),
+    )
+    batch = tuple(sizes[:n_batch])
+    x = rand(batch + in_shape, seed, dtype)
+    w_in = [int(inv[i]) for i in range(n_in)]
+    x_in = list(range(n_batch, n_batch + n_in))
+
+    def fn(p, x):
+        if weight_lhs:
+            dn = ((w_in, x_in), ((), ()))
+            return jax.lax.dot_general(p["w"], x, dn)
+        return jax.lax.dot_general(x, p["w"], ((x_in, w_in), ((), ())))
+
+    lp = adapt({"w": rand(w_shape, seed + 1, dtype)}, {"w": lay}, rank=rank, seed=seed)
+    check(fn, lp, x, tol=tol)
+
+
+def test_views_and_control_flow_stay_factored():
+    """Indexing a stacked kernel, scalar scaling, transposes, reshapes, fori_loop
+    and cond all keep the weight symbolic."""
+
+    def fn(p, x):
+        w, v = p["w"], p["v"]  # (3, 4, 4) stacked; (4, 2, 2) with two output axes
+        h = x
+        for i in range(2):
+            h = jnp.tanh(h @ w[i])
+        h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w[i] * 0.5), h)
+        h = jax.lax.cond(
+            h.sum() > 0, lambda h: h @ (w[0] / 2.0), lambda h: h @ w[1].T.T, h
+        )
+        return jnp.sin(h @ v.reshape(4, 4)) + h @ jnp.transpose(v, (0, 2, 1)).reshape(
+            4, 4
+        )
+
+    params = {"w": rand((3, 4, 4), 2), "v": rand((4, 2, 2), 3)}
+    lays = {"w": Layout.dense(3, n_stack=1), "v": Layout.dense(3)}
+    report = check(fn, adapt(params, lays), rand((5, 4)))
+    assert {u.primitive for u in report.uses["w"]} == {"dot_general"}
+
+
+def test_stacked_weight_in_a_plain_scan():
+    def fn(p, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, p["w"])[0]
+
+    lp = adapt({"w": rand((3, 4, 4), 2)}, {"w": Layout.dense(3, n_stack=1)})
+    check(fn, lp, rand((5, 4)))
+
+
+def test_precision_is_kept():
+    def fn(p, x):
+        return jnp.dot(x, p["w1"], precision=jax.lax.Precision.HIGHEST)
+
+    lp = adapt(plain_params(), {"w1": Layout.dense(2)})
+    jaxpr = jax.make_jaxpr(lambda t: _factored.call(fn, (t, rand((5, 4))), {}))(lp)
+    assert "HIGHEST" in str(jaxpr)

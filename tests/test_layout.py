@@ -1,0 +1,69 @@
+"""infer_layouts reads input / output / stacked axes off the model's contractions."""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+from test_factored import RematMLP
+from test_factored import ScanMLP
+from test_factored import TiedLM
+
+from jaxlora._layout import infer_layouts
+from jaxlora._node import Layout
+
+D2 = Layout.dense(2)
+
+
+def infer(module, x, **kw):
+    return infer_layouts(module.apply, module.init(jax.random.key(0), x), (x,), **kw)
+
+
+def test_dense_conv_einsum():
+    x = jnp.ones((2, 4))
+    assert infer(nn.Dense(3), x) == {"params/kernel": D2}
+    img = jnp.ones((1, 6, 6, 2))
+    assert infer(nn.Conv(4, (3, 3)), img) == {"params/kernel": Layout.conv(4)}
+    seq = jnp.ones((2, 5, 4))
+    got = infer(nn.Einsum((4, 2, 3), "bti,ihj->bthj"), seq)
+    assert got == {"params/kernel": Layout.dense(3)}
+
+
+def test_attention_projections():
+    x = jnp.ones((2, 5, 8))
+    got = infer(nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8), x)
+    for n in ("query", "key", "value"):
+        assert got[f"params/{n}/kernel"] == Layout.dense(3)
+    assert got["params/out/kernel"] == Layout.dense(3, n_in=2)
+
+
+def test_embedding_lookup_wins_over_attend():
+    ids = jnp.array([[0, 3]])
+    assert infer(TiedLM(), ids) == {"params/Embed_0/embedding": D2}
+
+
+def test_attend_only_table_contracts_features():
+    table = {"e": jnp.ones((10, 4))}
+    got = infer_layouts(lambda p, h: h @ p["e"].T, table, (jnp.ones((2, 4)),))
+    assert got == {"e": Layout(in_axes=(1,), out_axes=(0,))}
+
+
+def test_scan_stacked_and_remat():
+    x = jnp.ones((4, 8))
+    got = infer(ScanMLP(), x)
+    assert got == {"params/ScanBlock_0/Dense_0/kernel": Layout.dense(3, n_stack=1)}
+    got = infer(RematMLP(), x)
+    assert got == {f"params/CheckpointDense_{i}/kernel": D2 for i in range(2)}
+
+
+def test_nnx_state_and_paths_filter_and_omissions():
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    fn = lambda st, x: nnx.merge(graphdef, st)(x)  # noqa: E731
+    x = jax.ShapeDtypeStruct((2, 4), jnp.float32)
+    assert infer_layouts(fn, state, (x,)) == {"kernel": D2}
+    assert infer_layouts(fn, state, (x,), paths=["bias"]) == {}
+    # a weight only used elementwise is omitted
+    params = {"w": jnp.ones((3, 3)), "v": jnp.ones((3, 3))}
+    x3 = jnp.ones((2, 3))
+    got = infer_layouts(lambda p, x: x @ p["w"] + jnp.sin(p["v"])[:1], params, (x3,))
+    assert got == {"w": D2}
