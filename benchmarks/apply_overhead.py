@@ -24,9 +24,8 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jaxlora  # noqa: E402
 from benchmarks import flops_ratio as fr  # noqa: E402
-from jaxlora import _factored  # noqa: E402
-from jaxlora._node import is_lora  # noqa: E402
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -42,10 +41,7 @@ def median_time(fn, *args, repeats: int) -> float:
 
 def run(size: fr.Size, repeats: int):
     apply_fn, params, lp, ids, tx, ltx, _ = fr.setup("linen", size)
-    merged = jax.tree.map(
-        lambda x: x.merged() if is_lora(x) else x, lp, is_leaf=is_lora
-    )
-    base = jax.tree.map(lambda x: x.w if is_lora(x) else x, lp, is_leaf=is_lora)
+    merged, base = jaxlora.merge(lp), jaxlora.base(lp)
     steps = {
         "LoRA step (factored)": (jax.jit(fr.lora_step_fn(apply_fn, ltx)), lp, ltx),
         "full fine-tuning step": (jax.jit(fr.full_step_fn(apply_fn, tx)), params, tx),
@@ -54,7 +50,7 @@ def run(size: fr.Size, repeats: int):
     rows = []
     for name, (fn, p, opt) in steps.items():
         rows.append((name, median_time(fn, p, opt.init(p), ids, repeats=repeats)))
-    fwd_lora = jax.jit(lambda t, ids: _factored.call(apply_fn, (t, ids), {}))
+    fwd_lora = jax.jit(jaxlora.lora_apply(apply_fn))
     fwd = jax.jit(apply_fn)
     rows.append(
         ("LoRA forward (factored)", median_time(fwd_lora, lp, ids, repeats=repeats))

@@ -3,10 +3,10 @@
 A transformer built from Flax's own layers (``nn.Embed``,
 ``nn.MultiHeadDotProductAttention``, ``nn.Dense`` MLP and head), in three forms:
 a Python loop of Linen blocks, the same blocks under ``nn.scan``, and Flax NNX.
-Every kernel and the embedding table is adapted, with layouts inferred by
-`jaxlora._layout.infer_layouts`. Both steps are ``jax.grad`` + ``optax.adam`` +
-``optax.apply_updates`` under ``jax.jit``; the LoRA step trains the factors only
-(``optax.multi_transform`` with ``set_to_zero`` for everything else).
+Every kernel is adapted (``jaxlora.init`` default targets: the embedding table is
+not a kernel) with layouts inferred from the model. Both steps are ``jax.grad`` +
+``optax.adam`` + ``optax.apply_updates`` under ``jax.jit``; the LoRA step is
+``jaxlora.lora_apply`` + ``jaxlora.freeze_base(optax.adam)``.
 
 Run: ``python benchmarks/flops_ratio.py`` (``--small`` for the test-sized model).
 """
@@ -19,19 +19,13 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from jaxlora import _factored  # noqa: E402
-from jaxlora._layout import infer_layouts  # noqa: E402
-from jaxlora._node import LoraSpec  # noqa: E402
-from jaxlora._node import LoraWeight  # noqa: E402
-from jaxlora._node import is_lora  # noqa: E402
-from jaxlora._paths import path_str  # noqa: E402
+import jaxlora  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,22 +121,6 @@ def build(variant: str, s: Size):
 # -- steps ----------------------------------------------------------------------------
 
 
-def adapt(params, layouts, rank, seed=0):
-    """LoraWeights on every path in ``layouts`` (a random, b small random)."""
-
-    def wrap(kp, x):
-        lay = layouts.get(path_str(kp))
-        if lay is None:
-            return x
-        sa, sb = lay.factor_shapes(x.shape, rank)
-        ka, kb = jax.random.split(jax.random.fold_in(jax.random.key(seed), x.size))
-        a = jax.random.normal(ka, sa, x.dtype) / jnp.sqrt(sa[-2])
-        b = jax.random.normal(kb, sb, x.dtype) * 1e-3
-        return LoraWeight(x, a, b, LoraSpec(lay, rank, float(rank)))
-
-    return jax.tree_util.tree_map_with_path(wrap, params)
-
-
 def _xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -156,22 +134,13 @@ def full_step_fn(apply_fn, tx):
     return step
 
 
-def lora_optimizer(lp, tx):
-    """``tx`` on the factors, zero updates for every other leaf (frozen base)."""
-    labels = jax.tree.map(
-        lambda x: (
-            x.replace(w="frozen", a="train", b="train") if is_lora(x) else "frozen"
-        ),
-        lp,
-        is_leaf=is_lora,
-    )
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+def lora_step_fn(apply_fn, tx, *, factored=True):
+    """A LoRA training step through ``jaxlora.lora_apply(apply_fn, factored=...)``."""
+    lora = jaxlora.lora_apply(apply_fn, factored=factored)
 
-
-def lora_step_fn(apply_fn, tx):
     def step(lp, opt_state, ids):
         def loss(t):
-            return _xent(_factored.call(apply_fn, (t, ids), {}), ids)
+            return _xent(lora(t, ids), ids)
 
         value, g = jax.value_and_grad(loss)(lp)
         updates, opt_state = tx.update(g, opt_state, lp)
@@ -182,21 +151,7 @@ def lora_step_fn(apply_fn, tx):
 
 def naive_step_fn(apply_fn, tx):
     """LoRA formed the naive way: merge ``w + s·a@b`` and differentiate through it."""
-
-    def merged(t):
-        return jax.tree.map(
-            lambda x: x.merged() if is_lora(x) else x, t, is_leaf=is_lora
-        )
-
-    def step(lp, opt_state, ids):
-        def loss(t):
-            return _xent(apply_fn(merged(t), ids), ids)
-
-        value, g = jax.value_and_grad(loss)(lp)
-        updates, opt_state = tx.update(g, opt_state, lp)
-        return optax.apply_updates(lp, updates), opt_state, value
-
-    return step
+    return lora_step_fn(apply_fn, tx, factored=False)
 
 
 def compiled_cost(fn, *args):
@@ -209,13 +164,24 @@ def compiled_cost(fn, *args):
 
 
 def setup(variant: str, s: Size):
-    """Everything a step needs: apply_fn, params, adapted params, ids, optimizers."""
+    """Everything a step needs: apply_fn, params, adapted params, ids, optimizers.
+
+    The adapted tree comes from the public API: ``jaxlora.init`` with the default
+    targets (every kernel; embedding tables are not kernels) and the layouts inferred
+    from ``apply_fn``; the LoRA optimizer is ``jaxlora.freeze_base(optax.adam)``.
+    """
     apply_fn, params, ids = build(variant, s)
-    layouts = infer_layouts(apply_fn, params, (ids,))
-    lp = adapt(params, layouts, s.rank)
+    lp = jaxlora.init(
+        params,
+        jax.random.key(2),
+        scheme="he",
+        rank=s.rank,
+        apply_fn=apply_fn,
+        example_args=(ids,),
+    )
     tx = optax.adam(1e-3)
-    ltx = lora_optimizer(lp, optax.adam(1e-3))
-    return apply_fn, params, lp, ids, tx, ltx, layouts
+    ltx = jaxlora.freeze_base(optax.adam(1e-3))
+    return apply_fn, params, lp, ids, tx, ltx, jaxlora.adapters(lp)
 
 
 def measure(variant: str, s: Size = FULL) -> dict:

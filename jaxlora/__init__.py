@@ -1,5 +1,6 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax, centred on the choice of initialization."""
 
+from jaxlora._apply import explain
 from jaxlora._apply import lora_apply
 from jaxlora._checkpoint import load
 from jaxlora._checkpoint import save
@@ -36,6 +37,7 @@ __all__ = [
     "adapters",
     "base",
     "combine",
+    "explain",
     "freeze_base",
     "init",
     "is_lora",

@@ -398,7 +398,8 @@ def call(fn: Callable, args: tuple, kwargs: dict) -> PyTree:
         UserWarning: once per parameter path whose weight had to be materialized.
 
     Example:
-        >>> y = call(model.apply, (lora_params, x), {})  # doctest: +SKIP
+        ``y = call(model.apply, (lora_params, x), {})`` (runnable examples:
+        `jaxlora.lora_apply`).
     """
     return _run(_Context(warn=True), fn, tuple(args), dict(kwargs))
 
@@ -437,7 +438,9 @@ def explain(fn: Callable, args: tuple, kwargs: dict) -> Report:
     """Reports, without running any FLOPs, how each `LoraWeight` in the args is used.
 
     Example:
-        >>> print(explain(model.apply, (lora_params, x), {}))  # doctest: +SKIP
+        ``print(explain(model.apply, (lora_params, x), {}))`` prints (runnable
+        example: `jaxlora.explain`)::
+
         path                  status    used by
         params/Dense_0/kernel factored  dot_general
     """
