@@ -27,6 +27,7 @@ its gradient through the factors only.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -58,10 +59,13 @@ class Use:
 class _Context:
     """Per-call record of uses; warns once per path on materialization."""
 
-    def __init__(self, warn: bool):
+    def __init__(self, warn: bool, capture: bool = False):
         self.warn = warn
         self.uses: dict[str, list[Use]] = {}
         self.warned: set[str] = set()
+        # capture_inputs: path -> list of (rows, fan_in) input arrays, or a reason
+        self.captured: dict[str, list] | None = {} if capture else None
+        self.loop_depth = 0
 
     def record(self, path, primitive, mode, reason=""):
         use = Use(primitive, mode, reason)
@@ -124,6 +128,8 @@ def _fallback(ctx, eqn, invals, reason):
 
 def _eval_sym_eqn(ctx, eqn, invals):
     name = eqn.primitive.name
+    if ctx.captured is not None and name in _contract.RULES:
+        _capture(ctx, eqn, invals)
     try:
         if name in _contract.RULES:
             out, route = _contract.RULES[name](eqn, *invals)
@@ -274,7 +280,11 @@ def _scan(ctx, eqn, invals):
 
     def body(c, xs_step):
         xs_vals = [b(v) if b else v for b, v in zip(builders, xs_step, strict=True)]
-        outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
+        ctx.loop_depth += 1
+        try:
+            outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
+        finally:
+            ctx.loop_depth -= 1
         outs = _concrete(ctx, outs, "scan", "returned from the loop body")
         return outs[:nk], outs[nk:]
 
@@ -402,6 +412,61 @@ def call(fn: Callable, args: tuple, kwargs: dict) -> PyTree:
         `jaxlora.lora_apply`).
     """
     return _run(_Context(warn=True), fn, tuple(args), dict(kwargs))
+
+
+def _capture(ctx, eqn, invals):
+    """Records the activations contracted with an adapted weight's input axes."""
+    (sym,) = [x for x in invals if isinstance(x, Sym)][:1] or [None]
+    if eqn.primitive.name != "dot_general" or len(invals) != 2:
+        ctx.captured[sym.path] = f"used by '{eqn.primitive.name}'"
+        return
+    lhs, rhs = invals
+    sym_lhs = isinstance(lhs, Sym)
+    x = rhs if sym_lhs else lhs
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    sc, xc = (lc, rc) if sym_lhs else (rc, lc)
+    if ctx.loop_depth or sym.stack_axes or lb or isinstance(x, Sym):
+        ctx.captured[sym.path] = "used inside a loop (scan/while) or stacked"
+        return
+    if set(sc) != set(sym.in_axes):
+        ctx.captured[sym.path] = "not contracted over its input axes"
+        return
+    order = [xc[list(sc).index(i)] for i in sym.in_axes]
+    free = [i for i in range(x.ndim) if i not in xc]
+    fan_in = math.prod(x.shape[i] for i in order)
+    rows = jax.numpy.transpose(x, free + order).reshape(-1, fan_in)
+    entry = ctx.captured.setdefault(sym.path, [])
+    if isinstance(entry, list):
+        entry.append(rows)
+
+
+def input_capturer(fn: Callable) -> Callable:
+    """A function ``(args, kwargs) -> (rows, reasons)`` capturing adapted inputs.
+
+    Each call runs ``fn(*args, **kwargs)`` once (jitted; compiled once per input
+    shape) and returns ``rows``: per weight path, every row of activations that met
+    the weight's input axes (all uses concatenated), shaped ``(n, fan_in)`` in the
+    order of its ``a`` factor's input axes; and ``reasons``: per path that cannot be
+    captured (used by a convolution or a gather, inside a loop, or stacked), why.
+    """
+    reasons: dict[str, str] = {}
+
+    @jax.jit
+    def run(args, kwargs):
+        ctx = _Context(warn=False, capture=True)
+        _run(ctx, fn, args, kwargs)
+        rows = {}
+        for path, got in ctx.captured.items():
+            if isinstance(got, str):
+                reasons[path] = got
+            else:
+                rows[path] = jax.numpy.concatenate(got, axis=0)
+        return rows
+
+    def capture(args, kwargs):
+        return run(tuple(args), dict(kwargs)), dict(reasons)
+
+    return capture
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import zlib
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxlora import _eva_init
 from jaxlora import _residual
 from jaxlora import _schemes
 from jaxlora import _targets
@@ -183,7 +185,8 @@ def init(
             default is 4.
         loss_fn, batches: the data of ``scheme="lora_ga"``: ``loss_fn(params,
             batch) -> scalar`` on the plain (un-adapted) tree, averaged over
-            ``batches``.
+            ``batches``. ``scheme="eva"`` takes ``apply_fn(params, batch)`` and
+            ``batches`` instead (the layouts then come from the first batch).
 
     Returns:
         A new tree in which every target is a `LoraWeight`.
@@ -212,6 +215,15 @@ def init(
             f"compensate=True has no effect with {scheme.name!r}: weight-aware schemes "
             "already replace the base by the residual W - s*a@b. Remove compensate."
         )
+    kind = getattr(scheme, "kind", None)
+    if kind == "eva" and not example_args:
+        # the layouts come from the first batch, which EVA then reads as usual
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
+        batches = itertools.chain([first], batches)
+        example_args = (first,)
     inferred = {}
     if apply_fn is not None and example_args:
         from jaxlora import _layout  # the layout tracer is only needed here
@@ -232,8 +244,19 @@ def init(
     )
     dtype = jnp.dtype(dtype)
     leaves = dict(_targets.leaves_with_paths(params))
+    if kind == "eva":
+        nodes = _eva_init.eva_nodes(
+            params,
+            plan,
+            leaves,
+            apply_fn=apply_fn,
+            batches=batches,
+            rslora=rslora,
+            dtype=dtype,
+        )
+        return _attach(params, nodes)
     grads = {}
-    if isinstance(scheme, _residual.WeightAware) and scheme.kind == "lora_ga":
+    if kind == "lora_ga":
         grads = _residual.average_gradients(
             loss_fn, params, batches, [t.path for t in plan]
         )
@@ -251,6 +274,12 @@ def init(
         node = LoraWeight(leaves[t.path], a, b, spec)
         nodes[t.path] = _compensated(node) if compensate else node
 
+    return _attach(params, nodes)
+
+
+def _attach(params: PyTree, nodes: dict[str, LoraWeight]) -> PyTree:
+    """``params`` with the leaves at the paths of ``nodes`` replaced."""
+
     def attach(keypath, leaf):
         return nodes.get(path_str(keypath), leaf)
 
@@ -265,6 +294,12 @@ def _check_data(scheme, *, loss_fn, batches, apply_fn) -> None:
             "scheme 'lora_ga' initializes from the gradient of the loss: pass "
             "loss_fn=(params, batch) -> scalar and batches=[batch, ...] "
             f"(got loss_fn={loss_fn!r}, batches={type(batches).__name__})."
+        )
+    if kind == "eva" and (apply_fn is None or batches is None):
+        raise ValueError(
+            "scheme 'eva' initializes from the inputs of each target: pass "
+            "apply_fn=(params, batch) -> output and batches=[batch, ...] "
+            f"(got apply_fn={apply_fn!r}, batches={type(batches).__name__})."
         )
     if kind != "lora_ga" and loss_fn is not None:
         raise ValueError(

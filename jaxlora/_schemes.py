@@ -137,7 +137,7 @@ SCHEMES: tuple[str, ...] = (
 PEFT_EMBEDDING = Scheme(jinit.zeros, jinit.normal(1.0), "peft_embedding")
 
 
-_WEIGHT_AWARE = ("pissa", "milora", "olora", "lora_ga")
+_WEIGHT_AWARE = ("pissa", "milora", "olora", "lora_ga", "eva")
 
 
 def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:

@@ -1,0 +1,139 @@
+"""EVA inside `jaxlora.init`: capture each target's inputs, PCA them, share the ranks.
+
+EVA (Paischer et al. 2024, arXiv 2410.07170): run the model on a few batches, keep an
+exact streaming PCA of the inputs of every target (`jaxlora._eva`), stop feeding a
+target once successive estimates of its top ``⌈ρ·r⌉`` components agree (``|cos| ≥
+τ``), pool the explained-variance ratios of all targets and hand out the total rank
+``Σ r`` to the largest: a target may end with rank 0 (no adapter). ``a`` = the top
+components (orthonormal columns), ``b = 0``, and ``alpha_l = alpha · r_l / r``
+(``alpha · √(r_l / r)`` with rsLoRA) so every target keeps the scale it would have
+had at rank ``r``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import _eva
+from jaxlora import _factored
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+
+PyTree = Any
+
+
+def _probe(params, plan, leaves):
+    """``params`` with rank-1 zero adapters on the targets (to find their inputs)."""
+    from jaxlora._paths import path_str
+
+    probes = {}
+    for t in plan:
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, 1)
+        spec = LoraSpec(t.layout, 1, 1.0)
+        probes[t.path] = LoraWeight(
+            leaves[t.path], jnp.zeros(a_shape), jnp.zeros(b_shape), spec
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: probes.get(path_str(kp), x), params
+    )
+
+
+def eva_nodes(
+    params: PyTree,
+    plan: list,
+    leaves: dict[str, Any],
+    *,
+    apply_fn: Callable,
+    batches: Iterable,
+    rslora: bool,
+    dtype,
+    rho: float = 2.0,
+    tau: float = 0.99,
+) -> dict[str, LoraWeight]:
+    """EVA's adapters for the targets in ``plan`` (targets given rank 0 are left out).
+
+    Args:
+        params: the plain tree.
+        plan: the validated targets (`jaxlora._targets.Target`).
+        leaves: ``{path: weight}`` of ``params``.
+        apply_fn: ``apply_fn(params, batch)``, run once per batch.
+        batches: an iterable of batches; read until every target has converged.
+        rslora: the scale rule (decides how alpha follows the rank).
+        dtype: the factor dtype.
+        rho: components kept per target: ``k = ⌈ρ·r⌉``.
+        tau: the convergence threshold on ``|cos|`` of successive components.
+
+    Raises:
+        ValueError: for no batches, or targets whose inputs cannot be captured (used
+            by a convolution or embedding lookup, inside a loop, or never used).
+    """
+    capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
+    probe = _probe(params, plan, leaves)
+    ks = {
+        t.path: min(_eva.eva_num_components(t.rank, rho), min(t.layout.fans(t.shape)))
+        for t in plan
+    }
+    states = {
+        t.path: _eva.eva_pca_init(t.layout.fans(t.shape)[0], ks[t.path]) for t in plan
+    }
+    update = jax.jit(_eva.eva_pca_update)
+    components = jax.jit(_eva.eva_components)
+    previous, done, seen = {}, set(), 0
+    for batch in batches:
+        rows, reasons = capture((probe, batch), {})
+        _check_captured(plan, rows, reasons)
+        seen += 1
+        for path in states.keys() - done:
+            states[path] = update(states[path], rows[path])
+            comps, _ = components(states[path])
+            if path in previous and bool(
+                _eva.eva_converged(previous[path], comps, tau).all()
+            ):
+                done.add(path)
+            previous[path] = comps
+        if len(done) == len(states):
+            break
+    if seen == 0:
+        raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
+    found = {p: components(s) for p, s in states.items()}
+    budget = sum(t.rank for t in plan)
+    ranks = _eva.eva_rank_allocation(
+        {p: r for p, (_, r) in found.items()}, budget, max(ks.values())
+    )
+    nodes = {}
+    for t in plan:
+        r = ranks[t.path]
+        if r == 0:
+            continue
+        _, fan_out = t.layout.fans(t.shape)
+        a, b = _eva.eva_factors(found[t.path][0], r, fan_out, dtype)
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, r)
+        ratio = math.sqrt(r / t.rank) if rslora else r / t.rank
+        spec = LoraSpec(t.layout, r, t.alpha * ratio, rslora, "eva", False, t.embedding)
+        nodes[t.path] = LoraWeight(
+            leaves[t.path], a.reshape(a_shape), b.reshape(b_shape), spec
+        )
+    return nodes
+
+
+def _check_captured(plan, rows, reasons):
+    problems = [f"{p!r}: {why}" for p, why in reasons.items()]
+    problems += [
+        f"{t.path!r}: not used by apply_fn"
+        for t in plan
+        if t.path not in rows and t.path not in reasons
+    ]
+    if problems:
+        raise ValueError(
+            "scheme 'eva' needs the inputs of every target, contracted over its input "
+            "axes outside loops (Dense, DenseGeneral, Einsum); these cannot be "
+            "captured:\n  - "
+            + "\n  - ".join(problems)
+            + "\nExclude them with targets=..., or use another scheme for them."
+        )

@@ -1,0 +1,121 @@
+"""EVA through `jaxlora.init`: inputs captured by the engine, ranks by variance."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+
+
+def two_inputs(p, batch):
+    """A plain function: weight A sees ``batch[0]``, weight B sees ``batch[1]``."""
+    xa, xb = batch
+    return jnp.tanh(xa @ p["A"]["kernel"]).sum() + jnp.tanh(xb @ p["B"]["kernel"]).sum()
+
+
+FOUR_AXES = jnp.array([1.0] * 4 + [0.01] * 4)  # B's variance in 4 directions
+DECAYING = 2.0 ** -jnp.arange(8.0)  # distinct eigenvalues: components well defined
+
+
+def make_batches(n, decay=FOUR_AXES, key=0):
+    keys = jax.random.split(jax.random.key(key), n)
+    return [
+        (
+            jax.random.normal(jax.random.fold_in(k, 0), (128, 64)),  # A: isotropic
+            jax.random.normal(jax.random.fold_in(k, 1), (128, 8)) * decay[None, :],
+        )
+        for k in keys
+    ]
+
+
+PARAMS = {"A": {"kernel": jnp.ones((64, 16)) / 8}, "B": {"kernel": jnp.ones((8, 16))}}
+
+
+def test_ranks_follow_explained_variance_and_sum_to_the_budget():
+    p = jaxlora.init(
+        PARAMS,
+        jax.random.key(0),
+        scheme="eva",
+        rank=2,
+        alpha=4,
+        apply_fn=two_inputs,
+        batches=make_batches(3),
+    )
+    ads = jaxlora.adapters(p)
+    # B's top 4 components (~1/4 each) explain more than any of A's (~1/64): A gets 0
+    assert list(ads) == ["B/kernel"] and ads["B/kernel"].rank == 4  # = budget 2 + 2
+    assert not isinstance(p["A"]["kernel"], jaxlora.LoraWeight)
+    node = ads["B/kernel"]
+    assert node.spec.alpha == 8.0 and node.scale == 4 / 2  # alpha_l = alpha·r_l/r
+    assert not np.asarray(node.b).any()
+    np.testing.assert_allclose(node.a.T @ node.a, np.eye(4), atol=1e-5)
+
+
+def test_components_match_an_exact_pca_of_the_inputs():
+    batch = make_batches(1, DECAYING)[0]
+    p = jaxlora.init(
+        PARAMS,
+        jax.random.key(0),
+        scheme="eva",
+        rank=2,
+        targets=["B"],
+        apply_fn=two_inputs,
+        batches=[batch],
+    )
+    a = np.asarray(p["B"]["kernel"].a)  # (8, 2): the whole budget of one target
+    x = np.asarray(batch[1], np.float64)
+    x = x - x.mean(0)
+    _, vecs = np.linalg.eigh(x.T @ x)
+    top = vecs[:, ::-1][:, :2]
+    np.testing.assert_allclose(np.abs(np.sum(a * top, axis=0)), 1.0, atol=1e-4)
+
+
+def test_output_unchanged_and_layouts_inferred_from_the_first_batch():
+    model = nn.Sequential([nn.Dense(32), nn.gelu, nn.DenseGeneral((4, 8))])
+    batches = [jax.random.normal(jax.random.key(i), (6, 10, 16)) for i in range(4)]
+    variables = model.init(jax.random.key(9), batches[0])
+    p = jaxlora.init(
+        variables,
+        jax.random.key(0),
+        scheme="eva",
+        rank=4,
+        apply_fn=model.apply,
+        batches=iter(batches),
+    )
+    assert sum(n.rank for n in jaxlora.adapters(p).values()) == 8
+    np.testing.assert_array_equal(
+        jaxlora.lora_apply(model.apply)(p, batches[0]),
+        model.apply(variables, batches[0]),
+    )
+
+
+def test_eva_errors():
+    with pytest.raises(
+        ValueError, match=r"'eva' initializes from the inputs.*apply_fn="
+    ):
+        jaxlora.init(PARAMS, jax.random.key(0), scheme="eva", rank=2)
+    with pytest.raises(ValueError, match=r"'eva' got no batches"):
+        jaxlora.init(
+            PARAMS,
+            jax.random.key(0),
+            scheme="eva",
+            rank=2,
+            apply_fn=two_inputs,
+            batches=[],
+        )
+    conv = nn.Conv(4, (3, 3), name="conv")
+    x = jnp.ones((1, 6, 6, 2))
+    variables = conv.init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError, match=r"'params/kernel': used by 'conv_general_dilated'"
+    ):
+        jaxlora.init(
+            variables,
+            jax.random.key(0),
+            scheme="eva",
+            rank=2,
+            apply_fn=conv.apply,
+            batches=[x],
+        )
