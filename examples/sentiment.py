@@ -181,7 +181,8 @@ def plot(path: str, history: finetune.History, test_accuracy: float) -> None:
     plt.close(fig)
 
 
-def _progress(total: int, batch_size: int):
+def _progress(total: int) -> finetune.Callback:
+    """A tqdm bar (loss, examples/s, last validation accuracy) as a callback."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
@@ -208,7 +209,6 @@ def _progress(total: int, batch_size: int):
         if step == total:
             bar.close()
 
-    del batch_size
     return callback
 
 
@@ -262,9 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"max_len {args.max_len}, seed {cfg.seed}",
         flush=True,
     )
-    result = finetune.train(
-        model, variables, data, cfg, callback=_progress(total, cfg.batch_size)
-    )
+    result = finetune.train(model, variables, data, cfg, callback=_progress(total))
     test = finetune.evaluate(model, result.params, data["test"], buckets=cfg.buckets)
     trainable, n_params = finetune.count_params(result.params, cfg)
 
