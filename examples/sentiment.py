@@ -181,19 +181,22 @@ def plot(path: str, history: finetune.History, test_accuracy: float) -> None:
     plt.close(fig)
 
 
-def _progress(total: int) -> finetune.Callback:
-    """A tqdm bar (loss, examples/s, last validation accuracy) as a callback."""
+def _progress(total: int, batch_size: int, window: int = 20) -> finetune.Callback:
+    """A tqdm bar (loss, examples/s over the last ``window`` steps, val accuracy)."""
+    from collections import deque
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-    state = {"loss": None, "rate": None, "val": None}
-
-    def ema(key, value, w=0.9):
-        state[key] = value if state[key] is None else w * state[key] + (1 - w) * value
+    times = deque(maxlen=window)
+    state = {"loss": None, "val": None}
 
     def callback(step: int, metrics: dict[str, float]) -> None:
-        ema("loss", metrics["loss"])
-        ema("rate", metrics["examples_per_s"])
+        loss = metrics["loss"]
+        state["loss"] = (
+            loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
+        )
+        times.append(batch_size / metrics["examples_per_s"])
         if "val_accuracy" in metrics:
             state["val"] = metrics["val_accuracy"]
             bar.write(
@@ -201,7 +204,8 @@ def _progress(total: int) -> finetune.Callback:
                 f"val acc {metrics['val_accuracy']:.2%}  "
                 f"val loss {metrics['val_loss']:.4f}"
             )
-        post = {"loss": f"{state['loss']:.4f}", "ex/s": f"{state['rate']:.1f}"}
+        rate = len(times) * batch_size / sum(times)
+        post = {"loss": f"{state['loss']:.4f}", "ex/s": f"{rate:.1f}"}
         if state["val"] is not None:
             post["val_acc"] = f"{state['val']:.2%}"
         bar.set_postfix(post, refresh=False)
@@ -262,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"max_len {args.max_len}, seed {cfg.seed}",
         flush=True,
     )
-    result = finetune.train(model, variables, data, cfg, callback=_progress(total))
+    result = finetune.train(
+        model, variables, data, cfg, callback=_progress(total, cfg.batch_size)
+    )
     test = finetune.evaluate(model, result.params, data["test"], buckets=cfg.buckets)
     trainable, n_params = finetune.count_params(result.params, cfg)
 
