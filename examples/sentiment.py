@@ -36,22 +36,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m examples.sentiment",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--scheme", default=d.scheme, choices=jaxlora.SCHEMES)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument(
+        "--scheme",
+        default=d.scheme,
+        choices=jaxlora.SCHEMES,
+        metavar="NAME",
+        help="LoRA init scheme, one of jaxlora.SCHEMES (%(default)s)",
+    )
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (%(default)s)")
+    p.add_argument(
+        "--alpha", type=float, default=d.alpha, help="LoRA alpha (%(default)s)"
+    )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument(
         "--targets",
         default=",".join(d.targets),
-        help="comma-separated module names to adapt",
+        help="comma-separated module names to adapt (%(default)s)",
     )
     p.add_argument(
         "--lr",
         type=float,
         default=None,
-        help=f"peak learning rate (default {d.lr:g}; 5e-5 with --full-finetune)",
+        help=f"peak learning rate ({d.lr:g}; 5e-5 with --full-finetune)",
     )
     p.add_argument(
         "--lora-plus",
@@ -61,14 +68,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LoRA+: b learns RATIO times faster than a",
     )
     p.add_argument("--steps", type=int, default=None, help="overrides --epochs")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=d.epochs,
+        help="passes over the training set (%(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(%(default)s)")
     p.add_argument(
         "--max-len", type=int, default=None, help="tokens per snippet (48; 32 quick)"
     )
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=os.path.join("runs", "sentiment"))
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="validate every N steps (%(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="adapters, head, batch order"
+    )
+    p.add_argument(
+        "--out",
+        default=os.path.join("runs", "sentiment"),
+        help="output directory (%(default)s)",
+    )
     p.add_argument(
         "--adapter",
         default=None,
@@ -79,8 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--head",
         default=None,
         metavar="FILE",
-        help="classifier head for --adapter (default: "
-        "classifier.safetensors next to PATH)",
+        help="classifier head for --adapter (classifier.safetensors next to PATH)",
     )
     p.add_argument(
         "--full-finetune",
