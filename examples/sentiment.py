@@ -10,6 +10,12 @@ The README's main example. Everything runs offline on a CPU:
 Writes to ``--out`` (default ``runs/sentiment``): ``adapter/`` (``jaxlora.save``:
 the LoRA factors only), ``classifier.safetensors`` (the head, trained in full),
 ``metrics.json`` (config, curves, accuracies, timings) and ``curves.png``.
+
+Measured on the shared 2-core CPU (2 epochs = 640 steps of 32, max_len 48):
+the default LoRA run (all six linear layers of every block, rank 8, alpha 16,
+lr 1e-3, warmup + cosine; 1.45% of the weights trained) reaches 84.5% test
+accuracy in 11 minutes (21 minutes under heavy contention); full fine-tuning
+(lr 5e-5, same steps) 85.7%. Majority baseline 57.8%, linear probe ~74.5%.
 """
 
 from __future__ import annotations
@@ -297,9 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     files = {}
     if not cfg.full_finetune:
-        files["adapter"] = jaxlora.save(
-            os.path.join(args.out, "adapter"), result.params, overwrite=True
-        )
+        files["adapter"] = os.path.join(args.out, "adapter")
+        jaxlora.save(files["adapter"], result.params, overwrite=True)
         files["head"] = os.path.join(args.out, "classifier.safetensors")
         save_head(files["head"], result.params)
     files["plot"] = os.path.join(args.out, "curves.png")
