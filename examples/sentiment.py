@@ -10,6 +10,14 @@ The README's main example. Everything runs offline on a CPU:
 Writes to ``--out`` (default ``runs/sentiment``): ``adapter/`` (``jaxlora.save``:
 the LoRA factors only), ``classifier.safetensors`` (the head, trained in full),
 ``metrics.json`` (config, curves, accuracies, timings) and ``curves.png``.
+
+Measured on the shared 2-core CPU (2 epochs = 640 steps of 32, max_len 48):
+the default LoRA run (all six linear layers of every block, rank 8, alpha 16,
+lr 1e-3, warmup + cosine; 1.45% of the weights trained) reaches 84.5% test
+accuracy in 7 minutes (11 to 21 minutes while other jobs shared the cores);
+full fine-tuning (lr 5e-5, same steps) 85.7% in 6.6 minutes: `lora_apply`
+forms each merged weight, so a LoRA step is not cheaper than a full one yet.
+Majority baseline 57.8%, linear probe ~74.5%.
 """
 
 from __future__ import annotations
@@ -38,22 +46,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m examples.sentiment",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--scheme", default=d.scheme, choices=jaxlora.SCHEMES)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument(
+        "--scheme",
+        default=d.scheme,
+        choices=jaxlora.SCHEMES,
+        metavar="NAME",
+        help="LoRA init scheme, one of jaxlora.SCHEMES (%(default)s)",
+    )
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (%(default)s)")
+    p.add_argument(
+        "--alpha", type=float, default=d.alpha, help="LoRA alpha (%(default)s)"
+    )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument(
         "--targets",
         default=",".join(d.targets),
-        help="comma-separated module names to adapt",
+        help="comma-separated module names to adapt (%(default)s)",
     )
     p.add_argument(
         "--lr",
         type=float,
         default=None,
-        help=f"peak learning rate (default {d.lr:g}; 5e-5 with --full-finetune)",
+        help=f"peak learning rate ({d.lr:g}; 5e-5 with --full-finetune)",
     )
     p.add_argument(
         "--lora-plus",
@@ -63,14 +78,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LoRA+: b learns RATIO times faster than a",
     )
     p.add_argument("--steps", type=int, default=None, help="overrides --epochs")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=d.epochs,
+        help="passes over the training set (%(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(%(default)s)")
     p.add_argument(
         "--max-len", type=int, default=None, help="tokens per snippet (48; 32 quick)"
     )
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=os.path.join("runs", "sentiment"))
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="validate every N steps (%(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="adapters, head, batch order"
+    )
+    p.add_argument(
+        "--out",
+        default=os.path.join("runs", "sentiment"),
+        help="output directory (%(default)s)",
+    )
     p.add_argument(
         "--adapter",
         default=None,
@@ -81,8 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--head",
         default=None,
         metavar="FILE",
-        help="classifier head for --adapter (default: "
-        "classifier.safetensors next to PATH)",
+        help="classifier head for --adapter (classifier.safetensors next to PATH)",
     )
     p.add_argument(
         "--full-finetune",
@@ -183,18 +213,22 @@ def plot(path: str, history: finetune.History, test_accuracy: float) -> None:
     plt.close(fig)
 
 
-def _progress(total: int, batch_size: int):
+def _progress(total: int, batch_size: int, window: int = 20) -> finetune.Callback:
+    """A tqdm bar (loss, examples/s over the last ``window`` steps, val accuracy)."""
+    from collections import deque
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-    state = {"loss": None, "rate": None, "val": None}
-
-    def ema(key, value, w=0.9):
-        state[key] = value if state[key] is None else w * state[key] + (1 - w) * value
+    times = deque(maxlen=window)
+    state = {"loss": None, "val": None}
 
     def callback(step: int, metrics: dict[str, float]) -> None:
-        ema("loss", metrics["loss"])
-        ema("rate", metrics["examples_per_s"])
+        loss = metrics["loss"]
+        state["loss"] = (
+            loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
+        )
+        times.append(batch_size / metrics["examples_per_s"])
         if "val_accuracy" in metrics:
             state["val"] = metrics["val_accuracy"]
             bar.write(
@@ -202,7 +236,8 @@ def _progress(total: int, batch_size: int):
                 f"val acc {metrics['val_accuracy']:.2%}  "
                 f"val loss {metrics['val_loss']:.4f}"
             )
-        post = {"loss": f"{state['loss']:.4f}", "ex/s": f"{state['rate']:.1f}"}
+        rate = len(times) * batch_size / sum(times)
+        post = {"loss": f"{state['loss']:.4f}", "ex/s": f"{rate:.1f}"}
         if state["val"] is not None:
             post["val_acc"] = f"{state['val']:.2%}"
         bar.set_postfix(post, refresh=False)
@@ -210,7 +245,6 @@ def _progress(total: int, batch_size: int):
         if step == total:
             bar.close()
 
-    del batch_size
     return callback
 
 
@@ -273,9 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     files = {}
     if not cfg.full_finetune:
-        files["adapter"] = jaxlora.save(
-            os.path.join(args.out, "adapter"), result.params, overwrite=True
-        )
+        files["adapter"] = os.path.join(args.out, "adapter")
+        jaxlora.save(files["adapter"], result.params, overwrite=True)
         files["head"] = os.path.join(args.out, "classifier.safetensors")
         save_head(files["head"], result.params)
     files["plot"] = os.path.join(args.out, "curves.png")

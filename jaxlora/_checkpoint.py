@@ -154,7 +154,10 @@ def _replace(src: str, dst: str) -> None:
     except BaseException:
         os.rename(old, dst)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.remove(old)
 
 
 def _read_metadata(path: str) -> dict[str, Any]:
