@@ -86,8 +86,13 @@ def _lora_contract(x, w, f1, f2, plan):
     return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
 
+def _acc(dtype):
+    """The dtype of the rank-r intermediates: float32 or wider (they are small)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _lora_contract_fwd(x, w, f1, f2, plan):
-    dt = plan.dtype
+    dt = _acc(plan.dtype)
     x2, _, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     base = jax.lax.dot_general(
         *((w, x) if plan.sym_lhs else (x, w)), **dict(plan.base_params)
@@ -104,7 +109,7 @@ def _lora_contract_fwd(x, w, f1, f2, plan):
 
 def _lora_contract_bwd(plan, res, g):
     x, w, f1, f2, t = res
-    dt = plan.dtype
+    dt = _acc(plan.dtype)
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
     g2 = g2.reshape(-1, w2.shape[1])
@@ -119,11 +124,14 @@ def _lora_contract_bwd(plan, res, g):
         x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision
     )
     dx2 = jnp.dot(
-        g2, w2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
+        g2,
+        w2.T.astype(g2.dtype),
+        preferred_element_type=plan.dtype,
+        precision=plan.precision,
     )
     dx2 = dx2 + jnp.dot(
         dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
-    )
+    ).astype(plan.dtype)
     return (
         _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
         jnp.zeros_like(w),
@@ -168,11 +176,12 @@ def _two_step(
     """``einsum(einsum(x, first), second)`` keeping only the letters still needed."""
     keep = set(second_lab) | set(out_lab)
     t_lab = "".join(dict.fromkeys(c for c in x_lab + first_lab if c in keep))
+    acc = _acc(dtype)
     t = jnp.einsum(
         f"{x_lab},{first_lab}->{t_lab}",
         x,
         first,
-        preferred_element_type=dtype,
+        preferred_element_type=acc,
         precision=prec,
     )
     t = t * jnp.asarray(scale, t.dtype)
@@ -180,9 +189,9 @@ def _two_step(
         f"{t_lab},{second_lab}->{out_lab}",
         t,
         second,
-        preferred_element_type=dtype,
+        preferred_element_type=acc,
         precision=prec,
-    )
+    ).astype(dtype)
 
 
 def dot_general(eqn, lhs, rhs):

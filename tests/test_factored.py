@@ -67,8 +67,10 @@ def rel_err(x, y):
 
 
 def _loss(out):
-    leaves = jax.tree.leaves(out)
-    return sum(jnp.sum(jnp.cos(o.astype(jnp.float32))) for o in leaves)
+    """A well-conditioned loss: ∂/∂o = o + 1 (a loss like Σcos(o) has gradients that
+    blow up relative rounding errors near its stationary points, e.g. o ≈ π in bf16)."""
+    leaves = [o.astype(jnp.float32) for o in jax.tree.leaves(out)]
+    return sum(jnp.sum(0.5 * o * o + o) for o in leaves)
 
 
 def _upcast(tree):
@@ -354,7 +356,7 @@ def test_fallback_warns_once_and_is_correct():
 _DTYPES = st.sampled_from([(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     n_in=st.integers(1, 2),
     n_out=st.integers(1, 2),
