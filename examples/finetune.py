@@ -269,10 +269,41 @@ def make_optimizer(
     return optax.chain(*clip, tx), schedule
 
 
-def adapt(variables: PyTree, cfg: TrainConfig) -> PyTree:
-    """``jaxlora.init`` on ``variables`` per ``cfg`` (unchanged if full fine-tune)."""
+def adapt(
+    variables: PyTree,
+    cfg: TrainConfig,
+    *,
+    model: Any = None,
+    train_data: Batch | None = None,
+    n_batches: int = 4,
+) -> PyTree:
+    """``jaxlora.init`` on ``variables`` per ``cfg`` (unchanged if full fine-tune).
+
+    The data-aware schemes get ``n_batches`` seeded training batches: LoRA-GA the
+    classification loss (``loss_fn``), EVA the model's forward (``apply_fn``).
+    """
     if cfg.full_finetune:
         return variables
+    extra = {}
+    if cfg.scheme in ("lora_ga", "eva"):
+        if model is None or train_data is None:
+            raise ValueError(
+                f"scheme {cfg.scheme!r} needs data: pass model= and train_data=."
+            )
+        it = batches(train_data, cfg.batch_size, rng=np.random.default_rng(cfg.seed))
+        few = [next(it) for _ in range(n_batches)]
+
+        def forward(v, b):
+            return model.apply(v, b["input_ids"], b["attention_mask"])
+
+        def loss_fn(v, b):
+            ones = jnp.ones(b["labels"].shape, jnp.float32)
+            return _loss(forward(v, b), b["labels"], ones)
+
+        if cfg.scheme == "lora_ga":
+            extra = {"loss_fn": loss_fn, "batches": few}
+        else:
+            extra = {"apply_fn": forward, "batches": few}
     return jaxlora.init(
         variables,
         jax.random.key(cfg.seed),
@@ -281,6 +312,7 @@ def adapt(variables: PyTree, cfg: TrainConfig) -> PyTree:
         alpha=cfg.alpha,
         rslora=cfg.rslora,
         targets=list(cfg.targets),
+        **extra,
     )
 
 
@@ -426,7 +458,8 @@ def train(
     """
     train_data = data["train"]
     total = cfg.total_steps(len(train_data["labels"]))
-    params = adapt(variables, cfg) if params is None else params
+    if params is None:
+        params = adapt(variables, cfg, model=model, train_data=train_data)
     tx, schedule = make_optimizer(cfg, total)
     opt_state = tx.init(params)
     step_fn = make_train_step(

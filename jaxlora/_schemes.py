@@ -128,7 +128,7 @@ _ALIASES = {"kaiming_normal": "he", "reversed": "init_b"}
 #: The names accepted by ``jaxlora.init(..., scheme=NAME)``, aliases included.
 SCHEMES: tuple[str, ...] = (
     tuple(sorted(_NAMED))
-    + ("pissa", "olora", "milora", "lora_ga")
+    + ("pissa", "olora", "milora", "lora_ga", "eva")
     + tuple(sorted(_ALIASES))
 )
 
