@@ -141,6 +141,7 @@ def init(
     niter: int | None = None,
     loss_fn: Callable | None = None,
     batches: Iterable | None = None,
+    grad_memory: int = 1 << 30,
 ) -> PyTree:
     """Adds LoRA factors to the targeted weights of ``params``.
 
@@ -187,6 +188,10 @@ def init(
             batch) -> scalar`` on the plain (un-adapted) tree, averaged over
             ``batches``. ``scheme="eva"`` takes ``apply_fn(params, batch)`` and
             ``batches`` instead (the layouts then come from the first batch).
+        grad_memory: LoRA-GA holds the float32 gradients of at most this many
+            bytes of targets at once (default 1 GiB): targets are processed in
+            groups, one pass over ``batches`` per group, so a large model never
+            holds every layer's full gradient at the same time.
 
     Returns:
         A new tree in which every target is a `LoraWeight`.
@@ -255,25 +260,35 @@ def init(
             dtype=dtype,
         )
         return _attach(params, nodes)
-    grads = {}
+    groups = [plan]
     if kind == "lora_ga":
-        grads = _residual.average_gradients(
-            loss_fn, params, batches, [t.path for t in plan]
-        )
+        batches = list(batches)  # read once per group of targets
+        groups = _residual.gradient_groups(plan, grad_memory)
     nodes = {}
-    for t in plan:
-        s = _schemes.PEFT_EMBEDDING if (t.embedding and embedding == "peft") else scheme
-        spec = LoraSpec(t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding)
-        key = path_key(rng, t.path)
-        if isinstance(s, _residual.WeightAware):
-            nodes[t.path] = _residual.adapt(
-                s, key, leaves[t.path], spec, dtype, grads.get(t.path)
+    for group in groups:
+        grads = {}
+        if kind == "lora_ga":
+            paths = [t.path for t in group]
+            grads = _residual.average_gradients(loss_fn, params, batches, paths)
+        for t in group:
+            s = (
+                _schemes.PEFT_EMBEDDING
+                if (t.embedding and embedding == "peft")
+                else scheme
             )
-            continue
-        a, b = _factors(key, s, t, dtype)
-        node = LoraWeight(leaves[t.path], a, b, spec)
-        nodes[t.path] = _compensated(node) if compensate else node
-
+            spec = LoraSpec(
+                t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding
+            )
+            key = path_key(rng, t.path)
+            if isinstance(s, _residual.WeightAware):
+                nodes[t.path] = _residual.adapt(
+                    s, key, leaves[t.path], spec, dtype, grads.get(t.path)
+                )
+                continue
+            a, b = _factors(key, s, t, dtype)
+            node = LoraWeight(leaves[t.path], a, b, spec)
+            nodes[t.path] = _compensated(node) if compensate else node
+        del grads  # LoRA-GA: this group's gradients are no longer needed
     return _attach(params, nodes)
 
 

@@ -10,6 +10,7 @@ trained residual adapter back into a plain one (`to_plain_lora`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -105,8 +106,9 @@ def average_gradients(
 ) -> dict[str, jax.Array]:
     """The average over ``batches`` of ∂loss/∂W for the weights at ``paths``.
 
-    Only the targeted weights are differentiated; the gradient of each is held once
-    (float32), so the extra memory is one float32 copy of the targeted weights.
+    Only the weights at ``paths`` are differentiated; their gradients are held once
+    (float32): the extra memory is one float32 copy of those weights (`jaxlora.init`
+    passes groups of targets under its ``grad_memory`` budget).
     """
     wanted = set(paths)
 
@@ -134,6 +136,20 @@ def average_gradients(
     if count == 0:
         raise ValueError("scheme 'lora_ga' got no batches: pass batches=[batch, ...].")
     return {p: total[p] / count for p in paths}
+
+
+def gradient_groups(plan: list, max_bytes: int) -> list[list]:
+    """Targets grouped so one group's float32 gradients fit in ``max_bytes`` (a target
+    larger than that forms a group of its own)."""
+    groups, current, size = [], [], 0
+    for t in plan:
+        nbytes = 4 * math.prod(t.shape)
+        if current and size + nbytes > max_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += nbytes
+    return groups + ([current] if current else [])
 
 
 def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:

@@ -191,3 +191,15 @@ def test_data_aware_and_option_errors():
     q = {"kernel": jnp.ones((8, 8), jnp.int8)}
     with pytest.raises(ValueError, match=r"'kernel': expected a floating kernel.*int8"):
         jaxlora.init(q, jax.random.key(0), scheme="pissa", rank=2, targets="kernel")
+
+
+def test_lora_ga_in_gradient_groups_gives_the_same_factors():
+    model = nn.Sequential([nn.Dense(24), nn.tanh, nn.Dense(16)])
+    x = jax.random.normal(jax.random.key(0), (32, 20))
+    variables = model.init(jax.random.key(1), x)
+    loss_fn = lambda p, b: jnp.mean(model.apply(p, b) ** 2)  # noqa: E731
+    kw = dict(scheme="lora_ga", rank=2, loss_fn=loss_fn, batches=iter([x[:16], x[16:]]))
+    one_pass = jaxlora.init(variables, jax.random.key(2), **kw)
+    kw["batches"] = iter([x[:16], x[16:]])  # an iterator is read once per group
+    per_target = jaxlora.init(variables, jax.random.key(2), grad_memory=1, **kw)
+    chex.assert_trees_all_close(one_pass, per_target, atol=1e-6)
