@@ -66,11 +66,13 @@ class HandLoraDot(nn.Module):
     """
 
     rank: int
+    alpha: float = 16.0  # s = alpha / rank = 2 at r = 8, as in the main job
 
     @nn.compact
-    def __call__(self, x, kernel, dimension_numbers, precision=None, **_):
+    def __call__(self, x, kernel, dimension_numbers, precision=None):
         (x_c, k_c), (x_b, _k_b) = dimension_numbers
-        assert not x_b, "the reference covers unbatched contractions"
+        if x_b:
+            raise ValueError("HandLoraDot covers unbatched contractions only")
         k_out = [kernel.shape[i] for i in range(kernel.ndim) if i not in k_c]
         normal = nn.initializers.normal(1.0 / math.sqrt(self.rank))
         a = self.param("lora_a", normal, (*(kernel.shape[i] for i in k_c), self.rank))
@@ -78,7 +80,7 @@ class HandLoraDot(nn.Module):
         frozen = jax.lax.stop_gradient(kernel)
         base = jax.lax.dot_general(x, frozen, dimension_numbers, precision=precision)
         t = jax.lax.dot_general(x, a, ((x_c, tuple(range(len(k_c)))), ((), ())))
-        return base + jnp.tensordot(t * 2.0, b, axes=1)
+        return base + jnp.tensordot(t * (self.alpha / self.rank), b, axes=1)
 
 
 class Block(nn.Module):

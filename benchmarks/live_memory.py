@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import flops_ratio as fr  # noqa: E402
 
-_VALUE = re.compile(r"value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\)")
+_VALUE = re.compile(r"value: <\d+ (\S+?)(?:\{\})? @\d+> \(size=(\d+),offset=(\d+)\)")
 _RANGE = re.compile(r"^\s+(\S+?)(?:\{\})?:(\d+)-(\d+)$", re.M)
 
 
@@ -63,7 +63,13 @@ def live_peak(fn, *args) -> tuple[int, int]:
                 (pathlib.Path(d) / f"{stem}-live-range.txt").read_text()
             )
         }
-    live = [(ranges[n], off, size) for n, (off, size) in values.items() if n in ranges]
+    unranged = sorted(set(values) - set(ranges))
+    if unranged:
+        raise RuntimeError(
+            f"XLA's dump gives no live range for temp values {unranged[:5]}; "
+            "the dump format changed: check the pinned jax version."
+        )
+    live = [(ranges[n], off, size) for n, (off, size) in values.items()]
     starts = {lo for (lo, _), _, _ in live}  # the bytes in use only grow at a start
     peak = max(
         _used_bytes((off, off + size) for (lo, hi), off, size in live if lo <= t <= hi)
