@@ -2,7 +2,9 @@
 
 A transformer built from Flax's own layers (``nn.Embed``,
 ``nn.MultiHeadDotProductAttention``, ``nn.Dense`` MLP and head), in three forms:
-a Python loop of Linen blocks, the same blocks under ``nn.scan``, and Flax NNX.
+a Python loop of Linen blocks, the same blocks under ``nn.scan`` (a while loop, and
+``unroll=True``: the same stacked kernels and scan, emitted by XLA without a loop), and
+Flax NNX.
 Every kernel is adapted (``jaxlora.init`` default targets: the embedding table is
 not a kernel) with layouts inferred from the model. Both steps are ``jax.grad`` +
 ``optax.adam`` + ``optax.apply_updates`` under ``jax.jit``; the LoRA step is
@@ -106,6 +108,7 @@ class LinenLM(nn.Module):
     size: Size
     scan: bool = False
     lora: int = 0
+    unroll: int | bool = 1  # nn.scan's: True emits the layers without a while loop
 
     @nn.compact
     def __call__(self, ids):
@@ -117,6 +120,7 @@ class LinenLM(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 length=s.layers,
+                unroll=self.unroll,
             )
             x = blocks(s, self.lora)(x, None)[0]
         else:
@@ -153,13 +157,21 @@ class NnxLM(nnx.Module):
         return self.head(self.ln(x))
 
 
+VARIANTS = ("linen", "scan", "scan_unrolled", "nnx")
+_LINEN = {  # LinenLM's fields per Linen variant
+    "linen": {},
+    "scan": {"scan": True},
+    "scan_unrolled": {"scan": True, "unroll": True},
+}
+
+
 def build(variant: str, s: Size):
-    """``(apply_fn, params, ids)`` for ``variant`` in {linen, scan, nnx}."""
+    """``(apply_fn, params, ids)`` for ``variant`` in `VARIANTS`."""
     ids = jax.random.randint(jax.random.key(1), (s.batch, s.seq), 0, s.vocab)
     if variant == "nnx":
         graphdef, state = nnx.split(NnxLM(s, nnx.Rngs(0)))
         return (lambda st, ids: nnx.merge(graphdef, st)(ids)), state, ids
-    model = LinenLM(s, scan=variant == "scan")
+    model = LinenLM(s, **_LINEN[variant])
     return model.apply, model.init(jax.random.key(0), ids), ids
 
 
@@ -203,7 +215,7 @@ def reference_cost(variant: str, s: Size):
     """``(flops, temp_bytes)`` of the hand-factored reference's LoRA step (Linen
     variants): the same model with `HandLoraDot` in every layer, ``jax.grad`` over
     the ``lora_a``/``lora_b`` leaves only, ``optax.adam`` on them, jitted."""
-    model = LinenLM(s, scan=variant == "scan", lora=s.rank)
+    model = LinenLM(s, lora=s.rank, **_LINEN[variant])
     ids = build(variant, s)[2]
     flat = traverse_util.flatten_dict(model.init(jax.random.key(0), ids), sep="/")
     is_lora = lambda k: k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
@@ -262,7 +274,7 @@ def measure(variant: str, s: Size = FULL) -> dict:
         lora_step_fn(apply_fn, ltx), lp, ltx.init(lp), ids
     )
     ref_flops, ref_temp = (
-        reference_cost(variant, s) if variant in ("linen", "scan") else (None, None)
+        reference_cost(variant, s) if variant in _LINEN else (None, None)
     )
     return {
         "variant": variant,
@@ -284,7 +296,7 @@ def _cell(x, scale, fmt):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the test-sized model")
-    parser.add_argument("--variants", default="linen,scan,nnx")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     s = SMALL if args.small else FULL
     print(f"model: {s}")
