@@ -160,3 +160,42 @@ def test_combine_reports_missing_paths_and_bad_shapes():
         match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)",
     ):
         jaxlora.combine({"k": {"kernel": jnp.ones((8, 4))}}, ads)
+
+
+def test_trainable_names_match_whole_module_names_only():
+    plain = {
+        "head": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)},
+        "prehead": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)},
+        "body": {"kernel": jnp.ones((8, 8))},
+    }
+    params = jaxlora.init(plain, jax.random.key(0), rank=2, targets=["body"])
+    labels = jaxlora.param_labels(params, trainable=["head"])
+    assert labels["head"] == {"kernel": "full", "bias": "full"}
+    assert labels["prehead"] == {"kernel": "frozen", "bias": "frozen"}
+    tx = jaxlora.freeze_base(optax.sgd(0.1), trainable=["head"])
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert not np.asarray(updates["prehead"]["kernel"]).any()
+    assert np.asarray(updates["head"]["kernel"]).all()
+
+
+def test_trainable_that_selects_nothing_is_an_error():
+    plain = {"head": {"kernel": jnp.ones((8, 4))}, "body": {"kernel": jnp.ones((8, 8))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2, targets=["body"])
+    with pytest.raises(ValueError) as e:
+        jaxlora.param_labels(params, trainable=["haed", "head", "body"])
+    msg = str(e.value)
+    assert "name 'haed' matches no parameter" in msg
+    assert "name 'body' selects only adapted weights ['body/kernel']" in msg
+    assert msg.count("\n  - ") == 2  # 'head' selects the head and is not listed
+    assert "Plain (non-LoRA) parameters: 'head/kernel'" in msg
+    with pytest.raises(ValueError, match=r"regex 'nothing' matches no parameter"):
+        jaxlora.trainable_mask(params, trainable="nothing")
+    with pytest.raises(ValueError, match=r"predicate 'never' matches no parameter"):
+
+        def never(path, leaf):
+            return False
+
+        jaxlora.freeze_base(optax.adam(1e-3), trainable=never).init(params)
+    with pytest.raises(ValueError, match=r"name 'haed' matches no parameter"):
+        jaxlora.lora_plus(optax.sgd, 0.1, trainable=["haed"]).init(params)
