@@ -85,14 +85,15 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     Args:
         path: the checkpoint directory to create.
         params: an adapted tree (from `jaxlora.init` and training).
-        overwrite: replace an existing ``path``.
+        overwrite: replace an existing checkpoint at ``path`` (only a directory
+            written by `save`, or an empty one: never anything else).
 
     Returns:
         The absolute path of the checkpoint.
 
     Raises:
         ValueError: if ``params`` holds no adapters, or ``path`` exists and
-            ``overwrite`` is False.
+            ``overwrite`` is False or it is not a jaxlora checkpoint.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora, tempfile, os
@@ -111,10 +112,16 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             "params holds no LoRA adapters (no LoraWeight nodes): nothing to save. "
             "Pass the adapted tree returned by jaxlora.init (and training)."
         )
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise ValueError(
             f"Checkpoint {path!r} already exists. Pass overwrite=True to replace "
             "it, or choose another path."
+        )
+    if os.path.lexists(path) and (foreign := _foreign_entries(path)) is not None:
+        raise ValueError(
+            f"Cannot overwrite {path!r}: it is not a jaxlora checkpoint (it holds "
+            f"{foreign}), and overwrite=True only replaces a directory written by "
+            "jaxlora.save. Choose another path, or move its contents away first."
         )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -138,6 +145,23 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _foreign_entries(path: str) -> list[str] | None:
+    """None if ``path`` may be replaced (a jaxlora checkpoint, complete or not, or
+    an empty directory); else what it holds that `save` did not write."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return ["a file" if os.path.isfile(path) else "not a directory"]
+    foreign = sorted(set(os.listdir(path)) - {METADATA, ARRAYS})
+    if not foreign and os.path.isfile(os.path.join(path, METADATA)):
+        try:
+            with open(os.path.join(path, METADATA), encoding="utf-8") as f:
+                is_ours = json.load(f).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            is_ours = False
+        if not is_ours:
+            foreign = [f"a {METADATA} not written by jaxlora.save"]
+    return foreign[:8] or None
 
 
 def _replace(src: str, dst: str) -> None:

@@ -173,6 +173,35 @@ def test_failed_save_keeps_the_old_checkpoint(mixed, saved, monkeypatch):
     chex.assert_trees_all_equal(jaxlora.load(path, variables), params)
 
 
+def test_overwrite_never_replaces_what_save_did_not_write(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    params = _trained(variables)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    (project / "arrays").mkdir()
+    with pytest.raises(ValueError) as e:
+        jaxlora.save(project, params, overwrite=True)
+    msg = str(e.value)
+    assert f"Cannot overwrite {str(project)!r}: it is not a jaxlora checkpoint" in msg
+    assert "(it holds ['notes.txt'])" in msg and "Choose another path" in msg
+    assert (project / "notes.txt").read_text() == "precious"
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(ValueError, match=r"it holds \['a file'\]"):
+        jaxlora.save(tmp_path / "file", params, overwrite=True)
+    assert (tmp_path / "file").read_text() == "data"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / _checkpoint.METADATA).write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="a jaxlora.json not written by jaxlora"):
+        jaxlora.save(other, params, overwrite=True)
+    assert (other / _checkpoint.METADATA).exists()
+    (tmp_path / "empty").mkdir()  # an empty directory may be replaced
+    jaxlora.save(tmp_path / "empty", params, overwrite=True)
+    chex.assert_trees_all_equal(jaxlora.load(tmp_path / "empty", variables), params)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "other", "project"]
+
+
 def test_save_without_adapters(mixed, tmp_path):
     _, variables, _, _ = mixed
     with pytest.raises(ValueError, match="no LoRA adapters"):
