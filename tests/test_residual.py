@@ -60,6 +60,21 @@ def test_output_at_init_is_preserved_bf16(scheme):
     np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("scheme", RESIDUAL)
+def test_low_precision_factors_on_a_float32_model_merge_back_exactly(scheme):
+    w = jax.random.normal(jax.random.key(0), (24, 16))
+    for dtype in (jnp.bfloat16, jnp.float16):
+        params = jaxlora.init(
+            {"d": {"kernel": w}}, jax.random.key(1), scheme=scheme, rank=4, dtype=dtype
+        )
+        node = params["d"]["kernel"]
+        assert node.a.dtype == dtype and node.w.dtype == jnp.float32
+        # the residual was formed from the stored factors in float32, so the merge
+        # (formed in float32 too) gives W back to float32 rounding
+        merged = jaxlora.merge(params)["d"]["kernel"]
+        chex.assert_trees_all_close(merged, w, atol=1e-5, rtol=1e-5)
+
+
 def test_pissa_is_the_best_rank_r_approximation():
     k = jax.random.normal(jax.random.key(0), (40, 30))
     node = jaxlora.init(
