@@ -1,5 +1,6 @@
 """End-to-end training: the base never moves, the factors learn, merge agrees."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,19 @@ def test_combine_reports_missing_paths_and_bad_shapes():
         match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)",
     ):
         jaxlora.combine({"k": {"kernel": jnp.ones((8, 4))}}, ads)
+
+
+def test_combine_refuses_an_adapted_base_tree():
+    plain = {"k": {"kernel": jnp.ones((8, 8))}, "j": {"kernel": jnp.ones((8, 8))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2)
+    with pytest.raises(ValueError) as e:
+        jaxlora.combine(params, jaxlora.adapters(params))
+    msg = str(e.value)
+    for p in ("'k/kernel'", "'j/kernel'"):
+        assert f"{p}: base_params already holds an adapter here (LoraWeight(" in msg
+    assert "pass the plain tree jaxlora.base(params)" in msg
+    again = jaxlora.combine(jaxlora.base(params), jaxlora.adapters(params))
+    chex.assert_trees_all_equal(again, params)
 
 
 def test_trainable_names_match_whole_module_names_only():
