@@ -208,6 +208,28 @@ def test_data_aware_and_option_errors():
         jaxlora.init(q, jax.random.key(0), scheme="pissa", rank=2, targets="kernel")
 
 
+def test_niter_is_never_silently_ignored():
+    tree = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
+    for scheme in ("olora", "milora"):
+        with pytest.raises(
+            ValueError,
+            match=rf"niter is only used by 'pissa' and 'lora_ga', not '{scheme}'; "
+            "remove it",
+        ):
+            jaxlora.init(tree, jax.random.key(0), scheme=scheme, rank=2, niter=3)
+    with pytest.raises(
+        ValueError,
+        match=r"scheme 'pissa_niter_4' already sets niter=4, but niter=2 was passed",
+    ):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa_niter_4", rank=2, niter=2)
+    with pytest.raises(ValueError, match=r"niter must be an integer >= 0, got True"):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, niter=True)
+    same = jaxlora.init(
+        tree, jax.random.key(0), scheme="pissa_niter_4", niter=4, rank=2
+    )
+    assert same["kernel"].spec.scheme == "pissa_niter_4"
+
+
 def test_lora_ga_in_gradient_groups_gives_the_same_factors():
     model = nn.Sequential([nn.Dense(24), nn.tanh, nn.Dense(16)])
     x = jax.random.normal(jax.random.key(0), (32, 20))
