@@ -277,6 +277,17 @@ def test_non_floating_and_1d_targets_are_collected():
     assert "exclude them with targets=" in msg
 
 
+def test_two_leaves_with_the_same_path_are_refused():
+    tree = {
+        "a/b": {"kernel": jnp.ones((4, 3))},
+        "a": {"b": {"kernel": jnp.ones((5, 3))}},
+    }
+    with pytest.raises(
+        ValueError, match=r"Several parameters share the path 'a/b/kernel'.*Rename"
+    ):
+        jaxlora.init(tree, KEY, rank=2)
+
+
 def test_already_adapted_tree():
     p = jaxlora.init({"kernel": jnp.zeros((4, 4))}, KEY, rank=2)
     with pytest.raises(
