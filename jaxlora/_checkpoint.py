@@ -92,7 +92,8 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
         The absolute path of the checkpoint.
 
     Raises:
-        ValueError: if ``params`` holds no adapters, or ``path`` exists and
+        ValueError: if ``params`` holds no adapters (or adapters without their base
+            weights, from `jaxlora.adapters`), or ``path`` exists and
             ``overwrite`` is False or it is not a jaxlora checkpoint.
 
     Example:
@@ -111,6 +112,13 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
         raise ValueError(
             "params holds no LoRA adapters (no LoraWeight nodes): nothing to save. "
             "Pass the adapted tree returned by jaxlora.init (and training)."
+        )
+    baseless = [p for p, x in nodes if not hasattr(x.w, "shape")]
+    if baseless:
+        raise ValueError(
+            f"{baseless[:8]} hold adapters without a base weight (w={None!r}, as "
+            "returned by jaxlora.adapters); a checkpoint records the base shapes and "
+            "dtypes. Save the adapted tree, e.g. jaxlora.combine(base, adapters)."
         )
     if os.path.lexists(path) and not overwrite:
         raise ValueError(
@@ -210,6 +218,29 @@ def _read_metadata(path: str) -> dict[str, Any]:
     return meta
 
 
+def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
+    """The metadata must agree with itself: rank, layout and factor shapes."""
+    problems = []
+    for e in entries:
+        try:
+            layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
+            want = layout.factor_shapes(tuple(e["base_shape"]), e["rank"])
+            got = (tuple(e["a_shape"]), tuple(e["b_shape"]))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            problems.append(f"{e.get('path')!r}: {type(err).__name__}: {err}")
+            continue
+        if want != got:
+            problems.append(
+                f"{e['path']!r}: rank {e['rank']} and base shape {e['base_shape']} "
+                f"need factors {want}, the metadata lists {got}"
+            )
+    if problems:
+        raise ValueError(
+            f"Corrupted jaxlora checkpoint {path!r}: {METADATA} contradicts "
+            "itself:\n  - " + "\n  - ".join(problems) + "\nSave it again."
+        )
+
+
 def _restore_arrays(path: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
@@ -291,6 +322,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     path = os.path.abspath(os.fspath(path))
     meta = _read_metadata(path)
     entries = meta["targets"]
+    _check_entries(path, entries)
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     leaves = {path_str(k): x for k, x in flat}
     wanted = [e["path"] for e in entries]

@@ -209,6 +209,17 @@ def test_save_without_adapters(mixed, tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_save_of_adapters_without_base_weights(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    params = _trained(variables)
+    with pytest.raises(ValueError) as e:
+        jaxlora.save(tmp_path / "x", jaxlora.adapters(params))
+    msg = str(e.value)
+    assert "'params/mlp/kernel'" in msg and "without a base weight" in msg
+    assert "jaxlora.combine(base, adapters)" in msg
+    assert not os.path.exists(tmp_path / "x")
+
+
 # ------------------------------------------------------------------- bad input
 
 
@@ -242,6 +253,23 @@ def test_newer_format_version(mixed, saved):
         json.dump(meta, f)
     with pytest.raises(ValueError, match="format version 99; .* reads version 1"):
         jaxlora.load(path, mixed[1])
+
+
+def test_metadata_that_contradicts_itself(mixed, saved):
+    _, variables, _, _ = mixed
+    path, _ = saved
+    meta_file = os.path.join(path, _checkpoint.METADATA)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["targets"][0]["rank"] = 3  # the factors have rank 2: the scale would be off
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError) as e:
+        jaxlora.load(path, variables)
+    msg = str(e.value)
+    assert "Corrupted jaxlora checkpoint" in msg and "contradicts itself" in msg
+    assert f"{meta['targets'][0]['path']!r}: rank 3 and base shape" in msg
+    assert "Save it again" in msg
 
 
 def test_missing_arrays_directory(mixed, saved):
