@@ -150,10 +150,20 @@ def lora_plus(
         trainable: plain leaves trained in full at ``learning_rate``.
         **optimizer_kwargs: passed to ``optimizer`` (e.g. ``weight_decay``).
 
+    Raises:
+        ValueError: if ``ratio`` is not a finite number > 0 (0 would freeze ``b``).
+
     Example:
         >>> import optax, jaxlora
         >>> tx = jaxlora.lora_plus(optax.adamw, 2e-4, ratio=16, weight_decay=0.0)
     """
+    if isinstance(ratio, bool) or not (
+        isinstance(ratio, (int, float)) and 0 < ratio < float("inf")
+    ):
+        raise ValueError(
+            f"ratio is eta_b / eta_a and must be a finite number > 0, got {ratio!r}"
+            " (LoRA+ uses about 16; ratio=1 is plain LoRA)."
+        )
     if callable(learning_rate):
         lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731
     else:

@@ -1,5 +1,7 @@
 """End-to-end training: the base never moves, the factors learn, merge agrees."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -129,6 +131,15 @@ def test_lora_plus_gives_b_a_larger_learning_rate():
     sched = jaxlora.lora_plus(optax.sgd, optax.constant_schedule(0.1), ratio=4)
     node = sched.update(grads, sched.init(params), params)[0]["k"]["kernel"]
     np.testing.assert_allclose(node.b, -0.4 * np.ones((2, 8)), rtol=1e-6)
+
+
+def test_lora_plus_ratio_must_be_positive():
+    for ratio in (0, -16, float("nan"), "16"):
+        with pytest.raises(
+            ValueError,
+            match=rf"ratio .* finite number > 0, got {re.escape(repr(ratio))}",
+        ):
+            jaxlora.lora_plus(optax.sgd, 0.1, ratio=ratio)
 
 
 def test_param_labels():
