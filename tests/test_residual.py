@@ -147,6 +147,21 @@ def test_to_plain_lora_reproduces_the_trained_model(mixed):
         jaxlora.to_plain_lora(params, {"params": {}})
 
 
+def test_to_plain_lora_needs_originals_of_the_same_dtype():
+    w = jax.random.normal(jax.random.key(0), (12, 8))
+    params = jaxlora.init(
+        {"d": {"kernel": w}}, jax.random.key(1), scheme="pissa", rank=2
+    )
+    with pytest.raises(ValueError) as e:
+        jaxlora.to_plain_lora(params, {"d": {"kernel": w.astype(jnp.bfloat16)}})
+    msg = str(e.value)
+    assert (
+        "'d/kernel': original weight of shape (12, 8) and dtype bfloat16, residual "
+        "base of shape (12, 8) and dtype float32" in msg
+    )
+    assert "Pass the plain tree you gave jaxlora.init" in msg
+
+
 def test_residual_base_is_explicit(mixed):
     _, variables, _, _ = mixed
     params = init(variables, "olora")
