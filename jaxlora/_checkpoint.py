@@ -85,14 +85,16 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     Args:
         path: the checkpoint directory to create.
         params: an adapted tree (from `jaxlora.init` and training).
-        overwrite: replace an existing ``path``.
+        overwrite: replace an existing checkpoint at ``path`` (only a directory
+            written by `save`, or an empty one: never anything else).
 
     Returns:
         The absolute path of the checkpoint.
 
     Raises:
-        ValueError: if ``params`` holds no adapters, or ``path`` exists and
-            ``overwrite`` is False.
+        ValueError: if ``params`` holds no adapters (or adapters without their base
+            weights, from `jaxlora.adapters`), or ``path`` exists and
+            ``overwrite`` is False or it is not a jaxlora checkpoint.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora, tempfile, os
@@ -111,10 +113,23 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             "params holds no LoRA adapters (no LoraWeight nodes): nothing to save. "
             "Pass the adapted tree returned by jaxlora.init (and training)."
         )
-    if os.path.exists(path) and not overwrite:
+    baseless = [p for p, x in nodes if not hasattr(x.w, "shape")]
+    if baseless:
+        raise ValueError(
+            f"{baseless[:8]} hold adapters without a base weight (w={None!r}, as "
+            "returned by jaxlora.adapters); a checkpoint records the base shapes and "
+            "dtypes. Save the adapted tree, e.g. jaxlora.combine(base, adapters)."
+        )
+    if os.path.lexists(path) and not overwrite:
         raise ValueError(
             f"Checkpoint {path!r} already exists. Pass overwrite=True to replace "
             "it, or choose another path."
+        )
+    if os.path.lexists(path) and (foreign := _foreign_entries(path)) is not None:
+        raise ValueError(
+            f"Cannot overwrite {path!r}: it is not a jaxlora checkpoint (it holds "
+            f"{foreign}), and overwrite=True only replaces a directory written by "
+            "jaxlora.save. Choose another path, or move its contents away first."
         )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -138,6 +153,23 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _foreign_entries(path: str) -> list[str] | None:
+    """None if ``path`` may be replaced (a jaxlora checkpoint, complete or not, or
+    an empty directory); else what it holds that `save` did not write."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return ["a file" if os.path.isfile(path) else "not a directory"]
+    foreign = sorted(set(os.listdir(path)) - {METADATA, ARRAYS})
+    if not foreign and os.path.isfile(os.path.join(path, METADATA)):
+        try:
+            with open(os.path.join(path, METADATA), encoding="utf-8") as f:
+                is_ours = json.load(f).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            is_ours = False
+        if not is_ours:
+            foreign = [f"a {METADATA} not written by jaxlora.save"]
+    return foreign[:8] or None
 
 
 def _replace(src: str, dst: str) -> None:
@@ -184,6 +216,29 @@ def _read_metadata(path: str) -> dict[str, Any]:
             f"this jaxlora reads version {VERSION}. Upgrade jaxlora."
         )
     return meta
+
+
+def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
+    """The metadata must agree with itself: rank, layout and factor shapes."""
+    problems = []
+    for e in entries:
+        try:
+            layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
+            want = layout.factor_shapes(tuple(e["base_shape"]), e["rank"])
+            got = (tuple(e["a_shape"]), tuple(e["b_shape"]))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            problems.append(f"{e.get('path')!r}: {type(err).__name__}: {err}")
+            continue
+        if want != got:
+            problems.append(
+                f"{e['path']!r}: rank {e['rank']} and base shape {e['base_shape']} "
+                f"need factors {want}, the metadata lists {got}"
+            )
+    if problems:
+        raise ValueError(
+            f"Corrupted jaxlora checkpoint {path!r}: {METADATA} contradicts "
+            "itself:\n  - " + "\n  - ".join(problems) + "\nSave it again."
+        )
 
 
 def _restore_arrays(path: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -267,6 +322,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     path = os.path.abspath(os.fspath(path))
     meta = _read_metadata(path)
     entries = meta["targets"]
+    _check_entries(path, entries)
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     leaves = {path_str(k): x for k, x in flat}
     wanted = [e["path"] for e in entries]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 import zlib
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -95,7 +96,14 @@ def _plan(
             layout = inferred[p]
         else:
             layout = _targets.default_layout(p, shape)
-        r = int(ranks.get(p, rank))
+        r = ranks.get(p, rank)
+        if not _is_int(r):
+            problems.append(
+                f"{p!r}: rank_pattern gives rank {r!r} of type {type(r).__name__}; "
+                "a rank is an integer"
+            )
+            continue
+        r = int(r)
         fan_in, fan_out = layout.fans(shape)
         if r < 1 or r > min(fan_in, fan_out):
             problems.append(
@@ -108,14 +116,17 @@ def _plan(
             problems.append(f"{p!r}: {msg}")
             continue
         embedding = leaf_name(p) == "embedding"
+        if p in alphas and (msg := _alpha_problem(alphas[p])) is not None:
+            problems.append(f"{p!r}: alpha_pattern gives an alpha that {msg}")
+            continue
         a_ = float(alphas.get(p, base_alpha))
         plan.append(_targets.Target(p, shape, leaf.dtype, layout, r, a_, embedding))
     if problems:
         raise ValueError(
             "Cannot add LoRA to these parameters:\n  - "
             + "\n  - ".join(problems)
-            + "\nFix the rank (rank=, rank_pattern=), the scheme, or exclude them "
-            "with targets=..."
+            + "\nFix the rank (rank=, rank_pattern=), the alpha (alpha_pattern=), "
+            "the scheme, or exclude them with targets=..."
         )
     return plan
 
@@ -197,9 +208,14 @@ def init(
         A new tree in which every target is a `LoraWeight`.
 
     Raises:
-        ValueError: unknown scheme; rank < 1 or > min(fan_in, fan_out); targets or a
-            pattern matching nothing; a non-floating or 1-D target; odd rank with
-            ``orthogonal``; an already adapted tree.
+        ValueError: unknown scheme; rank < 1 or > min(fan_in, fan_out); a
+            non-integer rank or a non-numeric, non-finite or zero alpha (also in
+            the patterns); targets or a pattern matching nothing; a non-floating or
+            1-D target; odd rank with ``orthogonal``; an already adapted tree; a
+            non-floating ``dtype``; an option the scheme does not use (``niter``,
+            ``loss_fn``, ``batches``), or ``apply_fn`` without example inputs (or
+            the reverse).
+        TypeError: ``rng`` is not one JAX key.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxlora
@@ -212,9 +228,19 @@ def init(
     scheme = _schemes.resolve(scheme, niter=niter)
     if embedding not in ("scheme", "peft"):
         raise ValueError(f"embedding must be 'scheme' or 'peft', got {embedding!r}.")
-    if not isinstance(rank, int) or rank < 1:
+    if not _is_rank(rank):
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    rank = int(rank)
+    if alpha is not None and (msg := _alpha_problem(alpha)) is not None:
+        raise ValueError(f"alpha {msg}.")
+    _check_key(rng)
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"dtype is the dtype of the LoRA factors and must be floating, got "
+            f"{jnp.dtype(dtype).name}. Pass e.g. dtype=jnp.float32 (the default)."
+        )
     _check_data(scheme, loss_fn=loss_fn, batches=batches, apply_fn=apply_fn)
+    _check_tracing(scheme, apply_fn, example_args, example_kwargs)
     if compensate and isinstance(scheme, _residual.WeightAware):
         raise ValueError(
             f"compensate=True has no effect with {scheme.name!r}: weight-aware schemes "
@@ -230,7 +256,7 @@ def init(
         batches = itertools.chain([first], batches)
         example_args = (first,)
     inferred = {}
-    if apply_fn is not None and example_args:
+    if apply_fn is not None and (example_args or example_kwargs):
         from jaxlora import _layout  # the layout tracer is only needed here
 
         inferred = _layout.infer_layouts(
@@ -299,6 +325,60 @@ def _attach(params: PyTree, nodes: dict[str, LoraWeight]) -> PyTree:
         return nodes.get(path_str(keypath), leaf)
 
     return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+
+
+def _is_int(r: Any) -> bool:
+    return isinstance(r, numbers.Integral) and not isinstance(r, bool)
+
+
+def _is_rank(r: Any) -> bool:
+    return _is_int(r) and r >= 1
+
+
+def _alpha_problem(alpha: Any) -> str | None:
+    """Why ``alpha`` is not a usable LoRA alpha, or None."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        return f"must be a number, got {alpha!r} of type {type(alpha).__name__}"
+    if not math.isfinite(alpha):
+        return f"must be finite, got {alpha!r}"
+    if alpha == 0:
+        return (
+            "must not be 0: the scale alpha/r would be 0, the adapter would have "
+            "no effect and get zero gradients"
+        )
+    return None
+
+
+def _check_key(rng: Any) -> None:
+    """``rng`` must be one JAX key (new-style, or a legacy uint32 pair)."""
+    dtype = getattr(rng, "dtype", None)
+    shape = tuple(getattr(rng, "shape", (None,)))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    legacy = dtype == jnp.uint32 and shape == (2,)
+    if not (isinstance(rng, jax.Array) and ((typed and shape == ()) or legacy)):
+        got = f"{type(rng).__name__} of dtype {dtype} and shape {shape}"
+        if dtype is None:
+            got = f"{type(rng).__name__} {rng!r}"[:80]
+        raise TypeError(
+            f"rng must be a single JAX key, got {got}. Pass jax.random.key(seed) "
+            "(one key, not a batch of keys)."
+        )
+
+
+def _check_tracing(scheme, apply_fn, example_args, example_kwargs) -> None:
+    """``apply_fn`` and the example inputs go together (EVA reads its batches)."""
+    kind = getattr(scheme, "kind", None)
+    if apply_fn is None and (example_args or example_kwargs):
+        raise ValueError(
+            "example_args/example_kwargs are only used with apply_fn= (to infer the "
+            "layouts by tracing the model); pass apply_fn=model.apply or remove them."
+        )
+    if apply_fn is not None and kind != "eva" and not (example_args or example_kwargs):
+        raise ValueError(
+            f"apply_fn is used with scheme {scheme.name!r} only to infer the layouts, "
+            "which needs example inputs: pass example_args=(x, ...) (and/or "
+            "example_kwargs=), or remove apply_fn."
+        )
 
 
 def _check_data(scheme, *, loss_fn, batches, apply_fn) -> None:

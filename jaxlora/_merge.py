@@ -84,8 +84,9 @@ def combine(base_params: PyTree, adapter_tree: Adapters) -> PyTree:
     """Puts adapters (from `adapters`) back on a plain base tree.
 
     Raises:
-        ValueError: listing every adapter path missing from ``base_params`` and every
-            shape that does not fit.
+        ValueError: listing every adapter path missing from ``base_params``, every
+            shape that does not fit and every path already adapted in
+            ``base_params``.
     """
     found, problems = set(), []
 
@@ -95,6 +96,13 @@ def combine(base_params: PyTree, adapter_tree: Adapters) -> PyTree:
         if node is None:
             return leaf
         found.add(p)
+        if is_lora(leaf):
+            problems.append(
+                f"{p!r}: base_params already holds an adapter here ({leaf!r}); pass "
+                "the plain tree jaxlora.base(params) (allow_residual=True for a "
+                "residual base) instead of the adapted tree"
+            )
+            return leaf
         want = node.layout.factor_shapes(tuple(leaf.shape), node.rank)
         got = (tuple(node.a.shape), tuple(node.b.shape))
         if want != got:

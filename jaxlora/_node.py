@@ -178,9 +178,16 @@ class LoraWeight:
         return len(self.w.shape)
 
     def delta(self, dtype=None) -> jax.Array:
-        """The update ``scale · a @ b`` laid out like ``w`` (in ``a``'s dtype)."""
-        d = jnp.einsum(self.layout.einsum_spec(), self.a, self.b) * self.scale
-        return d if dtype is None else d.astype(dtype)
+        """The update ``scale · a @ b`` laid out like ``w``, formed in ``dtype``.
+
+        The factors are cast to ``dtype`` (default: ``a``'s dtype) before the
+        product, so bf16 factors give the float32 update that residual schemes
+        subtracted from the base, not a bf16-rounded one.
+        """
+        a, b = self.a, self.b
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        return jnp.einsum(self.layout.einsum_spec(), a, b) * self.scale
 
     def merged(self) -> jax.Array:
         """``w + scale · a @ b`` in ``w``'s dtype (summed in float32 or wider)."""

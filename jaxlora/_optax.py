@@ -12,28 +12,70 @@ import optax
 
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
-from jaxlora._targets import _name_matches
 
 PyTree = Any
 #: Plain (non-LoRA) leaves to train in full: a regex fully matched against the path,
-#: a sequence of module names (suffix match) or a predicate ``(path, leaf) -> bool``.
+#: a sequence of module names ('/'-bounded suffix match) or a predicate
+#: ``(path, leaf) -> bool``.
 Trainable = None | str | Sequence[str] | Callable[[str, Any], bool]
 
 
-def _full_trainer(trainable: Trainable) -> Callable[[str, Any], bool]:
+def _matches_name(name: str, path: str) -> bool:
+    """``name`` is the leaf's path or its module path, or a ``/``-bounded suffix."""
+    module = path.rsplit("/", 1)[0] if "/" in path else ""
+    return any(s == name or s.endswith("/" + name) for s in (path, module) if s)
+
+
+def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]:
+    """``(description, matcher)`` per regex, predicate or module name."""
     if trainable is None:
-        return lambda p, x: False
+        return []
     if isinstance(trainable, str):
-        return lambda p, x: re.fullmatch(trainable, p) is not None
+        match = lambda p, x: re.fullmatch(trainable, p) is not None  # noqa: E731
+        return [(f"regex {trainable!r}", match)]
     if callable(trainable):
-        return trainable
-    names = list(trainable)
+        return [(f"predicate {getattr(trainable, '__name__', trainable)!r}", trainable)]
+    return [(f"name {n!r}", lambda p, x, n=n: _matches_name(n, p)) for n in trainable]
 
-    def by_name(p, x):
-        module = p.rsplit("/", 1)[0]
-        return any(_name_matches(n, p) or module.endswith(n) for n in names)
 
-    return by_name
+def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
+    """Paths of the plain leaves ``trainable`` selects; each rule must select one.
+
+    Raises:
+        ValueError: listing every regex, predicate or name that selects no plain
+            leaf (a name of an adapted weight is reported as such).
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    plain = [(path_str(k), x) for k, x in flat if not is_lora(x)]
+    adapted = [path_str(k) for k, x in flat if is_lora(x)]
+    chosen, problems = set(), []
+    for what, match in _rules(trainable):
+        hits = {p for p, x in plain if match(p, x)}
+        chosen |= hits
+        if hits:
+            continue
+        # a user predicate is only ever called on plain leaves
+        by_path = not callable(trainable) or isinstance(trainable, str)
+        lora_hits = [p for p in adapted if by_path and match(p, None)]
+        if lora_hits:
+            problems.append(
+                f"{what} selects only adapted weights {lora_hits[:8]}, which are "
+                "trained through their LoRA factors, never in full"
+            )
+        else:
+            problems.append(f"{what} matches no parameter")
+    if problems:
+        available = [p for p, _ in plain]
+        shown = ", ".join(repr(p) for p in available[:8])
+        more = f" (and {len(available) - 8} more)" if len(available) > 8 else ""
+        raise ValueError(
+            "These trainable= entries select no plain parameter to train in full:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nPlain (non-LoRA) parameters: {shown}{more}. Names match a "
+            "parameter's path or module path, or a '/'-bounded suffix of it; fix "
+            "or remove these entries."
+        )
+    return chosen
 
 
 def param_labels(params: PyTree, *, trainable: Trainable = None) -> PyTree:
@@ -45,14 +87,20 @@ def param_labels(params: PyTree, *, trainable: Trainable = None) -> PyTree:
     Args:
         params: an adapted tree.
         trainable: plain leaves to train in full (e.g. a new classification head):
-            a regex fully matched against the path, module names, or a predicate.
+            a regex fully matched against the path, module names (a path or module
+            path, or a ``/``-bounded suffix of one: ``"head"`` is not
+            ``"prehead"``), or a predicate ``(path, leaf) -> bool``.
+
+    Raises:
+        ValueError: if the regex, the predicate or any name selects no plain leaf
+            (a typo would otherwise leave the head silently frozen).
     """
-    full = _full_trainer(trainable)
+    full = _full_paths(params, trainable)
 
     def label(keypath, x):
         if is_lora(x):
             return x.replace(w="frozen", a="lora_a", b="lora_b")
-        return "full" if full(path_str(keypath), x) else "frozen"
+        return "full" if path_str(keypath) in full else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, params, is_leaf=is_lora)
 
@@ -102,10 +150,20 @@ def lora_plus(
         trainable: plain leaves trained in full at ``learning_rate``.
         **optimizer_kwargs: passed to ``optimizer`` (e.g. ``weight_decay``).
 
+    Raises:
+        ValueError: if ``ratio`` is not a finite number > 0 (0 would freeze ``b``).
+
     Example:
         >>> import optax, jaxlora
         >>> tx = jaxlora.lora_plus(optax.adamw, 2e-4, ratio=16, weight_decay=0.0)
     """
+    if isinstance(ratio, bool) or not (
+        isinstance(ratio, (int, float)) and 0 < ratio < float("inf")
+    ):
+        raise ValueError(
+            f"ratio is eta_b / eta_a and must be a finite number > 0, got {ratio!r}"
+            " (LoRA+ uses about 16; ratio=1 is plain LoRA)."
+        )
     if callable(learning_rate):
         lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731
     else:

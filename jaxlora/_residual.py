@@ -173,7 +173,7 @@ def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
 
     Raises:
         ValueError: if a residual target's path is missing from ``original_params``
-            or has another shape.
+            or has another shape or dtype.
     """
     originals = {
         path_str(p): x
@@ -186,9 +186,15 @@ def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
             return node
         p = path_str(keypath)
         orig = originals.get(p)
-        if orig is None or tuple(orig.shape) != node.shape:
-            got = "missing" if orig is None else f"shape {tuple(orig.shape)}"
-            problems.append(f"{p!r}: original weight {got}, residual base {node.shape}")
+        if (
+            orig is None
+            or tuple(orig.shape) != node.shape
+            or jnp.dtype(orig.dtype) != jnp.dtype(node.w.dtype)
+        ):
+            got = "missing" if orig is None else _describe(orig)
+            problems.append(
+                f"{p!r}: original weight {got}, residual base {_describe(node.w)}"
+            )
             return node
         return _plain(node, jnp.asarray(orig))
 
@@ -201,6 +207,10 @@ def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
             + "\nPass the plain tree you gave jaxlora.init."
         )
     return out
+
+
+def _describe(x: Any) -> str:
+    return f"of shape {tuple(x.shape)} and dtype {jnp.dtype(x.dtype).name}"
 
 
 def _plain(node: LoraWeight, orig: jax.Array) -> LoraWeight:

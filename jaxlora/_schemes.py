@@ -154,9 +154,21 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
     if isinstance(scheme, str):
         name = _ALIASES.get(scheme, scheme)
         if (m := re.fullmatch(r"pissa_niter_(\d+)", name)) is not None:
+            if niter is not None and niter != int(m.group(1)):
+                raise ValueError(
+                    f"scheme {scheme!r} already sets niter={int(m.group(1))}, but "
+                    f"niter={niter!r} was passed. Pass one of them."
+                )
             name, niter = "pissa", int(m.group(1))
         if name in _WEIGHT_AWARE:
-            if niter is not None and (not isinstance(niter, int) or niter < 0):
+            if niter is not None and name not in ("pissa", "lora_ga"):
+                raise ValueError(
+                    f"niter is only used by 'pissa' and 'lora_ga', not {scheme!r}; "
+                    "remove it."
+                )
+            if niter is not None and (
+                isinstance(niter, bool) or not isinstance(niter, int) or niter < 0
+            ):
                 raise ValueError(f"niter must be an integer >= 0, got {niter!r}.")
             label = f"pissa_niter_{niter}" if name == "pissa" and niter else name
             return WeightAware(label, name, niter)

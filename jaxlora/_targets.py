@@ -74,10 +74,23 @@ def select(params: PyTree, targets: Targets) -> list[str]:
             ``(path, leaf) -> bool``.
 
     Raises:
-        ValueError: if the tree is already adapted, or ``targets`` (or one name in
-            it) matches nothing; the message lists available paths.
+        ValueError: if two leaves share a path, the tree is already adapted, or
+            ``targets`` (or one name in it) matches nothing; the message lists
+            available paths.
     """
     items = leaves_with_paths(params)
+    seen, clashes = set(), []
+    for p, _ in items:
+        if p in seen and p not in clashes:
+            clashes.append(p)
+        seen.add(p)
+    if clashes:
+        raise ValueError(
+            f"Several parameters share the path {_examples(clashes)}: paths are the "
+            "'/'-joined keys, so a key containing '/' (or keys 0 and '0') can name "
+            "two leaves, and targets, patterns and checkpoints could not tell them "
+            "apart. Rename those keys."
+        )
     adapted = [p for p, leaf in items if is_lora(leaf)]
     if adapted:
         raise ValueError(

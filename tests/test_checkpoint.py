@@ -173,10 +173,50 @@ def test_failed_save_keeps_the_old_checkpoint(mixed, saved, monkeypatch):
     chex.assert_trees_all_equal(jaxlora.load(path, variables), params)
 
 
+def test_overwrite_never_replaces_what_save_did_not_write(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    params = _trained(variables)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    (project / "arrays").mkdir()
+    with pytest.raises(ValueError) as e:
+        jaxlora.save(project, params, overwrite=True)
+    msg = str(e.value)
+    assert f"Cannot overwrite {str(project)!r}: it is not a jaxlora checkpoint" in msg
+    assert "(it holds ['notes.txt'])" in msg and "Choose another path" in msg
+    assert (project / "notes.txt").read_text() == "precious"
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(ValueError, match=r"it holds \['a file'\]"):
+        jaxlora.save(tmp_path / "file", params, overwrite=True)
+    assert (tmp_path / "file").read_text() == "data"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / _checkpoint.METADATA).write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="a jaxlora.json not written by jaxlora"):
+        jaxlora.save(other, params, overwrite=True)
+    assert (other / _checkpoint.METADATA).exists()
+    (tmp_path / "empty").mkdir()  # an empty directory may be replaced
+    jaxlora.save(tmp_path / "empty", params, overwrite=True)
+    chex.assert_trees_all_equal(jaxlora.load(tmp_path / "empty", variables), params)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "other", "project"]
+
+
 def test_save_without_adapters(mixed, tmp_path):
     _, variables, _, _ = mixed
     with pytest.raises(ValueError, match="no LoRA adapters"):
         jaxlora.save(tmp_path / "x", variables)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_save_of_adapters_without_base_weights(mixed, tmp_path):
+    _, variables, _, _ = mixed
+    params = _trained(variables)
+    with pytest.raises(ValueError) as e:
+        jaxlora.save(tmp_path / "x", jaxlora.adapters(params))
+    msg = str(e.value)
+    assert "'params/mlp/kernel'" in msg and "without a base weight" in msg
+    assert "jaxlora.combine(base, adapters)" in msg
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -213,6 +253,23 @@ def test_newer_format_version(mixed, saved):
         json.dump(meta, f)
     with pytest.raises(ValueError, match="format version 99; .* reads version 1"):
         jaxlora.load(path, mixed[1])
+
+
+def test_metadata_that_contradicts_itself(mixed, saved):
+    _, variables, _, _ = mixed
+    path, _ = saved
+    meta_file = os.path.join(path, _checkpoint.METADATA)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["targets"][0]["rank"] = 3  # the factors have rank 2: the scale would be off
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError) as e:
+        jaxlora.load(path, variables)
+    msg = str(e.value)
+    assert "Corrupted jaxlora checkpoint" in msg and "contradicts itself" in msg
+    assert f"{meta['targets'][0]['path']!r}: rank 3 and base shape" in msg
+    assert "Save it again" in msg
 
 
 def test_missing_arrays_directory(mixed, saved):

@@ -2,6 +2,7 @@
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,6 +146,86 @@ def test_rank_above_min_fan_lists_every_bad_target():
     assert "rank_pattern" in msg  # the fix
 
 
+def test_rank_and_alpha_values_are_checked_per_target():
+    tree = {"a": {"kernel": jnp.zeros((8, 8))}, "b": {"kernel": jnp.zeros((8, 8))}}
+    with pytest.raises(ValueError) as err:
+        jaxlora.init(tree, KEY, rank=2, rank_pattern={"a": 2.7, "b": "3"})
+    msg = str(err.value)
+    assert "'a/kernel': rank_pattern gives rank 2.7 of type float" in msg
+    assert "'b/kernel': rank_pattern gives rank '3' of type str" in msg
+    assert "a rank is an integer" in msg and "rank_pattern=" in msg
+    with pytest.raises(ValueError) as err:
+        jaxlora.init(tree, KEY, rank=2, alpha_pattern={"a": "16", "b": float("inf")})
+    msg = str(err.value)
+    assert (
+        "'a/kernel': alpha_pattern gives an alpha that must be a number, got '16'"
+        in msg
+    )
+    assert (
+        "'b/kernel': alpha_pattern gives an alpha that must be finite, got inf" in msg
+    )
+    assert "alpha_pattern=" in msg
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 1, got True"):
+        jaxlora.init(tree, KEY, rank=True)
+    with pytest.raises(ValueError, match=r"alpha must be a number, got '16'"):
+        jaxlora.init(tree, KEY, rank=2, alpha="16")
+    with pytest.raises(ValueError, match=r"alpha must be finite, got nan"):
+        jaxlora.init(tree, KEY, rank=2, alpha=float("nan"))
+    with pytest.raises(ValueError, match=r"alpha must not be 0: .* zero gradients"):
+        jaxlora.init(tree, KEY, rank=2, alpha=0)
+    # numpy scalars (e.g. from a config file) are fine
+    p = jaxlora.init(tree, KEY, rank=np.int64(2), rank_pattern={"a": np.int32(4)})
+    assert (p["a"]["kernel"].rank, p["b"]["kernel"].rank) == (4, 2)
+    assert type(p["a"]["kernel"].rank) is int
+
+
+def test_factor_dtype_and_rng_are_checked():
+    tree = {"kernel": jnp.zeros((8, 8))}
+    for scheme in ("normal", "pissa"):
+        with pytest.raises(
+            ValueError, match=r"dtype .* must be floating, got int32. Pass e.g."
+        ):
+            jaxlora.init(tree, KEY, rank=2, scheme=scheme, dtype=jnp.int32)
+    with pytest.raises(TypeError, match=r"rng must be a single JAX key, got int 0\."):
+        jaxlora.init(tree, 0, rank=2)
+    with pytest.raises(
+        TypeError, match=r"got PRNGKeyArray of dtype key<fry> and shape \(2,\)"
+    ):
+        jaxlora.init(tree, jax.random.split(KEY), rank=2)
+    legacy = jaxlora.init(tree, jax.random.PRNGKey(0), rank=2)
+    assert legacy["kernel"].a.shape == (8, 2)
+
+
+def test_apply_fn_and_example_inputs_go_together(mixed):
+    model, variables, tokens, image = mixed
+    with pytest.raises(
+        ValueError,
+        match=r"apply_fn is used with scheme 'normal' only to infer .*"
+        r"pass example_args=\(x, \.\.\.\)",
+    ):
+        jaxlora.init(variables, KEY, rank=2, apply_fn=model.apply)
+    for kw in ({"example_args": (tokens, image)}, {"example_kwargs": {"x": 1}}):
+        with pytest.raises(
+            ValueError,
+            match=r"example_args/example_kwargs are only used with apply_fn=",
+        ):
+            jaxlora.init(variables, KEY, rank=2, **kw)
+    # keyword-only example inputs are traced too: a DenseGeneral contracting two
+    # axes gets two input axes (the default layout would have one)
+    proj = nn.DenseGeneral(4, axis=(-2, -1), name="proj")
+    x = jnp.ones((2, 3, 5))
+    plain = proj.init(KEY, x)
+    assert jaxlora.init(plain, KEY, rank=2)["params"]["kernel"].layout.in_axes == (0,)
+    by_kw = jaxlora.init(
+        plain,
+        KEY,
+        rank=2,
+        apply_fn=lambda p, *, x: proj.apply(p, x),
+        example_kwargs={"x": x},
+    )
+    assert by_kw["params"]["kernel"].layout == jaxlora.Layout.dense(3, n_in=2)
+
+
 def test_targets_matching_nothing():
     tree = {"Dense_0": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}
     with pytest.raises(
@@ -194,6 +275,17 @@ def test_non_floating_and_1d_targets_are_collected():
         "got shape (4, 4) of int32" in msg
     )
     assert "exclude them with targets=" in msg
+
+
+def test_two_leaves_with_the_same_path_are_refused():
+    tree = {
+        "a/b": {"kernel": jnp.ones((4, 3))},
+        "a": {"b": {"kernel": jnp.ones((5, 3))}},
+    }
+    with pytest.raises(
+        ValueError, match=r"Several parameters share the path 'a/b/kernel'.*Rename"
+    ):
+        jaxlora.init(tree, KEY, rank=2)
 
 
 def test_already_adapted_tree():

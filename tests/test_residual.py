@@ -60,6 +60,21 @@ def test_output_at_init_is_preserved_bf16(scheme):
     np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("scheme", RESIDUAL)
+def test_low_precision_factors_on_a_float32_model_merge_back_exactly(scheme):
+    w = jax.random.normal(jax.random.key(0), (24, 16))
+    for dtype in (jnp.bfloat16, jnp.float16):
+        params = jaxlora.init(
+            {"d": {"kernel": w}}, jax.random.key(1), scheme=scheme, rank=4, dtype=dtype
+        )
+        node = params["d"]["kernel"]
+        assert node.a.dtype == dtype and node.w.dtype == jnp.float32
+        # the residual was formed from the stored factors in float32, so the merge
+        # (formed in float32 too) gives W back to float32 rounding
+        merged = jaxlora.merge(params)["d"]["kernel"]
+        chex.assert_trees_all_close(merged, w, atol=1e-5, rtol=1e-5)
+
+
 def test_pissa_is_the_best_rank_r_approximation():
     k = jax.random.normal(jax.random.key(0), (40, 30))
     node = jaxlora.init(
@@ -132,6 +147,21 @@ def test_to_plain_lora_reproduces_the_trained_model(mixed):
         jaxlora.to_plain_lora(params, {"params": {}})
 
 
+def test_to_plain_lora_needs_originals_of_the_same_dtype():
+    w = jax.random.normal(jax.random.key(0), (12, 8))
+    params = jaxlora.init(
+        {"d": {"kernel": w}}, jax.random.key(1), scheme="pissa", rank=2
+    )
+    with pytest.raises(ValueError) as e:
+        jaxlora.to_plain_lora(params, {"d": {"kernel": w.astype(jnp.bfloat16)}})
+    msg = str(e.value)
+    assert (
+        "'d/kernel': original weight of shape (12, 8) and dtype bfloat16, residual "
+        "base of shape (12, 8) and dtype float32" in msg
+    )
+    assert "Pass the plain tree you gave jaxlora.init" in msg
+
+
 def test_residual_base_is_explicit(mixed):
     _, variables, _, _ = mixed
     params = init(variables, "olora")
@@ -191,6 +221,28 @@ def test_data_aware_and_option_errors():
     q = {"kernel": jnp.ones((8, 8), jnp.int8)}
     with pytest.raises(ValueError, match=r"'kernel': expected a floating kernel.*int8"):
         jaxlora.init(q, jax.random.key(0), scheme="pissa", rank=2, targets="kernel")
+
+
+def test_niter_is_never_silently_ignored():
+    tree = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
+    for scheme in ("olora", "milora"):
+        with pytest.raises(
+            ValueError,
+            match=rf"niter is only used by 'pissa' and 'lora_ga', not '{scheme}'; "
+            "remove it",
+        ):
+            jaxlora.init(tree, jax.random.key(0), scheme=scheme, rank=2, niter=3)
+    with pytest.raises(
+        ValueError,
+        match=r"scheme 'pissa_niter_4' already sets niter=4, but niter=2 was passed",
+    ):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa_niter_4", rank=2, niter=2)
+    with pytest.raises(ValueError, match=r"niter must be an integer >= 0, got True"):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, niter=True)
+    same = jaxlora.init(
+        tree, jax.random.key(0), scheme="pissa_niter_4", niter=4, rank=2
+    )
+    assert same["kernel"].spec.scheme == "pissa_niter_4"
 
 
 def test_lora_ga_in_gradient_groups_gives_the_same_factors():

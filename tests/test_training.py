@@ -1,5 +1,8 @@
 """End-to-end training: the base never moves, the factors learn, merge agrees."""
 
+import re
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -130,6 +133,15 @@ def test_lora_plus_gives_b_a_larger_learning_rate():
     np.testing.assert_allclose(node.b, -0.4 * np.ones((2, 8)), rtol=1e-6)
 
 
+def test_lora_plus_ratio_must_be_positive():
+    for ratio in (0, -16, float("nan"), "16"):
+        with pytest.raises(
+            ValueError,
+            match=rf"ratio .* finite number > 0, got {re.escape(repr(ratio))}",
+        ):
+            jaxlora.lora_plus(optax.sgd, 0.1, ratio=ratio)
+
+
 def test_param_labels():
     params = jaxlora.init(
         {"k": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}},
@@ -160,3 +172,55 @@ def test_combine_reports_missing_paths_and_bad_shapes():
         match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)",
     ):
         jaxlora.combine({"k": {"kernel": jnp.ones((8, 4))}}, ads)
+
+
+def test_combine_refuses_an_adapted_base_tree():
+    plain = {"k": {"kernel": jnp.ones((8, 8))}, "j": {"kernel": jnp.ones((8, 8))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2)
+    with pytest.raises(ValueError) as e:
+        jaxlora.combine(params, jaxlora.adapters(params))
+    msg = str(e.value)
+    for p in ("'k/kernel'", "'j/kernel'"):
+        assert f"{p}: base_params already holds an adapter here (LoraWeight(" in msg
+    assert "pass the plain tree jaxlora.base(params)" in msg
+    again = jaxlora.combine(jaxlora.base(params), jaxlora.adapters(params))
+    chex.assert_trees_all_equal(again, params)
+
+
+def test_trainable_names_match_whole_module_names_only():
+    plain = {
+        "head": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)},
+        "prehead": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)},
+        "body": {"kernel": jnp.ones((8, 8))},
+    }
+    params = jaxlora.init(plain, jax.random.key(0), rank=2, targets=["body"])
+    labels = jaxlora.param_labels(params, trainable=["head"])
+    assert labels["head"] == {"kernel": "full", "bias": "full"}
+    assert labels["prehead"] == {"kernel": "frozen", "bias": "frozen"}
+    tx = jaxlora.freeze_base(optax.sgd(0.1), trainable=["head"])
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert not np.asarray(updates["prehead"]["kernel"]).any()
+    assert np.asarray(updates["head"]["kernel"]).all()
+
+
+def test_trainable_that_selects_nothing_is_an_error():
+    plain = {"head": {"kernel": jnp.ones((8, 4))}, "body": {"kernel": jnp.ones((8, 8))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2, targets=["body"])
+    with pytest.raises(ValueError) as e:
+        jaxlora.param_labels(params, trainable=["haed", "head", "body"])
+    msg = str(e.value)
+    assert "name 'haed' matches no parameter" in msg
+    assert "name 'body' selects only adapted weights ['body/kernel']" in msg
+    assert msg.count("\n  - ") == 2  # 'head' selects the head and is not listed
+    assert "Plain (non-LoRA) parameters: 'head/kernel'" in msg
+    with pytest.raises(ValueError, match=r"regex 'nothing' matches no parameter"):
+        jaxlora.trainable_mask(params, trainable="nothing")
+    with pytest.raises(ValueError, match=r"predicate 'never' matches no parameter"):
+
+        def never(path, leaf):
+            return False
+
+        jaxlora.freeze_base(optax.adam(1e-3), trainable=never).init(params)
+    with pytest.raises(ValueError, match=r"name 'haed' matches no parameter"):
+        jaxlora.lora_plus(optax.sgd, 0.1, trainable=["haed"]).init(params)
