@@ -257,7 +257,12 @@ def conv_general_dilated(eqn, lhs, rhs):
     base = eqn.primitive.bind(lhs, rhs.w, **p)
     want = [R if k == o_dim else k for k in range(rhs.ndim)]
     a_k = jnp.transpose(rhs.a, [rhs.a_lab.index(k) for k in want])
-    t = eqn.primitive.bind(lhs, a_k, **p)
+    # conv needs one operand dtype: the factors may be wider than the weight (float32
+    # factors of a bfloat16 model), and the rank-r path runs in the wider one
+    dt = jnp.promote_types(lhs.dtype, a_k.dtype)
+    pet = p.get("preferred_element_type")
+    t_params = {**p, "preferred_element_type": None if pet is None else _acc(pet)}
+    t = eqn.primitive.bind(lhs.astype(dt), a_k.astype(dt), **t_params)
     t = t * jnp.asarray(rhs.scale, t.dtype)
     letters = fresh_letters(t.ndim + 1)
     t_lab, o_let = letters[: t.ndim], letters[-1]

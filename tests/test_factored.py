@@ -24,8 +24,9 @@ from jaxlora._paths import path_str
 RANK = 3
 
 
-def adapt(params, layouts, *, rank=RANK, seed=0, alpha=2.0):
-    """Wraps the leaves named in ``layouts`` as LoraWeights with non-zero a AND b."""
+def adapt(params, layouts, *, rank=RANK, seed=0, alpha=2.0, factor_dtype=None):
+    """Wraps the leaves named in ``layouts`` as LoraWeights with non-zero a AND b
+    (factors in the weight's dtype unless ``factor_dtype`` is given)."""
 
     def wrap(kp, x):
         path = path_str(kp)
@@ -35,8 +36,8 @@ def adapt(params, layouts, *, rank=RANK, seed=0, alpha=2.0):
         sa, sb = lay.factor_shapes(x.shape, rank)
         key = jax.random.fold_in(jax.random.key(seed), len(path) * 131 + x.size)
         ka, kb = jax.random.split(key)
-        a = (jax.random.normal(ka, sa) * 0.5).astype(x.dtype)
-        b = (jax.random.normal(kb, sb) * 0.5).astype(x.dtype)
+        a = (jax.random.normal(ka, sa) * 0.5).astype(factor_dtype or x.dtype)
+        b = (jax.random.normal(kb, sb) * 0.5).astype(factor_dtype or x.dtype)
         return LoraWeight(x, a, b, LoraSpec(lay, rank, alpha))
 
     out = jax.tree_util.tree_map_with_path(wrap, params)
@@ -136,6 +137,31 @@ def test_bf16_params(dtype, tol):
     x = rand((2, 4), dtype=dtype)
     lp = adapt(m.init(jax.random.key(0), x), {"params/kernel": Layout.dense(2)})
     check(m.apply, lp, x, tol=tol)
+
+
+CONV = (nn.Conv(6, (3, 3)), (2, 9, 9, 3), "params/kernel", Layout.conv(4))
+DENSE = (nn.Dense(5), (2, 4), "params/kernel", Layout.dense(2))
+EMBED = (nn.Embed(11, 6), (2, 3), "params/embedding", Layout.dense(2))
+
+
+@pytest.mark.parametrize("layer,shape,path,layout", [CONV, DENSE, EMBED])
+def test_bf16_model_with_float32_factors(layer, shape, path, layout):
+    """`jaxlora.init` keeps the factors float32 for a bfloat16 model (README,
+    Dtypes); every factored rule must take them (a conv refuses operands of mixed
+    dtypes)."""
+    bf16 = jnp.bfloat16
+    m = layer.clone(dtype=bf16, param_dtype=bf16)
+    if isinstance(layer, nn.Embed):
+        x = jnp.array([[0, 3, 10], [5, 5, 1]])
+    else:
+        x = rand(shape, dtype=bf16)
+    lp = adapt(m.init(jax.random.key(0), x), {path: layout}, factor_dtype=jnp.float32)
+    assert jaxlora_factor_dtypes(lp) == {jnp.dtype(jnp.float32)}
+    check(m.apply, lp, x, tol=2e-2)
+
+
+def jaxlora_factor_dtypes(tree):
+    return {f.dtype for ab in factors(tree).values() for f in ab}
 
 
 def test_multi_head_attention():
