@@ -81,7 +81,10 @@ def _lora_contract(x, w, f1, f2, plan):
     (`_one_buffer_sum`). The residuals are the operands as given (a scanned weight
     slice is then forwarded by ``scan``, not stacked) and ``t = scale · x @ f1``.
     The backward computes the input gradient and the factor gradients only: ``w``
-    is frozen and gets a zero cotangent.
+    is frozen and gets a zero cotangent, unless it carries a tangent of its own
+    (``w`` is the stop-gradient'ed base times a differentiable scalar, e.g.
+    ``x @ (kernel * gate)``): then ``x^T g`` is its cotangent, so the scalar's
+    gradient includes the base path.
     """
     return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
@@ -107,8 +110,18 @@ def _lora_contract_fwd(x, w, f1, f2, plan):
     return _one_buffer_sum(base, lora), (x, w, f1, f2, t)
 
 
+def _lora_contract_fwd_rule(x, w, f1, f2, plan):
+    """The forward rule (``symbolic_zeros``): records whether ``w`` is perturbed."""
+    out, res = _lora_contract_fwd(x.value, w.value, f1.value, f2.value, plan)
+    # a static flag in the residuals' structure: w's cotangent is wanted
+    return out, (*res, (None,) if w.perturbed else ())
+
+
 def _lora_contract_bwd(plan, res, g):
+    *res, w_grad = res
     x, w, f1, f2, t = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return (None, None, None, None)
     dt = _acc(plan.dtype)
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
@@ -132,15 +145,24 @@ def _lora_contract_bwd(plan, res, g):
     dx2 = dx2 + jnp.dot(
         dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
     ).astype(plan.dtype)
+    dw = None  # w is the frozen base: no weight gradient is formed
+    if w_grad:
+        dw2 = jnp.dot(
+            x2.T,
+            g2.astype(x2.dtype),
+            preferred_element_type=dt,
+            precision=plan.precision,
+        )
+        dw = _undo(dw2, plan.w_perm, w.shape).astype(w.dtype)
     return (
         _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
-        jnp.zeros_like(w),
+        dw,
         _undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype),
         _undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype),
     )
 
 
-_lora_contract.defvjp(_lora_contract_fwd, _lora_contract_bwd)
+_lora_contract.defvjp(_lora_contract_fwd_rule, _lora_contract_bwd, symbolic_zeros=True)
 
 
 def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):

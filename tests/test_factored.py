@@ -455,6 +455,25 @@ def test_stacked_weight_in_a_plain_scan():
     check(fn, lp, rand((5, 4)))
 
 
+def test_trainable_scalar_times_kernel():
+    """``x @ (kernel * gate)`` with a trainable scalar gate: runs factored, the
+    factor gradients agree, and the gate's gradient includes the base path (the
+    backward used to crash on the re-bound ``mul``, and the fused contraction's
+    zero cotangent for the base dropped the gate's ``x·W0`` share)."""
+
+    def fn(p, x):
+        return jnp.tanh(x @ (p["w1"] * p["g"])) @ (p["w2"] / p["g"])
+
+    lp = adapt({**plain_params(), "g": jnp.float32(1.7)}, PLAIN)
+    x = rand((5, 4))
+    check(fn, lp, x)
+    got = jax.grad(lambda t: _loss(_factored.call(fn, (t, x), {})))(lp)
+    want = jax.grad(lambda t: _loss(fn(merged(t), x)))(lp)
+    chex.assert_trees_all_close(got["g"], want["g"], rtol=1e-5)
+    for name in ("w1", "w2"):  # the base weights still get no gradient
+        chex.assert_trees_all_equal(got[name].w, jnp.zeros_like(got[name].w))
+
+
 def test_precision_is_kept():
     def fn(p, x):
         return jnp.dot(x, p["w1"], precision=jax.lax.Precision.HIGHEST)
