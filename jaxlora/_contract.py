@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.lax import GatherScatterMode
 
 from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
@@ -305,7 +306,19 @@ def gather(eqn, operand, indices):
     dn, sizes = p["dimension_numbers"], p["slice_sizes"]
     if dn.operand_batching_dims:
         raise Unsupported("batched gather")
-    idx = set(dn.start_index_map)
+    # An axis taken whole with clamped starts always starts at 0: it is not really
+    # indexed (``vmap(lambda i: table[i])`` gathers (row, 0) windows of full rows).
+    whole = set()
+    if p["mode"] in (GatherScatterMode.CLIP, GatherScatterMode.PROMISE_IN_BOUNDS):
+        whole = {
+            i
+            for i in dn.start_index_map
+            if sizes[i] == operand.shape[i] and i not in dn.collapsed_slice_dims
+        }
+    index_map = tuple(i for i in dn.start_index_map if i not in whole)
+    if not index_map:
+        raise Unsupported("gather takes the whole weight")
+    idx = set(index_map)
     if idx <= set(operand.in_axes):
         fac, fac_lab, oth, oth_lab = operand.a, operand.a_lab, operand.b, operand.b_lab
     elif idx <= set(operand.out_axes):
@@ -325,10 +338,13 @@ def gather(eqn, operand, indices):
     fdn = type(dn)(
         offset_dims=tuple(range(n_batch, n_batch + n_off)),
         collapsed_slice_dims=collapsed,
-        start_index_map=tuple(pos[i] for i in dn.start_index_map),
+        start_index_map=tuple(pos[i] for i in index_map),
         operand_batching_dims=(),
         start_indices_batching_dims=(),
     )
+    if whole:  # drop the whole axes' (clamped-to-0) start indices
+        keep = [k for k, i in enumerate(dn.start_index_map) if i not in whole]
+        indices = jnp.take(indices, jnp.asarray(keep), axis=indices.ndim - 1)
     f_sizes = tuple(
         fac.shape[k] if lab == R else sizes[lab] for k, lab in enumerate(fac_lab)
     )

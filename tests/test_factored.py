@@ -343,6 +343,32 @@ def test_equinox_style_pytree():
     check(lambda m, x: m(x), lp, rand((5, 4)))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PytreeLM:
+    """Equinox-style: ``eqx.nn.Embedding`` looks up one scalar token
+    (``weight[i]``) and is vmapped over the sequence; the read-out is tied."""
+
+    embedding: jax.Array
+    w: jax.Array
+
+    def __call__(self, ids):
+        h = jax.vmap(lambda i: self.embedding[i])(ids)
+        return jnp.tanh(h @ self.w) @ self.embedding.T
+
+
+def test_vmapped_scalar_embedding_lookup():
+    """vmap turns ``table[i]`` into a gather of ``(i, 0)`` windows spanning whole
+    rows: the second start index is clamped to 0, so the lookup is still a row
+    gather of ``a`` (it used to materialize the whole table)."""
+    lp = adapt(
+        PytreeLM(rand((11, 6), 2), rand((6, 6), 3)),
+        {"embedding": Layout.dense(2), "w": Layout.dense(2)},
+    )
+    report = check(lambda m, ids: m(ids), lp, jnp.array([0, 3, 10, 5, 5]))
+    assert {u.primitive for u in report.uses["embedding"]} == {"gather", "dot_general"}
+
+
 # -- properties of the engine ----------------------------------------------------------
 
 
