@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.lax import GatherScatterMode
 
 from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
@@ -81,7 +82,10 @@ def _lora_contract(x, w, f1, f2, plan):
     (`_one_buffer_sum`). The residuals are the operands as given (a scanned weight
     slice is then forwarded by ``scan``, not stacked) and ``t = scale · x @ f1``.
     The backward computes the input gradient and the factor gradients only: ``w``
-    is frozen and gets a zero cotangent.
+    is frozen and gets a zero cotangent, unless it carries a tangent of its own
+    (``w`` is the stop-gradient'ed base times a differentiable scalar, e.g.
+    ``x @ (kernel * gate)``): then ``x^T g`` is its cotangent, so the scalar's
+    gradient includes the base path.
     """
     return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
@@ -107,8 +111,18 @@ def _lora_contract_fwd(x, w, f1, f2, plan):
     return _one_buffer_sum(base, lora), (x, w, f1, f2, t)
 
 
+def _lora_contract_fwd_rule(x, w, f1, f2, plan):
+    """The forward rule (``symbolic_zeros``): records whether ``w`` is perturbed."""
+    out, res = _lora_contract_fwd(x.value, w.value, f1.value, f2.value, plan)
+    # a static flag in the residuals' structure: w's cotangent is wanted
+    return out, (*res, (None,) if w.perturbed else ())
+
+
 def _lora_contract_bwd(plan, res, g):
+    *res, w_grad = res
     x, w, f1, f2, t = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return (None, None, None, None)
     dt = _acc(plan.dtype)
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
@@ -132,15 +146,24 @@ def _lora_contract_bwd(plan, res, g):
     dx2 = dx2 + jnp.dot(
         dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
     ).astype(plan.dtype)
+    dw = None  # w is the frozen base: no weight gradient is formed
+    if w_grad:
+        dw2 = jnp.dot(
+            x2.T,
+            g2.astype(x2.dtype),
+            preferred_element_type=dt,
+            precision=plan.precision,
+        )
+        dw = _undo(dw2, plan.w_perm, w.shape).astype(w.dtype)
     return (
         _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
-        jnp.zeros_like(w),
+        dw,
         _undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype),
         _undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype),
     )
 
 
-_lora_contract.defvjp(_lora_contract_fwd, _lora_contract_bwd)
+_lora_contract.defvjp(_lora_contract_fwd_rule, _lora_contract_bwd, symbolic_zeros=True)
 
 
 def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
@@ -257,7 +280,12 @@ def conv_general_dilated(eqn, lhs, rhs):
     base = eqn.primitive.bind(lhs, rhs.w, **p)
     want = [R if k == o_dim else k for k in range(rhs.ndim)]
     a_k = jnp.transpose(rhs.a, [rhs.a_lab.index(k) for k in want])
-    t = eqn.primitive.bind(lhs, a_k, **p)
+    # conv needs one operand dtype: the factors may be wider than the weight (float32
+    # factors of a bfloat16 model), and the rank-r path runs in the wider one
+    dt = jnp.promote_types(lhs.dtype, a_k.dtype)
+    pet = p.get("preferred_element_type")
+    t_params = {**p, "preferred_element_type": None if pet is None else _acc(pet)}
+    t = eqn.primitive.bind(lhs.astype(dt), a_k.astype(dt), **t_params)
     t = t * jnp.asarray(rhs.scale, t.dtype)
     letters = fresh_letters(t.ndim + 1)
     t_lab, o_let = letters[: t.ndim], letters[-1]
@@ -278,7 +306,19 @@ def gather(eqn, operand, indices):
     dn, sizes = p["dimension_numbers"], p["slice_sizes"]
     if dn.operand_batching_dims:
         raise Unsupported("batched gather")
-    idx = set(dn.start_index_map)
+    # An axis taken whole with clamped starts always starts at 0: it is not really
+    # indexed (``vmap(lambda i: table[i])`` gathers (row, 0) windows of full rows).
+    whole = set()
+    if p["mode"] in (GatherScatterMode.CLIP, GatherScatterMode.PROMISE_IN_BOUNDS):
+        whole = {
+            i
+            for i in dn.start_index_map
+            if sizes[i] == operand.shape[i] and i not in dn.collapsed_slice_dims
+        }
+    index_map = tuple(i for i in dn.start_index_map if i not in whole)
+    if not index_map:
+        raise Unsupported("gather takes the whole weight")
+    idx = set(index_map)
     if idx <= set(operand.in_axes):
         fac, fac_lab, oth, oth_lab = operand.a, operand.a_lab, operand.b, operand.b_lab
     elif idx <= set(operand.out_axes):
@@ -298,10 +338,13 @@ def gather(eqn, operand, indices):
     fdn = type(dn)(
         offset_dims=tuple(range(n_batch, n_batch + n_off)),
         collapsed_slice_dims=collapsed,
-        start_index_map=tuple(pos[i] for i in dn.start_index_map),
+        start_index_map=tuple(pos[i] for i in index_map),
         operand_batching_dims=(),
         start_indices_batching_dims=(),
     )
+    if whole:  # drop the whole axes' (clamped-to-0) start indices
+        keep = [k for k, i in enumerate(dn.start_index_map) if i not in whole]
+        indices = jnp.take(indices, jnp.asarray(keep), axis=indices.ndim - 1)
     f_sizes = tuple(
         fac.shape[k] if lab == R else sizes[lab] for k, lab in enumerate(fac_lab)
     )

@@ -19,9 +19,9 @@ parameter path. `explain` reports, per path, which primitives consumed the weigh
 whether each ran factored or materialized.
 
 Limits: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported
-through a factored ``dot_general`` (it has a custom VJP). The base weight is treated
-as a constant: a differentiable scalar that multiplies the kernel before use gets
-its gradient through the factors only.
+through a factored ``dot_general`` (it has a custom VJP). The base weight is a
+constant (no weight gradient); a differentiable scalar that multiplies the kernel
+before use (``x @ (kernel * gate)``) gets its full gradient, base path included.
 """
 
 from __future__ import annotations
@@ -164,13 +164,13 @@ def _scalar_mul(eqn, x, y):
         x, y = y, x
     if isinstance(y, Sym) or np.ndim(y) != 0:
         raise Unsupported("multiplied by a non-scalar")
-    return x.scalar_mul(eqn.primitive.bind(x.w, y), y)
+    return x.scalar_mul(eqn.primitive.bind(x.w, y, **eqn.params), y)
 
 
 def _scalar_div(eqn, x, y):
     if not isinstance(x, Sym) or isinstance(y, Sym) or np.ndim(y) != 0:
         raise Unsupported("divided by a non-scalar or used as a divisor")
-    return x.scalar_mul(eqn.primitive.bind(x.w, y), 1 / jnp.asarray(y))
+    return x.scalar_mul(eqn.primitive.bind(x.w, y, **eqn.params), 1 / jnp.asarray(y))
 
 
 def _reshape(s, w, p, _):

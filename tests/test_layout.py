@@ -41,6 +41,18 @@ def test_embedding_lookup_wins_over_attend():
     assert infer(TiedLM(), ids) == {"params/Embed_0/embedding": D2}
 
 
+def test_vmapped_scalar_lookup_indexes_one_axis():
+    """``vmap(lambda i: table[:, i])`` gathers ``(0, i)`` windows spanning the
+    whole first axis: only the second axis is indexed (the input side)."""
+    table = {"e": jnp.ones((4, 10))}
+    got = infer_layouts(
+        lambda p, ids: jax.vmap(lambda i: p["e"][:, i])(ids),
+        table,
+        (jnp.array([1, 2, 3]),),
+    )
+    assert got == {"e": Layout(in_axes=(1,), out_axes=(0,))}
+
+
 def test_attend_only_table_contracts_features():
     table = {"e": jnp.ones((10, 4))}
     got = infer_layouts(lambda p, h: h @ p["e"].T, table, (jnp.ones((2, 4)),))
