@@ -199,6 +199,7 @@ _VIEWS = {
     "stop_gradient": _view(
         lambda s, w, p, _: s.map_factors(w, lambda f, _: lax.stop_gradient(f))
     ),
+    "neg": _view(lambda s, w, p, _: s.scalar_mul(w, jnp.asarray(-1, s.a.dtype))),
     "mul": _scalar_mul,
     "div": _scalar_div,
 }
@@ -517,7 +518,12 @@ def explain(fn: Callable, args: tuple, kwargs: dict) -> Report:
     for kp, x in leaves:
         if is_lora(x):
             ctx.uses.setdefault(_arg_path(kp), [])
-    dyn = [i for i, x in enumerate(values) if _is_dynamic(x)]
+    # abstract inputs (jax.ShapeDtypeStruct) are traced like arrays
+    dyn = [
+        i
+        for i, x in enumerate(values)
+        if _is_dynamic(x) or isinstance(x, jax.ShapeDtypeStruct)
+    ]
 
     def run(dyn_vals):
         full = list(values)

@@ -516,6 +516,23 @@ def test_trainable_scalar_times_kernel():
         chex.assert_trees_all_equal(got[name].w, jnp.zeros_like(got[name].w))
 
 
+def test_negated_kernel_stays_factored():
+    """``-kernel`` is a scalar multiple like ``2 * kernel``: ``a`` takes the sign."""
+
+    def fn(p, x):
+        return jnp.tanh(x @ -p["w1"]) @ (-p["w2"]).T.T
+
+    check(fn, adapt(plain_params(), PLAIN), rand((5, 4)))
+
+
+def test_explain_accepts_abstract_inputs():
+    """``explain`` runs no FLOPs, so ``jax.ShapeDtypeStruct`` inputs are enough."""
+    lp = adapt(plain_params(), PLAIN)
+    x = jax.ShapeDtypeStruct((5, 4), jnp.float32)
+    report = _factored.explain(mlp, (lp, x), {})
+    assert report.statuses == {"w1": "factored", "w2": "factored"}, str(report)
+
+
 def test_precision_is_kept():
     def fn(p, x):
         return jnp.dot(x, p["w1"], precision=jax.lax.Precision.HIGHEST)
