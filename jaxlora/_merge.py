@@ -80,15 +80,34 @@ def adapters(params: PyTree) -> Adapters:
     return {path_str(p): x.replace(w=None) for p, x in flat if is_lora(x)}
 
 
-def combine(base_params: PyTree, adapter_tree: Adapters) -> PyTree:
+def combine(
+    base_params: PyTree, adapter_tree: Adapters, *, allow_residual: bool = False
+) -> PyTree:
     """Puts adapters (from `adapters`) back on a plain base tree.
+
+    Args:
+        base_params: a plain tree of base weights.
+        adapter_tree: adapters from `adapters`.
+        allow_residual: adapters of a weight-aware scheme (PiSSA, OLoRA, ...) or of
+            ``compensate=True`` were trained on a residual base; they only belong on
+            that residual (``base(params, allow_residual=True)``). Set True to say
+            ``base_params`` is it; on the original weights use `to_plain_lora`.
 
     Raises:
         ValueError: listing every adapter path missing from ``base_params``, every
-            shape that does not fit and every path already adapted in
-            ``base_params``.
+            shape that does not fit, every path already adapted in ``base_params``
+            and, unless ``allow_residual``, every residual adapter.
     """
     found, problems = set(), []
+    residual = sorted(p for p, x in adapter_tree.items() if x.spec.residual)
+    if residual and not allow_residual:
+        scheme = adapter_tree[residual[0]].spec.scheme
+        problems.append(
+            f"{residual[:8]} were trained on a residual base (scheme {scheme!r}), "
+            "not on the original weights: combine them with "
+            "jaxlora.base(params, allow_residual=True) and pass allow_residual=True, "
+            "or convert them with jaxlora.to_plain_lora(params, original_params)"
+        )
 
     def attach(keypath, leaf):
         p = path_str(keypath)

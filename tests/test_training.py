@@ -187,6 +187,22 @@ def test_combine_refuses_an_adapted_base_tree():
     chex.assert_trees_all_equal(again, params)
 
 
+def test_combine_refuses_residual_adapters_unless_told():
+    """PiSSA adapters put on the original weights would merge to W + (W - residual):
+    refused, listing the paths, unless the caller says the base is the residual."""
+    plain = {"k": {"kernel": jax.random.normal(jax.random.key(3), (8, 6))}}
+    params = jaxlora.init(plain, jax.random.key(0), scheme="pissa", rank=2)
+    ads = jaxlora.adapters(params)
+    with pytest.raises(ValueError) as e:
+        jaxlora.combine(plain, ads)
+    msg = str(e.value)
+    assert "['k/kernel'] were trained on a residual base (scheme 'pissa')" in msg
+    assert "allow_residual=True" in msg and "to_plain_lora" in msg
+    residual = jaxlora.base(params, allow_residual=True)
+    again = jaxlora.combine(residual, ads, allow_residual=True)
+    chex.assert_trees_all_equal(again, params)
+
+
 def test_trainable_names_match_whole_module_names_only():
     plain = {
         "head": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)},
