@@ -298,6 +298,24 @@ def conv_general_dilated(eqn, lhs, rhs):
     return _one_buffer_sum(base, lora), "in"
 
 
+def gather_indexed_axes(params: dict, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The operand axes a gather (``params``) really indexes, in start-index order.
+
+    An axis taken whole with clamped starts always starts at 0, so it is not
+    indexed: ``vmap(lambda i: table[i])`` gathers ``(row, 0)`` windows of full rows.
+    """
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    clamped = params["mode"] in (
+        GatherScatterMode.CLIP,
+        GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+    return tuple(
+        i
+        for i in dn.start_index_map
+        if not (clamped and sizes[i] == shape[i] and i not in dn.collapsed_slice_dims)
+    )
+
+
 def gather(eqn, operand, indices):
     """Row lookup (``nn.Embed``): gather the factor holding the indexed axes, then @."""
     if not isinstance(operand, Sym) or isinstance(indices, Sym):
@@ -306,16 +324,8 @@ def gather(eqn, operand, indices):
     dn, sizes = p["dimension_numbers"], p["slice_sizes"]
     if dn.operand_batching_dims:
         raise Unsupported("batched gather")
-    # An axis taken whole with clamped starts always starts at 0: it is not really
-    # indexed (``vmap(lambda i: table[i])`` gathers (row, 0) windows of full rows).
-    whole = set()
-    if p["mode"] in (GatherScatterMode.CLIP, GatherScatterMode.PROMISE_IN_BOUNDS):
-        whole = {
-            i
-            for i in dn.start_index_map
-            if sizes[i] == operand.shape[i] and i not in dn.collapsed_slice_dims
-        }
-    index_map = tuple(i for i in dn.start_index_map if i not in whole)
+    index_map = gather_indexed_axes(p, operand.shape)
+    whole = set(dn.start_index_map) - set(index_map)
     if not index_map:
         raise Unsupported("gather takes the whole weight")
     idx = set(index_map)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
+from jaxlora._contract import gather_indexed_axes
 from jaxlora._node import Layout
 from jaxlora._paths import path_str
 
@@ -96,7 +97,8 @@ class _Walker:
                 _union(t.axes[i] for i in p["dimension_numbers"].rhs_spec[1:]),
             )
         elif name == "gather" and ins[0] is t:
-            self.note(t, "gather", _union(t.axes[i] for i in _gather_indexed(eqn)))
+            indexed = gather_indexed_axes(p, eqn.invars[0].aval.shape)
+            self.note(t, "gather", _union(t.axes[i] for i in indexed))
         elif name in (
             "jit",
             "pjit",
@@ -147,24 +149,6 @@ _IDENTITY = {
     "sharding_constraint",
     "optimization_barrier",
 }
-
-
-def _gather_indexed(eqn):
-    """The operand axes a gather really indexes: an axis taken whole with clamped
-    starts (``vmap(lambda i: table[i])`` gathers ``(i, 0)`` windows) always starts
-    at 0 and is not counted (as in `jaxlora._contract.gather`)."""
-    p = eqn.params
-    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
-    shape = eqn.invars[0].aval.shape
-    clamped = p["mode"] in (
-        jax.lax.GatherScatterMode.CLIP,
-        jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
-    return [
-        i
-        for i in dn.start_index_map
-        if not (clamped and sizes[i] == shape[i] and i not in dn.collapsed_slice_dims)
-    ]
 
 
 def _reshape_axes(old, new, axes):

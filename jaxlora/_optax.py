@@ -12,18 +12,14 @@ import optax
 
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import examples
+from jaxlora._targets import name_matches
 
 PyTree = Any
 #: Plain (non-LoRA) leaves to train in full: a regex fully matched against the path,
 #: a sequence of module names ('/'-bounded suffix match) or a predicate
 #: ``(path, leaf) -> bool``.
 Trainable = None | str | Sequence[str] | Callable[[str, Any], bool]
-
-
-def _matches_name(name: str, path: str) -> bool:
-    """``name`` is the leaf's path or its module path, or a ``/``-bounded suffix."""
-    module = path.rsplit("/", 1)[0] if "/" in path else ""
-    return any(s == name or s.endswith("/" + name) for s in (path, module) if s)
 
 
 def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]:
@@ -35,7 +31,10 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
         return [(f"regex {trainable!r}", match)]
     if callable(trainable):
         return [(f"predicate {getattr(trainable, '__name__', trainable)!r}", trainable)]
-    return [(f"name {n!r}", lambda p, x, n=n: _matches_name(n, p)) for n in trainable]
+    return [
+        (f"name {n!r}", lambda p, x, n=n: name_matches(n, p, any_leaf=True))
+        for n in trainable
+    ]
 
 
 def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
@@ -65,15 +64,12 @@ def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
         else:
             problems.append(f"{what} matches no parameter")
     if problems:
-        available = [p for p, _ in plain]
-        shown = ", ".join(repr(p) for p in available[:8])
-        more = f" (and {len(available) - 8} more)" if len(available) > 8 else ""
         raise ValueError(
             "These trainable= entries select no plain parameter to train in full:\n  - "
             + "\n  - ".join(problems)
-            + f"\nPlain (non-LoRA) parameters: {shown}{more}. Names match a "
-            "parameter's path or module path, or a '/'-bounded suffix of it; fix "
-            "or remove these entries."
+            + f"\nPlain (non-LoRA) parameters: {examples([p for p, _ in plain])}. "
+            "Names match a parameter's path or module path, or a '/'-bounded "
+            "suffix of it; fix or remove these entries."
         )
     return chosen
 

@@ -37,12 +37,17 @@ def _default_target(path: str, leaf: Any) -> bool:
     return leaf_name(path) == "kernel" and is_floating(leaf) and leaf.ndim >= 2
 
 
-def _name_matches(name: str, path: str) -> bool:
-    """PEFT-style suffix match of a module name (or a full leaf path) against a path."""
+def name_matches(name: str, path: str, *, any_leaf: bool = False) -> bool:
+    """PEFT-style suffix match of a module name (or a full leaf path) against a path.
+
+    ``name`` is the path or a ``/``-bounded suffix of it (``"head"`` is not
+    ``"prehead"``), or the same of its module path: for a kernel-like leaf only,
+    unless ``any_leaf`` (a module's bias and scale too).
+    """
     module = path.rsplit("/", 1)[0] if "/" in path else ""
     if path == name or path.endswith("/" + name):
         return True
-    return leaf_name(path) in _KERNEL_NAMES and (
+    return (any_leaf or leaf_name(path) in _KERNEL_NAMES) and (
         module == name or module.endswith("/" + name)
     )
 
@@ -57,7 +62,7 @@ def pattern_matches(pattern: str, path: str) -> bool:
     return bool(re.fullmatch(regex, path) or re.fullmatch(regex, module))
 
 
-def _examples(paths: Sequence[str], n: int = 8) -> str:
+def examples(paths: Sequence[str], n: int = 8) -> str:
     shown = ", ".join(repr(p) for p in paths[:n])
     more = f" (and {len(paths) - n} more)" if len(paths) > n else ""
     return shown + more
@@ -86,7 +91,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
         seen.add(p)
     if clashes:
         raise ValueError(
-            f"Several parameters share the path {_examples(clashes)}: paths are the "
+            f"Several parameters share the path {examples(clashes)}: paths are the "
             "'/'-joined keys, so a key containing '/' (or keys 0 and '0') can name "
             "two leaves, and targets, patterns and checkpoints could not tell them "
             "apart. Rename those keys."
@@ -94,7 +99,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
     adapted = [p for p, leaf in items if is_lora(leaf)]
     if adapted:
         raise ValueError(
-            f"params already holds LoRA adapters at {_examples(adapted)}. Call "
+            f"params already holds LoRA adapters at {examples(adapted)}. Call "
             "jaxlora.init on jaxlora.base(params) (or jaxlora.merge(params)) instead."
         )
     arrays = [(p, leaf) for p, leaf in items if hasattr(leaf, "shape")]
@@ -110,15 +115,15 @@ def select(params: PyTree, targets: Targets) -> list[str]:
         what = f"the targets predicate {getattr(targets, '__name__', targets)!r}"
     elif isinstance(targets, Sequence):
         unmatched = [
-            n for n in targets if not any(_name_matches(n, p) for p, _ in arrays)
+            n for n in targets if not any(name_matches(n, p) for p, _ in arrays)
         ]
         if unmatched:
             raise ValueError(
                 f"targets names {unmatched} match no parameter. Names are matched as "
                 f"path suffixes (e.g. 'query' or 'Dense_0/kernel'). Available: "
-                f"{_examples(available)}."
+                f"{examples(available)}."
             )
-        chosen = [p for p, _ in arrays if any(_name_matches(n, p) for n in targets)]
+        chosen = [p for p, _ in arrays if any(name_matches(n, p) for n in targets)]
         what = f"targets={list(targets)!r}"
     else:
         raise TypeError(
@@ -127,7 +132,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
         )
     if not chosen:
         raise ValueError(
-            f"{what} matched no parameter. Available paths: {_examples(available)}."
+            f"{what} matched no parameter. Available paths: {examples(available)}."
         )
     return chosen
 
@@ -147,7 +152,7 @@ def resolve_pattern(
         raise ValueError(
             f"{name} keys {unused} match no LoRA target. Keys are regexes matched "
             f"against the end of a target's path or module path. Targets: "
-            f"{_examples(list(paths))}."
+            f"{examples(list(paths))}."
         )
     out = {}
     for p in paths:

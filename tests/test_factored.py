@@ -87,7 +87,7 @@ def _widen(tree):
     return jax.tree.map(up, tree)
 
 
-def check(fn, lp, *args, tol=1e-5, kwargs=None):
+def check(fn, lp, *args, tol=1e-5, kwargs=None, magnitude=False):
     """Outputs and gradients wrt every a and b agree with fn on merged weights.
 
     In float32 the two agree to ``tol`` relative; where they do not (a result that
@@ -95,6 +95,13 @@ def check(fn, lp, *args, tol=1e-5, kwargs=None):
     and the factored error must be at most twice the materialized formulation's
     own. In low precision both are compared with a float32 reference and the
     factored error must be within ``tol`` or at most twice the materialized one's.
+
+    ``magnitude=True`` (only for an ``fn`` that is one contraction) also accepts a
+    low-precision error within ``tol`` of the floating-point error bound's scale:
+    the same computation on absolute values, |x|·(|w0| + s·|a|·|b|). The factored
+    form rounds ``w0·x`` and ``s·(x·a)·b`` separately, as a hand-written LoRA layer
+    does, so where they cancel its error is a fraction of that scale, not of the
+    (much smaller) result.
     """
     kwargs = kwargs or {}
 
@@ -121,11 +128,22 @@ def check(fn, lp, *args, tol=1e-5, kwargs=None):
     ):
         with jax.enable_x64(True):
             ref = materialized(_widen(lp), _widen(args))
-    for u, v, r in zip(*map(jax.tree.leaves, (got, want, ref)), strict=True):
+    mag = ref
+    if low and magnitude:
+        # every term positive: the outputs and the factor gradients (through
+        # ∂loss/∂o = o + 1 > 0) are sums of absolute values
+        mag = materialized(*jax.tree.map(jnp.abs, (_upcast(lp), _upcast(args))))
+    for u, v, r, m in zip(*map(jax.tree.leaves, (got, want, ref, mag)), strict=True):
         assert u.shape == v.shape and u.dtype == v.dtype
         assert np.linalg.norm(np.asarray(r, np.float64)) > 0
         err = rel_err(u, r)
-        assert err <= tol or err <= 2 * rel_err(v, r), (err, rel_err(v, r))
+        scaled = np.linalg.norm(np.asarray(u, np.float64) - np.asarray(r, np.float64))
+        scaled /= max(np.linalg.norm(np.asarray(m, np.float64)), 1e-30)
+        assert err <= tol or err <= 2 * rel_err(v, r) or scaled <= tol, (
+            err,
+            rel_err(v, r),
+            scaled,
+        )
     report = _factored.explain(fn, (lp, *args), kwargs)
     assert set(report.statuses) == set(factors(lp)), str(report)
     assert set(report.statuses.values()) == {"factored"}, str(report)
@@ -463,7 +481,7 @@ def test_dot_general_property(
         return jax.lax.dot_general(x, p["w"], ((x_in, w_in), ((), ())))
 
     lp = adapt({"w": rand(w_shape, seed + 1, dtype)}, {"w": lay}, rank=rank, seed=seed)
-    check(fn, lp, x, tol=tol)
+    check(fn, lp, x, tol=tol, magnitude=True)
 
 
 def test_views_and_control_flow_stay_factored():
