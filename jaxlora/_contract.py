@@ -261,7 +261,13 @@ def dot_general(eqn, lhs, rhs):
 
 
 def conv_general_dilated(eqn, lhs, rhs):
-    """Weight as a conv kernel: ``a`` as a conv to r channels, then b."""
+    """Weight as a conv kernel: ``a`` as a conv to r channels, then b (a 1×1 conv).
+
+    A grouped convolution (``feature_group_count = G``, depthwise included) runs ``a``
+    as a grouped conv to ``G·r`` channels (group g's r channels see only group g's
+    inputs, as ``w`` does), then each group's r channels go through the columns of
+    ``b`` that belong to that group's outputs.
+    """
     if isinstance(lhs, Sym):
         raise Unsupported(
             "the adapted weight is the convolution's input, not its kernel"
@@ -269,8 +275,9 @@ def conv_general_dilated(eqn, lhs, rhs):
     p = eqn.params
     dn = p["dimension_numbers"]
     o_dim, i_dim, *spatial = dn.rhs_spec
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        raise Unsupported("grouped convolution")
+    groups = p["feature_group_count"]
+    if p["batch_group_count"] != 1:
+        raise Unsupported("batch-grouped convolution")
     if rhs.stack_axes or set(rhs.out_axes) != {o_dim}:
         raise Unsupported(f"kernel output axis {o_dim} is not the weight's output axis")
     if set(rhs.in_axes) != {i_dim, *spatial}:
@@ -280,6 +287,9 @@ def conv_general_dilated(eqn, lhs, rhs):
     base = eqn.primitive.bind(lhs, rhs.w, **p)
     want = [R if k == o_dim else k for k in range(rhs.ndim)]
     a_k = jnp.transpose(rhs.a, [rhs.a_lab.index(k) for k in want])
+    rank = a_k.shape[o_dim]
+    # group g's r output channels are g*r ... g*r + r - 1, each with a's kernel
+    a_k = jnp.tile(a_k, [groups if k == o_dim else 1 for k in range(a_k.ndim)])
     # conv needs one operand dtype: the factors may be wider than the weight (float32
     # factors of a bfloat16 model), and the rank-r path runs in the wider one
     dt = jnp.promote_types(lhs.dtype, a_k.dtype)
@@ -287,15 +297,24 @@ def conv_general_dilated(eqn, lhs, rhs):
     t_params = {**p, "preferred_element_type": None if pet is None else _acc(pet)}
     t = eqn.primitive.bind(lhs.astype(dt), a_k.astype(dt), **t_params)
     t = t * jnp.asarray(rhs.scale, t.dtype)
+    f = dn.out_spec[1]
+    t = t.reshape(t.shape[:f] + (groups, rank) + t.shape[f + 1 :])
     letters = fresh_letters(t.ndim + 1)
     t_lab, o_let = letters[: t.ndim], letters[-1]
-    f = dn.out_spec[1]
-    out_lab = t_lab[:f] + o_let + t_lab[f + 1 :]
-    b_lab = "".join(t_lab[f] if k == R else o_let for k in rhs.b_lab)
+    g_let, r_let = t_lab[f], t_lab[f + 1]
+    out_lab = t_lab[:f] + g_let + o_let + t_lab[f + 2 :]
+    # b's output axis split as (group, output within the group)
+    b_lab = "".join(r_let if k == R else g_let + o_let for k in rhs.b_lab)
+    b_dims = []
+    for k, n in zip(rhs.b_lab, rhs.b.shape, strict=True):
+        b_dims += [n] if k == R else [groups, n // groups]
     lora = jnp.einsum(
-        f"{t_lab},{b_lab}->{out_lab}", t, rhs.b, preferred_element_type=base.dtype
+        f"{t_lab},{b_lab}->{out_lab}",
+        t,
+        rhs.b.reshape(b_dims),
+        preferred_element_type=base.dtype,
     )
-    return _one_buffer_sum(base, lora), "in"
+    return _one_buffer_sum(base, lora.reshape(base.shape)), "in"
 
 
 def gather_indexed_axes(params: dict, shape: tuple[int, ...]) -> tuple[int, ...]:

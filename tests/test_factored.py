@@ -223,6 +223,40 @@ def test_conv(strides, padding):
     check(m.apply, lp, x)
 
 
+@pytest.mark.parametrize(
+    "features,groups,window,shape",
+    [
+        (6, 3, (3, 3), (2, 7, 7, 6)),  # grouped: 3 groups of 2 inputs -> 2 outputs
+        (8, 4, (3, 3), (2, 7, 7, 4)),  # depthwise, channel multiplier 2
+        (4, 2, (3,), (2, 9, 4)),  # 1-D, 2 groups
+        (4, 2, (2, 2, 2), (1, 4, 5, 5, 2)),  # 3-D, depthwise
+    ],
+)
+def test_grouped_conv(features, groups, window, shape):
+    """``feature_group_count > 1`` (depthwise included) runs factored: a grouped
+    conv to groups·r channels, then each group's r channels through its outputs'
+    columns of b."""
+    m = nn.Conv(features, window, feature_group_count=groups, padding="SAME")
+    x = rand(shape)
+    lay = Layout.conv(len(window) + 2)
+    lp = adapt(m.init(jax.random.key(0), x), {"params/kernel": lay})
+    check(m.apply, lp, x)
+
+
+def test_grouped_conv_nchw_layout():
+    """A grouped conv in PyTorch's layout (NCHW input, OIHW kernel)."""
+    dn = ("NCHW", "OIHW", "NCHW")
+
+    def fn(p, x):
+        return jax.lax.conv_general_dilated(
+            x, p["w"], (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+        )
+
+    w = rand((6, 2, 3, 3), seed=3)  # O, I/G, H, W
+    lay = Layout(in_axes=(1, 2, 3), out_axes=(0,))
+    check(fn, adapt({"w": w}, {"w": lay}), rand((2, 4, 6, 6)))
+
+
 class TiedLM(nn.Module):
     @nn.compact
     def __call__(self, ids):
