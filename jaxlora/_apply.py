@@ -30,8 +30,10 @@ def lora_apply(apply_fn: Callable, *, factored: bool = True) -> Callable:
     formed, and the frozen ``W0`` gets an exactly-zero gradient that XLA never
     computes, so a training step costs about 2/3 of a full fine-tuning step. Uses
     the engine cannot factor are computed on ``w + s·a@b`` with one warning per
-    parameter path (see `explain`). Works under ``jax.jit``, ``jax.grad`` and
-    ``jax.vmap``; new factor values never recompile.
+    parameter path (see `explain`). Works under ``jax.jit``, ``jax.grad``,
+    ``jax.vmap`` and forward mode (``jax.jvp``, ``jax.jacfwd``: the contractions then
+    run in plain ops); new factor values never recompile. ``jax.linearize`` is refused
+    by JAX (the custom reverse rule has no forward mode).
 
     Args:
         apply_fn: any function, e.g. a Linen ``model.apply``, an NNX

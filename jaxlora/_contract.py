@@ -9,6 +9,7 @@ then materializes the weight for that one use.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from typing import Any
@@ -17,12 +18,38 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import ad as _ad
 from jax.lax import GatherScatterMode
 
 from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
 from jaxlora._symbolic import Unsupported
 from jaxlora._symbolic import fresh_letters
+
+# True while the interpreter runs a call that forward-mode differentiation (jax.jvp,
+# jacfwd, linearize) perturbs: a custom_vjp cannot be differentiated forwards, so
+# the contraction is then emitted in plain ops, which JAX differentiates itself
+FORWARD_MODE = contextvars.ContextVar("jaxlora_forward_mode", default=False)
+
+
+def forward_mode(values) -> bool:
+    """Whether forward-mode differentiation perturbs any of ``values``: a JVP tracer
+    somewhere down a value's chain of tracers (``vmap`` of ``jvp``, ``jit`` inside,
+    ...). Reverse mode (``jax.grad``) runs on linearize tracers, unless
+    ``jax_use_direct_linearize`` is off: then its JVP tracers cannot be told apart
+    from forward mode, and the custom reverse rule is kept (forward mode then fails
+    with JAX's own error).
+    """
+    if not jax.config.jax_use_direct_linearize:
+        return False
+    for x in values:
+        for _ in range(64):  # tracer chains are as deep as the nested transforms
+            if not isinstance(x, jax.core.Tracer):
+                break
+            if isinstance(x, _ad.JVPTracer):
+                return True
+            x = getattr(x, "primal", getattr(x, "val", None))
+    return False
 
 
 def _sum(base, lora):
@@ -190,6 +217,8 @@ def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
         base_params=base_params,
         sym_lhs=sym_lhs,
     )
+    if FORWARD_MODE.get():
+        return _lora_contract_fwd(x, sym.w, f1, f2, plan)[0]
     return _lora_contract(x, sym.w, f1, f2, plan)
 
 

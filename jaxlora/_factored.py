@@ -18,8 +18,9 @@ correctly by materializing ``w + s·a@b`` for that use only, with one warning pe
 parameter path. `explain` reports, per path, which primitives consumed the weight and
 whether each ran factored or materialized.
 
-Limits: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported
-through a factored ``dot_general`` (it has a custom VJP). The base weight is a
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) cannot
+enter the custom VJP of a factored ``dot_general``: a call it perturbs emits the same
+factored contraction in plain ops instead. The base weight is a
 constant (no weight gradient); a differentiable scalar that multiplies the kernel
 before use (``x @ (kernel * gate)``) gets its full gradient, base path included.
 """
@@ -387,7 +388,14 @@ def _run(ctx, fn, args, kwargs):
         else values[i]
         for i in dyn
     ]
-    outs = _eval(ctx, closed.jaxpr, closed.consts, invals)
+    token = _contract.FORWARD_MODE.set(
+        _contract.FORWARD_MODE.get()
+        or _contract.forward_mode([*jax.tree.leaves(invals), *closed.consts])
+    )
+    try:
+        outs = _eval(ctx, closed.jaxpr, closed.consts, invals)
+    finally:
+        _contract.FORWARD_MODE.reset(token)
     outs = _concrete(ctx, outs, "output", "returned by the function")
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
