@@ -256,9 +256,12 @@ def dot_general(eqn, lhs, rhs):
     sc, xc, sb, xb = (lc, rc, lb, rb) if sym_lhs else (rc, lc, rb, lb)
     if not set(sb) <= set(sym.stack_axes):
         raise Unsupported("a batch dimension of the weight is not a stacked axis")
-    if set(sc) == set(sym.in_axes) and sc:
+    free = set(range(sym.ndim)) - set(sym.stack_axes)
+    if sc and sym.can_regroup(sc):
+        sym = sym.regroup_units(sc)
         first, second, route = "a", "b", "in"
-    elif set(sc) == set(sym.out_axes) and sc:
+    elif sc and sym.can_regroup(free - set(sc)):
+        sym = sym.regroup_units(free - set(sc))
         first, second, route = "b", "a", "out"
     else:
         raise Unsupported(

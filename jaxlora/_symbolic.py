@@ -183,6 +183,44 @@ class Sym:
             w, self.a * c.astype(self.a.dtype), self.b, self.a_lab, self.b_lab
         )
 
+    def can_regroup(self, want_in) -> bool:
+        """Whether `regroup_units` can make ``want_in`` the input axes (both factors
+        keep at least one axis of ``w``, and only size-1 axes move)."""
+        want_in = set(want_in)
+        units = {i for i, n in enumerate(self.shape) if n == 1}
+        free = set(range(self.ndim)) - set(self.stack_axes)
+        moves = set(self.in_axes) ^ want_in
+        return (
+            moves <= units & free
+            and want_in <= free
+            and bool(want_in)
+            and bool(free - want_in)
+        )
+
+    def regroup_units(self, want_in) -> Sym:
+        """The same Sym with its size-1 axes moved so its input axes are ``want_in``.
+
+        A unit axis (from ``w[:, None]`` or a reshape to ``(d, 1, h)``) carries no
+        data, so it may sit in either factor; views put new ones on the input side,
+        and a contraction that wants them on the other side moves them here.
+        Raises `Unsupported` if more than unit axes would have to move.
+        """
+        want_in, cur_in = set(want_in), set(self.in_axes)
+        if not self.can_regroup(want_in):
+            raise Unsupported("regrouping would move axes that are not of size 1")
+        if want_in == cur_in:
+            return self
+        a, a_lab, b, b_lab = self.a, list(self.a_lab), self.b, list(self.b_lab)
+        for i in sorted(cur_in - want_in):  # input side -> output side
+            a = jnp.squeeze(a, a_lab.index(i))
+            a_lab.remove(i)
+            b, b_lab = b[..., None], [*b_lab, i]
+        for i in sorted(want_in - cur_in):  # output side -> input side
+            b = jnp.squeeze(b, b_lab.index(i))
+            b_lab.remove(i)
+            a, a_lab = a[..., None], [*a_lab, i]
+        return self._with(self.w, a, b, tuple(a_lab), tuple(b_lab))
+
     def reshape(self, w, new_sizes):
         """A reshape that only splits or merges axes within one group."""
         old = self.shape

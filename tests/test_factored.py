@@ -457,6 +457,26 @@ def test_vmap_of_call():
     chex.assert_trees_all_close(ys, ys0, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda w, x: jnp.einsum("btd,dnh->btnh", x, w[:, None, :]),
+        lambda w, x: jnp.einsum("btd,dnh->btnh", x, w.reshape(4, 1, 6)),
+        lambda w, x: jnp.einsum("btd,ndh->btnh", x, w[None]),
+        lambda w, x: jnp.einsum(
+            "bth,dnh->btdn", x[..., :2] @ jnp.ones((2, 6)), w[:, None]
+        ),
+    ],
+    ids=["expand", "reshape", "leading", "out-route"],
+)
+def test_unit_axes_go_to_the_side_the_contraction_needs(use):
+    """A size-1 axis (``w[:, None]``, a reshape to ``(d, 1, h)``) carries no data: a
+    contraction that needs it on the other factor's side still runs factored."""
+    w = rand((4, 6), seed=5)
+    lp = adapt({"w": w}, {"w": Layout.dense(2)})
+    check(lambda p, x: use(p["w"], x), lp, rand((2, 3, 4)))
+
+
 def test_fallback_warns_once_and_is_correct():
     def fn(p, x):
         return jnp.sin(p["w1"]).sum() + mlp(p, x) + jnp.cos(p["w1"]).sum()
