@@ -5,6 +5,8 @@ evaluates the jaxpr with an interpreter in which values derived from an adapted 
 are symbolic (`jaxlora._symbolic.Sym`). Contractions (``dot_general``, convolutions,
 row gathers) run factored, ``W0·x + s·b(a(x))``, with ``W0`` frozen so a backward
 pass computes the input gradient but no weight gradient (`jaxlora._contract`).
+Views of the weight (casts, transposes, reshapes, slices, scalar multiples) and tags
+on it (``with_sharding_constraint``, ``checkpoint_name``) keep it symbolic.
 
 Followed inside: nested ``jit``; ``checkpoint``/``remat`` (re-applied with the same
 policy); ``scan`` (a stacked weight passed as ``xs`` is sliced factor by factor, or
@@ -180,6 +182,9 @@ def _reshape(s, w, p, _):
     return s.reshape(w, p["new_sizes"])
 
 
+# w as the primitive makes it, the factors unchanged
+_PASS = _view(lambda s, w, p, _: s.map_factors(w, lambda f, _: f))
+
 _VIEWS = {
     "convert_element_type": _view(lambda s, w, p, _: s.convert(w, p["new_dtype"])),
     "transpose": _view(lambda s, w, p, _: s.transpose(w, p["permutation"])),
@@ -195,8 +200,12 @@ _VIEWS = {
     ),
     "dynamic_slice": _view(lambda s, w, p, r: s.dynamic_slice(w, r, p["slice_sizes"])),
     "rev": _view(lambda s, w, p, _: s.rev(w, p["dimensions"])),
-    "copy": _view(lambda s, w, p, _: s.map_factors(w, lambda f, _: f)),
-    "copy_p": _view(lambda s, w, p, _: s.map_factors(w, lambda f, _: f)),
+    "copy": _PASS,
+    "copy_p": _PASS,
+    # layout hints and remat tags on the weight: applied to w as the model asks; the
+    # (small) factors pass through and XLA's sharding propagation places them
+    "sharding_constraint": _PASS,
+    "name": _PASS,
     "stop_gradient": _view(
         lambda s, w, p, _: s.map_factors(w, lambda f, _: lax.stop_gradient(f))
     ),
