@@ -42,6 +42,7 @@ from jax import lax
 from jax.extend.core import Literal
 
 from jaxlora import _contract
+from jaxlora import _symbolic
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 from jaxlora._symbolic import Sym
@@ -79,16 +80,17 @@ class _Context:
     def materialize(self, x, primitive, reason):
         if not isinstance(x, Sym):
             return x
-        self.record(x.path, primitive, "materialized", reason)
-        if self.warn and x.path not in self.warned:
-            self.warned.add(x.path)
-            warnings.warn(
-                f"jaxlora: the adapted weight '{x.path}' is used by '{primitive}' "
-                f"({reason}), which has no factored rule; it is materialized as "
-                "w + scale * a @ b for that use (correct, but it costs a dense weight "
-                "and its gradient).",
-                stacklevel=2,
-            )
+        for path in x.paths:
+            self.record(path, primitive, "materialized", reason)
+            if self.warn and path not in self.warned:
+                self.warned.add(path)
+                warnings.warn(
+                    f"jaxlora: the adapted weight '{path}' is used by '{primitive}' "
+                    f"({reason}), which has no factored rule; it is materialized as "
+                    "w + scale * a @ b for that use (correct, but it costs a dense "
+                    "weight and its gradient).",
+                    stacklevel=2,
+                )
         return x.materialize()
 
 
@@ -137,8 +139,8 @@ def _eval_sym_eqn(ctx, eqn, invals):
         if name in _contract.RULES:
             out, route = _contract.RULES[name](eqn, *invals)
             for x in invals:
-                if isinstance(x, Sym):
-                    ctx.record(x.path, name, "factored", f"via {route}-axes")
+                for path in x.paths if isinstance(x, Sym) else ():
+                    ctx.record(path, name, "factored", f"via {route}-axes")
             return out
         if name in _VIEWS:
             return _VIEWS[name](eqn, *invals)
@@ -182,6 +184,10 @@ def _reshape(s, w, p, _):
     return s.reshape(w, p["new_sizes"])
 
 
+def _bases(xs):
+    return [x.w if isinstance(x, Sym) else x for x in xs]
+
+
 # w as the primitive makes it, the factors unchanged
 _PASS = _view(lambda s, w, p, _: s.map_factors(w, lambda f, _: f))
 
@@ -206,6 +212,9 @@ _VIEWS = {
     # (small) factors pass through and XLA's sharding propagation places them
     "sharding_constraint": _PASS,
     "name": _PASS,
+    "concatenate": lambda eqn, *xs: _symbolic.concatenate(
+        xs, eqn.params["dimension"], eqn.primitive.bind(*_bases(xs), **eqn.params)
+    ),
     "stop_gradient": _view(
         lambda s, w, p, _: s.map_factors(w, lambda f, _: lax.stop_gradient(f))
     ),
@@ -236,12 +245,9 @@ def _remat(ctx, eqn, invals):
 def _custom(ctx, eqn, invals):
     name = eqn.params.get("name", eqn.primitive.name)
     for x in invals:
-        if isinstance(x, Sym):
+        for path in x.paths if isinstance(x, Sym) else ():
             ctx.record(
-                x.path,
-                eqn.primitive.name,
-                "followed",
-                f"custom rule of '{name}' dropped",
+                path, eqn.primitive.name, "followed", f"custom rule of '{name}' dropped"
             )
     closed = eqn.params["call_jaxpr"]
     return _eval(ctx, closed.jaxpr, closed.consts, invals)
@@ -435,6 +441,10 @@ def call(fn: Callable, args: tuple, kwargs: dict) -> PyTree:
 def _capture(ctx, eqn, invals):
     """Records the activations contracted with an adapted weight's input axes."""
     (sym,) = [x for x in invals if isinstance(x, Sym)][:1] or [None]
+    if len(sym.paths) > 1:
+        for path in sym.paths:
+            ctx.captured[path] = "concatenated with another adapted weight"
+        return
     if eqn.primitive.name != "dot_general" or len(invals) != 2:
         ctx.captured[sym.path] = f"used by '{eqn.primitive.name}'"
         return

@@ -31,12 +31,13 @@ PyTree = Any
 
 
 class _T:
-    """A value derived from parameter ``leaf``; ``axes[k]``: original axes of axis k."""
+    """A value derived from parameters ``leaves`` (more than one after a
+    concatenation); ``axes[k]``: the original axes of axis k (the same in each)."""
 
-    __slots__ = ("leaf", "axes")
+    __slots__ = ("leaves", "axes")
 
-    def __init__(self, leaf, axes):
-        self.leaf, self.axes = leaf, tuple(frozenset(a) for a in axes)
+    def __init__(self, leaves, axes):
+        self.leaves, self.axes = tuple(leaves), tuple(frozenset(a) for a in axes)
 
 
 def _union(sets):
@@ -49,7 +50,10 @@ class _Walker:
         self.stack: dict[int, set[int]] = {}
 
     def note(self, t, kind, ins, stack=frozenset()):
-        self.obs.setdefault(t.leaf, []).append((kind, frozenset(ins), frozenset(stack)))
+        for leaf in t.leaves:
+            self.obs.setdefault(leaf, []).append(
+                (kind, frozenset(ins), frozenset(stack))
+            )
 
     def walk(self, jaxpr, args):
         env = {}
@@ -72,18 +76,27 @@ class _Walker:
         if name in _IDENTITY:
             return [t]
         if name == "transpose":
-            return [_T(t.leaf, [t.axes[i] for i in p["permutation"]])]
+            return [_T(t.leaves, [t.axes[i] for i in p["permutation"]])]
         if name == "squeeze":
             dims = {d % len(t.axes) for d in p["dimensions"]}
-            return [_T(t.leaf, [a for i, a in enumerate(t.axes) if i not in dims])]
+            return [_T(t.leaves, [a for i, a in enumerate(t.axes) if i not in dims])]
         if name == "broadcast_in_dim":
             new = [frozenset()] * len(p["shape"])
             for i, d in enumerate(p["broadcast_dimensions"]):
                 new[d] = t.axes[i]
-            return [_T(t.leaf, new)]
+            return [_T(t.leaves, new)]
+        if name == "concatenate":  # e.g. q, k, v kernels fused into one matmul
+            parts = [x for x in ins if isinstance(x, _T)]
+            leaves = [leaf for x in parts for leaf in x.leaves]
+            return [
+                _T(
+                    leaves,
+                    [_union(x.axes[k] for x in parts) for k in range(len(t.axes))],
+                )
+            ]
         if name == "reshape" and ins[0] is t:
             old = eqn.invars[0].aval.shape
-            return [_T(t.leaf, _reshape_axes(old, p["new_sizes"], t.axes))]
+            return [_T(t.leaves, _reshape_axes(old, p["new_sizes"], t.axes))]
         if name == "dot_general" and len([x for x in ins if isinstance(x, _T)]) == 1:
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             c, b = (lc, lb) if ins[0] is t else (rc, rb)
@@ -127,8 +140,9 @@ class _Walker:
         body_in = list(ins[:n])
         for x in ins[n:]:
             if isinstance(x, _T) and x.axes:
-                self.stack.setdefault(x.leaf, set()).update(x.axes[0])
-                x = _T(x.leaf, x.axes[1:])
+                for leaf in x.leaves:
+                    self.stack.setdefault(leaf, set()).update(x.axes[0])
+                x = _T(x.leaves, x.axes[1:])
             body_in.append(x)
         outs = self.walk(p["jaxpr"].jaxpr, body_in)
         return outs[: p["num_carry"]] + [None] * (len(outs) - p["num_carry"])
@@ -235,7 +249,7 @@ def infer_layouts(
     )
     want = set(paths) if paths is not None else None
     tracked = [
-        _T(k, [{d} for d in range(len(x.shape))])
+        _T((k,), [{d} for d in range(len(x.shape))])
         if _is_candidate(x) and (want is None or names[k] in want)
         else None
         for k, (_, x) in enumerate(p_leaves)

@@ -62,6 +62,11 @@ class Sym:
 
     # -- structure -----------------------------------------------------------------
     @property
+    def paths(self) -> tuple[str, ...]:
+        """The parameter paths this value is made of (several after `concatenate`)."""
+        return (self.path,) if isinstance(self.path, str) else tuple(self.path)
+
+    @property
     def shape(self):
         return tuple(self.w.shape)
 
@@ -279,6 +284,51 @@ class Sym:
         units = [k for k, n in enumerate(new_sizes) if n == 1]
         a = a.reshape(a.shape + (1,) * len(units))
         return self._with(w, a, b, a_lab + tuple(units), b_lab)
+
+
+def concatenate(operands, dimension: int, w) -> Sym:
+    """``concatenate(operands, dimension)`` with some operands `Sym`: again a `Sym`.
+
+    The parts' rank axes are laid side by side (rank Σr_i, scales folded into the
+    factor that is not concatenated): along an output axis (fused q/k/v kernels)
+    ``a = [s_1·a_1 … s_n·a_n]`` and ``b`` block-diagonal, each ``b_i`` on its own rank
+    rows and its own columns; along an input axis the other way round. A plain array
+    among the operands is a part with no update (zero blocks).
+    """
+    syms = [x for x in operands if isinstance(x, Sym)]
+    ref = syms[0]
+    if any(x.a_lab != ref.a_lab or x.b_lab != ref.b_lab for x in syms):
+        raise Unsupported("concatenated weights have different layouts")
+    if dimension in ref.stack_axes:
+        raise Unsupported("concatenated along a stacked (layer) axis")
+    # `cat`: the factor holding the concatenated axis; `other`: the one stacked on R
+    on_b = dimension in ref.b_lab
+    cat_lab, other_lab = (ref.b_lab, ref.a_lab) if on_b else (ref.a_lab, ref.b_lab)
+    dtype = jnp.result_type(*(f for x in syms for f in (x.a, x.b)))
+    ranks = [x.a.shape[x.a_lab.index(R)] for x in syms]
+    total, r_cat, r_other = sum(ranks), cat_lab.index(R), other_lab.index(R)
+    k_cat = cat_lab.index(dimension)
+    blocks, others, start = [], [], 0
+    for x in operands:
+        if not isinstance(x, Sym):
+            shape = [
+                total if i == R else x.shape[i] if i == dimension else ref.shape[i]
+                for i in cat_lab
+            ]
+            blocks.append(jnp.zeros(shape, dtype))
+            continue
+        r = x.a.shape[x.a_lab.index(R)]
+        f_cat, f_other = (x.b, x.a) if on_b else (x.a, x.b)
+        pad = [(0, 0)] * f_cat.ndim
+        pad[r_cat] = (start, total - start - r)
+        blocks.append(jnp.pad(f_cat.astype(dtype), pad))
+        others.append(f_other.astype(dtype) * jnp.asarray(x.scale, dtype))
+        start += r
+    f_cat = jnp.concatenate(blocks, axis=k_cat)
+    f_other = jnp.concatenate(others, axis=r_other)
+    a, b = (f_other, f_cat) if on_b else (f_cat, f_other)
+    paths = tuple(dict.fromkeys(p for x in syms for p in x.paths))
+    return Sym(w, a, b, ref.a_lab, ref.b_lab, 1.0, paths)
 
 
 def is_sym(x) -> bool:

@@ -14,6 +14,7 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import settings
 
+import jaxlora
 from jaxlora import _factored
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
@@ -475,6 +476,65 @@ def test_unit_axes_go_to_the_side_the_contraction_needs(use):
     w = rand((4, 6), seed=5)
     lp = adapt({"w": w}, {"w": Layout.dense(2)})
     check(lambda p, x: use(p["w"], x), lp, rand((2, 3, 4)))
+
+
+def _fused_qkv(axis, names=("q", "k", "v")):
+    """Separate kernels concatenated into one before a single matmul."""
+
+    def fn(p, x):
+        return x @ jnp.concatenate([p[n] for n in names], axis=axis)
+
+    return fn
+
+
+@pytest.mark.parametrize("axis", [1, 0], ids=["output-axis", "input-axis"])
+def test_concatenated_weights_run_factored(axis):
+    """``x @ concatenate([wq, wk, wv])`` (a fused q/k/v matmul built from separate
+    kernels) runs as one factored contraction of rank 3r, whether the kernels are
+    joined along their output or their input axis."""
+    shape = (4, 6)
+    p = {n: rand(shape, seed=i) for i, n in enumerate("qkv")}
+    lp = adapt(p, {n: Layout.dense(2) for n in "qkv"})
+    x = rand((2, 5, 4 if axis == 1 else 12))
+    check(_fused_qkv(axis), lp, x)
+
+
+def test_concatenated_with_a_plain_weight_and_different_ranks():
+    """A frozen, non-adapted kernel among the parts contributes no update, and the
+    adapted parts may have different ranks and scales."""
+    lay = Layout.dense(2)
+
+    def lora(seed, rank, alpha):
+        w, a, b = (
+            rand(s, seed=seed + k) for k, s in enumerate(((4, 6), (4, rank), (rank, 6)))
+        )
+        return LoraWeight(w, a, b, LoraSpec(lay, rank, alpha))
+
+    lp = {"q": lora(0, 2, 2.0), "k": rand((4, 6), seed=7), "v": lora(3, 3, 9.0)}
+    check(_fused_qkv(1), lp, rand((2, 5, 4)))
+
+
+def test_layouts_inferred_through_a_concatenation():
+    """Kernels stored (out, in), as PyTorch does, fused along their output axis and
+    used transposed: inference follows the concatenation and finds axis 1 is the
+    input side (the default for an unseen 2-D kernel would be axis 0)."""
+    p = {n: rand((6, 4), seed=i) for i, n in enumerate("qkv")}
+    x = rand((2, 5, 4))
+
+    def fn(p, x):
+        return x @ jnp.concatenate([p["q"], p["k"], p["v"]], axis=0).T
+
+    lp = jaxlora.init(
+        p,
+        jax.random.key(0),
+        rank=2,
+        targets=["q", "k", "v"],
+        apply_fn=fn,
+        example_args=(x,),
+    )
+    want = Layout(in_axes=(1,), out_axes=(0,))
+    assert {k: v.spec.layout for k, v in lp.items()} == {n: want for n in "qkv"}
+    check(fn, adapt(p, {n: want for n in "qkv"}), x)
 
 
 def test_fallback_warns_once_and_is_correct():
