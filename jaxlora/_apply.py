@@ -31,9 +31,11 @@ def lora_apply(apply_fn: Callable, *, factored: bool = True) -> Callable:
     computes, so a training step costs about 2/3 of a full fine-tuning step. Uses
     the engine cannot factor are computed on ``w + s·a@b`` with one warning per
     parameter path (see `explain`). Works under ``jax.jit``, ``jax.grad``,
-    ``jax.vmap`` and forward mode (``jax.jvp``, ``jax.jacfwd``: the contractions then
-    run in plain ops); new factor values never recompile. ``jax.linearize`` is refused
-    by JAX (the custom reverse rule has no forward mode).
+    ``jax.vmap`` and forward mode (``jax.jvp``, ``jax.jacfwd`` applied around the call:
+    the contractions then run in plain ops); new factor values never recompile. JAX
+    refuses ``jax.linearize``, and a ``jvp`` whose ``jit``/``checkpoint`` boundary sits
+    between it and this call (``jvp(jit(f))``; write ``jit(jvp(f))``): the custom
+    reverse rule has no forward mode. ``factored=False`` supports both.
 
     Args:
         apply_fn: any function, e.g. a Linen ``model.apply``, an NNX

@@ -129,6 +129,13 @@ def _check_captured(plan, rows, reasons):
         for t in plan
         if t.path not in rows and t.path not in reasons
     ]
+    problems += [
+        f"{t.path!r}: its inputs have {rows[t.path].shape[-1]} features, not the "
+        f"weight's {t.layout.fans(t.shape)[0]} (it is used through a slice or another "
+        "view that changes its input side)"
+        for t in plan
+        if t.path in rows and rows[t.path].shape[-1] != t.layout.fans(t.shape)[0]
+    ]
     if problems:
         raise ValueError(
             "scheme 'eva' needs the inputs of every target, contracted over its input "

@@ -441,9 +441,9 @@ def call(fn: Callable, args: tuple, kwargs: dict) -> PyTree:
 def _capture(ctx, eqn, invals):
     """Records the activations contracted with an adapted weight's input axes."""
     (sym,) = [x for x in invals if isinstance(x, Sym)][:1] or [None]
-    if len(sym.paths) > 1:
+    if not isinstance(sym.path, str):  # a concatenation: its rows are not one weight's
         for path in sym.paths:
-            ctx.captured[path] = "concatenated with another adapted weight"
+            ctx.captured[path] = "concatenated with other arrays before its use"
         return
     if eqn.primitive.name != "dot_general" or len(invals) != 2:
         ctx.captured[sym.path] = f"used by '{eqn.primitive.name}'"

@@ -31,13 +31,24 @@ PyTree = Any
 
 
 class _T:
-    """A value derived from parameters ``leaves`` (more than one after a
-    concatenation); ``axes[k]``: the original axes of axis k (the same in each)."""
+    """A value derived from parameters: ``parts`` pairs a leaf with ``axes`` (axes[k]:
+    the leaf's original axes behind axis k); several parts after a concatenation,
+    each with its own axes (the parts may be oriented differently)."""
 
-    __slots__ = ("leaves", "axes")
+    __slots__ = ("parts",)
 
-    def __init__(self, leaves, axes):
-        self.leaves, self.axes = tuple(leaves), tuple(frozenset(a) for a in axes)
+    def __init__(self, parts):
+        self.parts = tuple(
+            (leaf, tuple(frozenset(a) for a in axes)) for leaf, axes in parts
+        )
+
+    @property
+    def ndim(self):
+        return len(self.parts[0][1])
+
+    def map(self, fn):
+        """The same leaves with each part's axes through ``fn``."""
+        return _T((leaf, fn(axes)) for leaf, axes in self.parts)
 
 
 def _union(sets):
@@ -49,10 +60,11 @@ class _Walker:
         self.obs: dict[int, list[tuple[str, frozenset, frozenset]]] = {}
         self.stack: dict[int, set[int]] = {}
 
-    def note(self, t, kind, ins, stack=frozenset()):
-        for leaf in t.leaves:
+    def note(self, t, kind, ins, stack=()):
+        """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``."""
+        for leaf, axes in t.parts:
             self.obs.setdefault(leaf, []).append(
-                (kind, frozenset(ins), frozenset(stack))
+                (kind, _union(axes[i] for i in ins), _union(axes[i] for i in stack))
             )
 
     def walk(self, jaxpr, args):
@@ -76,42 +88,32 @@ class _Walker:
         if name in _IDENTITY:
             return [t]
         if name == "transpose":
-            return [_T(t.leaves, [t.axes[i] for i in p["permutation"]])]
+            return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "squeeze":
-            dims = {d % len(t.axes) for d in p["dimensions"]}
-            return [_T(t.leaves, [a for i, a in enumerate(t.axes) if i not in dims])]
+            dims = {d % t.ndim for d in p["dimensions"]}
+            return [t.map(lambda ax: [a for i, a in enumerate(ax) if i not in dims])]
         if name == "broadcast_in_dim":
-            new = [frozenset()] * len(p["shape"])
-            for i, d in enumerate(p["broadcast_dimensions"]):
-                new[d] = t.axes[i]
-            return [_T(t.leaves, new)]
+
+            def grow(ax):
+                new = [frozenset()] * len(p["shape"])
+                for i, d in enumerate(p["broadcast_dimensions"]):
+                    new[d] = ax[i]
+                return new
+
+            return [t.map(grow)]
         if name == "concatenate":  # e.g. q, k, v kernels fused into one matmul
-            parts = [x for x in ins if isinstance(x, _T)]
-            leaves = [leaf for x in parts for leaf in x.leaves]
-            return [
-                _T(
-                    leaves,
-                    [_union(x.axes[k] for x in parts) for k in range(len(t.axes))],
-                )
-            ]
+            return [_T(part for x in ins if isinstance(x, _T) for part in x.parts)]
         if name == "reshape" and ins[0] is t:
             old = eqn.invars[0].aval.shape
-            return [_T(t.leaves, _reshape_axes(old, p["new_sizes"], t.axes))]
+            return [t.map(lambda ax: _reshape_axes(old, p["new_sizes"], ax))]
         if name == "dot_general" and len([x for x in ins if isinstance(x, _T)]) == 1:
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             c, b = (lc, lb) if ins[0] is t else (rc, rb)
-            self.note(
-                t, "dot", _union(t.axes[i] for i in c), _union(t.axes[i] for i in b)
-            )
+            self.note(t, "dot", c, b)
         elif name == "conv_general_dilated" and ins[1] is t:
-            self.note(
-                t,
-                "conv",
-                _union(t.axes[i] for i in p["dimension_numbers"].rhs_spec[1:]),
-            )
+            self.note(t, "conv", p["dimension_numbers"].rhs_spec[1:])
         elif name == "gather" and ins[0] is t:
-            indexed = gather_indexed_axes(p, eqn.invars[0].aval.shape)
-            self.note(t, "gather", _union(t.axes[i] for i in indexed))
+            self.note(t, "gather", gather_indexed_axes(p, eqn.invars[0].aval.shape))
         elif name in (
             "jit",
             "pjit",
@@ -139,10 +141,10 @@ class _Walker:
         n = p["num_consts"] + p["num_carry"]
         body_in = list(ins[:n])
         for x in ins[n:]:
-            if isinstance(x, _T) and x.axes:
-                for leaf in x.leaves:
-                    self.stack.setdefault(leaf, set()).update(x.axes[0])
-                x = _T(x.leaves, x.axes[1:])
+            if isinstance(x, _T) and x.ndim:
+                for leaf, axes in x.parts:
+                    self.stack.setdefault(leaf, set()).update(axes[0])
+                x = x.map(lambda ax: ax[1:])
             body_in.append(x)
         outs = self.walk(p["jaxpr"].jaxpr, body_in)
         return outs[: p["num_carry"]] + [None] * (len(outs) - p["num_carry"])
@@ -249,7 +251,7 @@ def infer_layouts(
     )
     want = set(paths) if paths is not None else None
     tracked = [
-        _T((k,), [{d} for d in range(len(x.shape))])
+        _T([(k, [{d} for d in range(len(x.shape))])])
         if _is_candidate(x) and (want is None or names[k] in want)
         else None
         for k, (_, x) in enumerate(p_leaves)

@@ -189,18 +189,14 @@ class Sym:
         )
 
     def can_regroup(self, want_in) -> bool:
-        """Whether `regroup_units` can make ``want_in`` the input axes (both factors
-        keep at least one axis of ``w``, and only size-1 axes move)."""
+        """Whether `regroup_units` can make ``want_in`` the input axes: only size-1,
+        non-stacked axes move (none need to, e.g. for a weight whose other side was
+        squeezed away)."""
         want_in = set(want_in)
         units = {i for i, n in enumerate(self.shape) if n == 1}
         free = set(range(self.ndim)) - set(self.stack_axes)
         moves = set(self.in_axes) ^ want_in
-        return (
-            moves <= units & free
-            and want_in <= free
-            and bool(want_in)
-            and bool(free - want_in)
-        )
+        return moves <= units & free and want_in <= free
 
     def regroup_units(self, want_in) -> Sym:
         """The same Sym with its size-1 axes moved so its input axes are ``want_in``.

@@ -119,3 +119,34 @@ def test_eva_errors():
             apply_fn=conv.apply,
             batches=[x],
         )
+
+
+@pytest.mark.parametrize(
+    "use,reason",
+    [
+        (
+            lambda p, x: x @ jnp.concatenate([p["q"], p["plain"]], 1),
+            r"'q': concatenated with other arrays before its use",
+        ),
+        (
+            lambda p, x: x[..., :2] @ p["q"][:2],
+            r"'q': its inputs have 2 features, not the weight's 4",
+        ),
+    ],
+    ids=["concatenated", "sliced"],
+)
+def test_eva_refuses_inputs_that_are_not_one_weights(use, reason):
+    """A weight fused with other arrays, or sliced on its input side, before the
+    matmul does not see rows of its own input size: a clear error, not a crash."""
+    p = {"q": jnp.ones((4, 6)), "plain": jnp.ones((4, 2))}
+    batches = [jax.random.normal(jax.random.key(i), (4, 3, 4)) for i in range(2)]
+    with pytest.raises(ValueError, match=reason):
+        jaxlora.init(
+            p,
+            jax.random.key(0),
+            scheme="eva",
+            rank=2,
+            targets=["q"],
+            apply_fn=use,
+            batches=batches,
+        )

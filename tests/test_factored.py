@@ -478,6 +478,22 @@ def test_unit_axes_go_to_the_side_the_contraction_needs(use):
     check(lambda p, x: use(p["w"], x), lp, rand((2, 3, 4)))
 
 
+@pytest.mark.parametrize(
+    "shape,use",
+    [
+        ((4, 1), lambda w, x: x @ w.reshape(4)),
+        ((4, 1), lambda w, x: x @ w[:, 0]),
+        ((1, 4), lambda w, x: x @ w[0]),
+    ],
+    ids=["out-side-reshaped-away", "out-side-indexed-away", "in-side-indexed-away"],
+)
+def test_weight_with_a_side_squeezed_away(shape, use):
+    """A (4, 1) or (1, 4) kernel used as a vector still runs factored (one factor
+    keeps no axis of w), as it did before size-1 axes could move between factors."""
+    lp = adapt({"w": rand(shape, seed=5)}, {"w": Layout.dense(2)})
+    check(lambda p, x: use(p["w"], x), lp, rand((2, 3, 4)))
+
+
 def _fused_qkv(axis, names=("q", "k", "v")):
     """Separate kernels concatenated into one before a single matmul."""
 
@@ -535,6 +551,38 @@ def test_layouts_inferred_through_a_concatenation():
     want = Layout(in_axes=(1,), out_axes=(0,))
     assert {k: v.spec.layout for k, v in lp.items()} == {n: want for n in "qkv"}
     check(fn, adapt(p, {n: want for n in "qkv"}), x)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_layouts_inferred_per_part_of_a_concatenation(ndim):
+    """Parts concatenated after different transposes keep their own layouts: q
+    stored (in, out...) and k stored (out..., in)."""
+    x = rand((2, 3, 4))
+    if ndim == 2:
+        p = {"q": rand((4, 6)), "k": rand((6, 4), seed=2)}
+
+        def fn(p, x):
+            return x @ jnp.concatenate([p["q"], p["k"].T], 1)
+
+        want = {"q": Layout((0,), (1,)), "k": Layout((1,), (0,))}
+    else:
+        p = {"q": rand((4, 2, 3)), "k": rand((2, 3, 4), seed=2)}
+
+        def fn(p, x):
+            kk = p["k"].transpose(2, 0, 1)
+            return jnp.einsum("btd,dnh->btnh", x, jnp.concatenate([p["q"], kk], 1))
+
+        want = {"q": Layout((0,), (1, 2)), "k": Layout((2,), (0, 1))}
+    lp = jaxlora.init(
+        p,
+        jax.random.key(0),
+        rank=2,
+        targets=["q", "k"],
+        apply_fn=fn,
+        example_args=(x,),
+    )
+    assert {k: v.spec.layout for k, v in lp.items()} == want
+    check(fn, adapt(p, want), x)
 
 
 def test_fallback_warns_once_and_is_correct():
