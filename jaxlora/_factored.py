@@ -6,7 +6,9 @@ are symbolic (`jaxlora._symbolic.Sym`). Contractions (``dot_general``, convoluti
 row gathers) run factored, ``W0·x + s·b(a(x))``, with ``W0`` frozen so a backward
 pass computes the input gradient but no weight gradient (`jaxlora._contract`).
 Views of the weight (casts, transposes, reshapes, slices, scalar multiples) and tags
-on it (``with_sharding_constraint``, ``checkpoint_name``) keep it symbolic.
+on it (``with_sharding_constraint``, ``checkpoint_name``) keep it symbolic, and so do
+``concatenate`` and ``stack`` of adapted weights (`jaxlora._symbolic.concatenate`,
+`jaxlora._symbolic.stack`).
 
 Followed inside: nested ``jit``; ``checkpoint``/``remat`` (re-applied with the same
 policy); ``scan`` (a stacked weight passed as ``xs`` is sliced factor by factor, or
@@ -214,6 +216,9 @@ _VIEWS = {
     "name": _PASS,
     "concatenate": lambda eqn, *xs: _symbolic.concatenate(
         xs, eqn.params["dimension"], eqn.primitive.bind(*_bases(xs), **eqn.params)
+    ),
+    "stack": lambda eqn, *xs: _symbolic.stack(
+        xs, eqn.params["axis"], eqn.primitive.bind(*_bases(xs), **eqn.params)
     ),
     "stop_gradient": _view(
         lambda s, w, p, _: s.map_factors(w, lambda f, _: lax.stop_gradient(f))

@@ -103,6 +103,14 @@ class _Walker:
             return [t.map(grow)]
         if name == "concatenate":  # e.g. q, k, v kernels fused into one matmul
             return [_T(part for x in ins if isinstance(x, _T) for part in x.parts)]
+        if name == "stack":  # per-layer weights stacked: a new (layer) axis
+            k = p["axis"]
+            parts = [
+                x.map(lambda ax: [*ax[:k], (), *ax[k:]])
+                for x in ins
+                if isinstance(x, _T)
+            ]
+            return [_T(part for x in parts for part in x.parts)]
         if name == "reshape" and ins[0] is t:
             old = eqn.invars[0].aval.shape
             return [t.map(lambda ax: _reshape_axes(old, p["new_sizes"], ax))]

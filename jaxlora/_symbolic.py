@@ -327,6 +327,41 @@ def concatenate(operands, dimension: int, w) -> Sym:
     return Sym(w, a, b, ref.a_lab, ref.b_lab, 1.0, paths)
 
 
+def stack(operands, axis: int, w) -> Sym:
+    """``stack(operands, axis)`` (per-layer weights stacked to scan over them) with
+    some operands `Sym`: a `Sym` whose new axis is a stacked axis of both factors,
+    each layer keeping its own rank-r factors (scales folded into ``a``). A plain
+    array among the operands is a layer with no update (zero factors). The parts
+    must share their layout and rank.
+    """
+    syms = [x for x in operands if isinstance(x, Sym)]
+    ref = syms[0]
+    if any(x.a_lab != ref.a_lab or x.b_lab != ref.b_lab for x in syms):
+        raise Unsupported("stacked weights have different layouts")
+    if len({x.a.shape for x in syms} | {x.b.shape for x in syms}) > 2:
+        raise Unsupported("stacked weights have different ranks")
+    shift = lambda lab: (axis,) + tuple(i if i == R or i < axis else i + 1 for i in lab)  # noqa: E731
+    dtype = jnp.result_type(*(f for x in syms for f in (x.a, x.b)))
+    a_parts, b_parts = [], []
+    for x in operands:
+        if isinstance(x, Sym):
+            a_parts.append((x.a.astype(dtype) * jnp.asarray(x.scale, dtype))[None])
+            b_parts.append(x.b.astype(dtype)[None])
+        else:
+            a_parts.append(jnp.zeros((1, *ref.a.shape), dtype))
+            b_parts.append(jnp.zeros((1, *ref.b.shape), dtype))
+    paths = tuple(dict.fromkeys(p for x in syms for p in x.paths))
+    return Sym(
+        w,
+        jnp.concatenate(a_parts),
+        jnp.concatenate(b_parts),
+        shift(ref.a_lab),
+        shift(ref.b_lab),
+        1.0,
+        paths,
+    )
+
+
 def is_sym(x) -> bool:
     return isinstance(x, Sym)
 

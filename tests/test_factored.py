@@ -585,6 +585,50 @@ def test_layouts_inferred_per_part_of_a_concatenation(ndim):
     check(fn, adapt(p, want), x)
 
 
+_LAYERS = ("l0", "l1", "l2")
+
+
+def _scan_stacked(p, x):
+    """Per-layer kernels stored (out, in), stacked by the model and scanned over."""
+    ws = jnp.stack([p[n] for n in _LAYERS])
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w.T), None), x, ws)[0]
+
+
+def _batched_stacked(p, x):
+    ws = jnp.stack([p[n] for n in _LAYERS], axis=1)  # (out, layer, in)
+    return jnp.einsum("lbd,hld->lbh", jnp.broadcast_to(x, (3, *x.shape)), ws)
+
+
+@pytest.mark.parametrize(
+    "fn", [_scan_stacked, _batched_stacked], ids=["scan", "batched"]
+)
+def test_stacked_weights_run_factored_per_layer(fn):
+    """``jnp.stack`` of adapted kernels (a hand-written layer stack) is a stacked
+    axis of both factors: each layer keeps its own rank-r update, inferred layouts
+    follow the stack into the scan (axis 1 of each (out, in) kernel is its input)."""
+    p = {n: rand((4, 4), seed=i) * 0.5 for i, n in enumerate(_LAYERS)}
+    x = rand((2, 4), seed=9)
+    lp = jaxlora.init(
+        p,
+        jax.random.key(0),
+        rank=2,
+        targets=list(_LAYERS),
+        apply_fn=fn,
+        example_args=(x,),
+    )
+    want = Layout(in_axes=(1,), out_axes=(0,))
+    assert {k: v.spec.layout for k, v in lp.items()} == {n: want for n in _LAYERS}
+    check(fn, adapt(p, {n: want for n in _LAYERS}), x)
+
+
+def test_stack_with_a_plain_layer():
+    """A frozen layer among the stacked ones contributes no update."""
+    p = {n: rand((4, 4), seed=i) * 0.5 for i, n in enumerate(_LAYERS)}
+    lay = Layout(in_axes=(1,), out_axes=(0,))
+    lp = adapt({"l0": p["l0"], "l2": p["l2"]}, {"l0": lay, "l2": lay})
+    check(_scan_stacked, {**lp, "l1": p["l1"]}, rand((2, 4), seed=9))
+
+
 def test_fallback_warns_once_and_is_correct():
     def fn(p, x):
         return jnp.sin(p["w1"]).sum() + mlp(p, x) + jnp.cos(p["w1"]).sum()
