@@ -27,8 +27,8 @@ from jaxlora._symbolic import Unsupported
 from jaxlora._symbolic import fresh_letters
 
 # True while the interpreter runs a call that forward-mode differentiation (jax.jvp,
-# jacfwd, linearize) perturbs: a custom_vjp cannot be differentiated forwards, so
-# the contraction is then emitted in plain ops, which JAX differentiates itself
+# jacfwd) perturbs: a custom_vjp cannot be differentiated forwards, so the
+# contraction is then emitted in plain ops, which JAX differentiates itself
 FORWARD_MODE = contextvars.ContextVar("jaxlora_forward_mode", default=False)
 
 

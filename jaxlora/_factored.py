@@ -22,10 +22,11 @@ correctly by materializing ``w + s·a@b`` for that use only, with one warning pe
 parameter path. `explain` reports, per path, which primitives consumed the weight and
 whether each ran factored or materialized.
 
-Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) cannot
-enter the custom VJP of a factored ``dot_general``: a call it perturbs emits the same
-factored contraction in plain ops instead. The base weight is a
-constant (no weight gradient); a differentiable scalar that multiplies the kernel
+Forward-mode differentiation cannot enter the custom VJP of a factored
+``dot_general``: a call that ``jax.jvp``/``jax.jacfwd`` perturbs (seen at trace time)
+emits the same factored contraction in plain ops instead; ``jax.linearize`` and a
+``jvp`` applied to a ``jit`` that holds the call are refused by JAX. The base weight
+is a constant (no weight gradient); a differentiable scalar that multiplies the kernel
 before use (``x @ (kernel * gate)``) gets its full gradient, base path included.
 """
 
