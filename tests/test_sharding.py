@@ -1,5 +1,6 @@
-"""`lora_apply` on a device mesh: sharded base weights, sharding constraints inside
-the model, factored contractions and factor gradients sharded like their weights.
+"""On a device mesh: `init` lays each factor out like its weight, and `lora_apply`
+runs sharded base weights and sharding constraints inside the model factored, with
+factor gradients sharded like their weights.
 
 Runs in a subprocess with four host CPU devices (``XLA_FLAGS`` must be set before
 JAX starts; the test session's JAX already has one device).
@@ -54,6 +55,24 @@ SCRIPT = textwrap.dedent(
     lp = jaxlora.init(
         params, jax.random.key(2), scheme="he", rank=2, targets=["up", "down"]
     )
+
+    def spec2(x):  # a 2-D array's spec with trailing Nones written out
+        spec = tuple(x.sharding.spec)
+        return spec + (None,) * (2 - len(spec))
+
+    # init lays the factors out like their weights: a weight axis keeps its mesh
+    # axis in the factor that holds it, the rank axis is not sharded
+    for scheme in ("he", "pissa"):
+        placed = jaxlora.init(
+            params, jax.random.key(2), scheme=scheme, rank=2, targets=["up", "down"]
+        )["params"]
+        up, down = placed["up"], placed["down"]
+        assert spec2(up.a) == (None, None), (scheme, up.a.sharding)
+        assert spec2(up.b) == (None, "model"), (scheme, up.b.sharding)
+        assert spec2(down.a) == ("model", None), (scheme, down.a.sharding)
+        assert spec2(down.b) == (None, None), (scheme, down.b.sharding)
+        assert up.a.sharding.mesh == mesh
+
     # b = 0 at init: move it so the low-rank path shows in outputs and gradients
     lp = jax.tree.map(lambda t: t + 0.25, lp)
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
@@ -81,10 +100,6 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(g[k].b, g_ref[k].b, rtol=1e-4, atol=1e-6)
     # factor gradients come out sharded like their weights' matching axes (XLA's
     # sharding propagation; the factors themselves are not constrained)
-    def spec2(x):  # a 2-D array's spec with trailing Nones written out
-        spec = tuple(x.sharding.spec)
-        return spec + (None,) * (2 - len(spec))
-
     assert spec2(g["params/up"].b) == (None, "model"), g["params/up"].b.sharding
     assert spec2(g["params/down"].a) == ("model", None), g["params/down"].a.sharding
     print("OK")
