@@ -31,6 +31,7 @@ from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._node import placed_like_weight
 from jaxlora._paths import path_str
 
 PyTree = Any
@@ -357,6 +358,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
         e, f = found
         layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
         spec = LoraSpec(layout, **{k: e[k] for k in _SPEC_FIELDS})
-        return LoraWeight(leaf.w if is_lora(leaf) else leaf, f["a"], f["b"], spec)
+        w = leaf.w if is_lora(leaf) else leaf
+        return placed_like_weight(LoraWeight(w, f["a"], f["b"], spec), w)
 
     return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)

@@ -22,6 +22,7 @@ from jaxlora import _targets
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._node import placed_like_weight
 from jaxlora._paths import leaf_name
 from jaxlora._paths import path_str
 
@@ -318,39 +319,13 @@ def init(
     return _attach(params, nodes)
 
 
-def _placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
-    """``node`` with its factors sharded like ``weight`` when that is an array laid
-    out on a device mesh: a factor axis that is one of the weight's axes gets the
-    weight's mesh axes, the rank axis none. Anything else is left where it is."""
-    sharding = getattr(weight, "sharding", None)
-    if isinstance(weight, jax.core.Tracer) or not isinstance(
-        sharding, jax.sharding.NamedSharding
-    ):
-        return node
-    spec = tuple(sharding.spec) + (None,) * (weight.ndim - len(sharding.spec))
-    lay = node.spec.layout
-    stack = [spec[i] for i in lay.stack_axes]
-    a_spec = (*stack, *(spec[i] for i in lay.in_axes), None)
-    b_spec = (*stack, None, *(spec[i] for i in lay.out_axes))
-
-    def put(x, fspec):
-        return jax.device_put(
-            x,
-            jax.sharding.NamedSharding(
-                sharding.mesh, jax.sharding.PartitionSpec(*fspec), sharding.memory_kind
-            ),
-        )
-
-    return node.replace(a=put(node.a, a_spec), b=put(node.b, b_spec))
-
-
 def _attach(params: PyTree, nodes: dict[str, LoraWeight]) -> PyTree:
     """``params`` with the leaves at the paths of ``nodes`` replaced, their factors
     sharded like the weights they adapt."""
 
     def attach(keypath, leaf):
         node = nodes.get(path_str(keypath))
-        return leaf if node is None else _placed_like_weight(node, leaf)
+        return leaf if node is None else placed_like_weight(node, leaf)
 
     return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
 

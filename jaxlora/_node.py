@@ -227,3 +227,29 @@ class LoraWeight:
 def is_lora(x: Any) -> bool:
     """True if ``x`` is a `LoraWeight` (use as ``is_leaf`` in tree maps)."""
     return isinstance(x, LoraWeight)
+
+
+def placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
+    """``node`` with its factors sharded like ``weight`` when that is an array laid
+    out on a device mesh: a factor axis that is one of the weight's axes gets the
+    weight's mesh axes, the rank axis none. Anything else is left where it is."""
+    sharding = getattr(weight, "sharding", None)
+    if isinstance(weight, jax.core.Tracer) or not isinstance(
+        sharding, jax.sharding.NamedSharding
+    ):
+        return node
+    spec = tuple(sharding.spec) + (None,) * (weight.ndim - len(sharding.spec))
+    lay = node.spec.layout
+    stack = [spec[i] for i in lay.stack_axes]
+    a_spec = (*stack, *(spec[i] for i in lay.in_axes), None)
+    b_spec = (*stack, None, *(spec[i] for i in lay.out_axes))
+
+    def put(x, fspec):
+        return jax.device_put(
+            x,
+            jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec(*fspec), sharding.memory_kind
+            ),
+        )
+
+    return node.replace(a=put(node.a, a_spec), b=put(node.b, b_spec))

@@ -13,6 +13,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
+    import tempfile
     import warnings
 
     import jax
@@ -72,6 +73,17 @@ SCRIPT = textwrap.dedent(
         assert spec2(down.a) == ("model", None), (scheme, down.a.sharding)
         assert spec2(down.b) == (None, None), (scheme, down.b.sharding)
         assert up.a.sharding.mesh == mesh
+
+    # an adapter loaded onto sharded weights is laid out the same way
+    with tempfile.TemporaryDirectory() as tmp:
+        adapted = jaxlora.init(
+            params, jax.random.key(2), scheme="he", rank=2, targets=["up", "down"]
+        )
+        jaxlora.save(tmp + "/adapter", adapted)
+        back = jaxlora.load(tmp + "/adapter", params)["params"]
+    assert spec2(back["up"].b) == (None, "model"), back["up"].b.sharding
+    assert spec2(back["down"].a) == ("model", None), back["down"].a.sharding
+    np.testing.assert_array_equal(back["up"].a, adapted["params"]["up"].a)
 
     # b = 0 at init: move it so the low-rank path shows in outputs and gradients
     lp = jax.tree.map(lambda t: t + 0.25, lp)
