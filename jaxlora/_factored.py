@@ -462,10 +462,12 @@ def _capture(ctx, eqn, invals):
     if ctx.loop_depth or sym.stack_axes or lb or isinstance(x, Sym):
         ctx.captured[sym.path] = "used inside a loop (scan/while) or stacked"
         return
-    if set(sc) != set(sym.in_axes):
+    if not sym.can_regroup(sc):  # input axes up to size-1 axes (w[:, None] etc.)
         ctx.captured[sym.path] = "not contracted over its input axes"
         return
-    order = [xc[list(sc).index(i)] for i in sym.in_axes]
+    # x's contracted axes in the order of a's input axes; size-1 ones go last
+    order = [xc[list(sc).index(i)] for i in sym.in_axes if i in sc]
+    order += [xc[k] for k, i in enumerate(sc) if i not in sym.in_axes]
     free = [i for i in range(x.ndim) if i not in xc]
     fan_in = math.prod(x.shape[i] for i in order)
     rows = jax.numpy.transpose(x, free + order).reshape(-1, fan_in)

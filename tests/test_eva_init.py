@@ -150,3 +150,32 @@ def test_eva_refuses_inputs_that_are_not_one_weights(use, reason):
             apply_fn=use,
             batches=batches,
         )
+
+
+def test_eva_through_a_size_1_axis_matches_the_plain_use():
+    """``w[:, None, :]`` contracted over its input axis sees the same input rows as
+    ``x @ w``: EVA gives the same factors."""
+    p = {"q": jax.random.normal(jax.random.key(0), (4, 6))}
+    batches = [jax.random.normal(jax.random.key(i), (8, 3, 4)) for i in range(3)]
+
+    def expanded(p, x):
+        return jnp.einsum("btd,dnh->btnh", x, p["q"][:, None, :])
+
+    def plain(p, x):
+        return x @ p["q"]
+
+    got, want = (
+        jaxlora.init(
+            p,
+            jax.random.key(0),
+            scheme="eva",
+            rank=2,
+            targets=["q"],
+            apply_fn=fn,
+            batches=batches,
+        )["q"]
+        for fn in (expanded, plain)
+    )
+    assert float(jnp.abs(want.a).max()) > 0
+    np.testing.assert_array_equal(got.a, want.a)
+    np.testing.assert_array_equal(got.b, want.b)
