@@ -53,17 +53,22 @@ def test_ranks_follow_explained_variance_and_sum_to_the_budget():
     np.testing.assert_allclose(node.a.T @ node.a, np.eye(4), atol=1e-5)
 
 
-def test_components_match_an_exact_pca_of_the_inputs():
-    batch = make_batches(1, DECAYING)[0]
-    p = jaxlora.init(
-        PARAMS,
+def eva_rank_2(params, apply_fn, batches, target):
+    """EVA at rank 2 on the one target ``target``."""
+    return jaxlora.init(
+        params,
         jax.random.key(0),
         scheme="eva",
         rank=2,
-        targets=["B"],
-        apply_fn=two_inputs,
-        batches=[batch],
+        targets=[target],
+        apply_fn=apply_fn,
+        batches=batches,
     )
+
+
+def test_components_match_an_exact_pca_of_the_inputs():
+    batch = make_batches(1, DECAYING)[0]
+    p = eva_rank_2(PARAMS, two_inputs, [batch], "B")
     a = np.asarray(p["B"]["kernel"].a)  # (8, 2): the whole budget of one target
     x = np.asarray(batch[1], np.float64)
     x = x - x.mean(0)
@@ -141,15 +146,7 @@ def test_eva_refuses_inputs_that_are_not_one_weights(use, reason):
     p = {"q": jnp.ones((4, 6)), "plain": jnp.ones((4, 2))}
     batches = [jax.random.normal(jax.random.key(i), (4, 3, 4)) for i in range(2)]
     with pytest.raises(ValueError, match=reason):
-        jaxlora.init(
-            p,
-            jax.random.key(0),
-            scheme="eva",
-            rank=2,
-            targets=["q"],
-            apply_fn=use,
-            batches=batches,
-        )
+        eva_rank_2(p, use, batches, "q")
 
 
 def test_eva_through_a_size_1_axis_matches_the_plain_use():
@@ -164,18 +161,7 @@ def test_eva_through_a_size_1_axis_matches_the_plain_use():
     def plain(p, x):
         return x @ p["q"]
 
-    got, want = (
-        jaxlora.init(
-            p,
-            jax.random.key(0),
-            scheme="eva",
-            rank=2,
-            targets=["q"],
-            apply_fn=fn,
-            batches=batches,
-        )["q"]
-        for fn in (expanded, plain)
-    )
+    got, want = (eva_rank_2(p, fn, batches, "q")["q"] for fn in (expanded, plain))
     assert float(jnp.abs(want.a).max()) > 0
     np.testing.assert_array_equal(got.a, want.a)
     np.testing.assert_array_equal(got.b, want.b)
