@@ -338,7 +338,7 @@ def stack(operands, axis: int, w) -> Sym:
     ref = syms[0]
     if any(x.a_lab != ref.a_lab or x.b_lab != ref.b_lab for x in syms):
         raise Unsupported("stacked weights have different layouts")
-    if len({x.a.shape for x in syms} | {x.b.shape for x in syms}) > 2:
+    if len({x.a.shape[x.a_lab.index(R)] for x in syms}) > 1:
         raise Unsupported("stacked weights have different ranks")
     shift = lambda lab: (axis,) + tuple(i if i == R or i < axis else i + 1 for i in lab)  # noqa: E731
     dtype = jnp.result_type(*(f for x in syms for f in (x.a, x.b)))

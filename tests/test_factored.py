@@ -629,6 +629,28 @@ def test_stack_with_a_plain_layer():
     check(_scan_stacked, {**lp, "l1": p["l1"]}, rand((2, 4), seed=9))
 
 
+def test_stack_of_different_ranks_is_materialized_correctly():
+    """Layers of different ranks cannot share a stacked factor axis: the stack is
+    formed densely (one warning per path), with the merged model's values."""
+    lay = Layout(in_axes=(1,), out_axes=(0,))
+
+    def lora(seed, rank):
+        w, a, b = (
+            rand(s, seed=seed + k) for k, s in enumerate(((4, 4), (4, rank), (rank, 4)))
+        )
+        return LoraWeight(w * 0.5, a, b, LoraSpec(lay, rank, 2.0))
+
+    lp = {"l0": lora(0, 2), "l1": lora(3, 3), "l2": lora(6, 2)}
+    x = rand((2, 4), seed=9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _factored.call(_scan_stacked, (lp, x), {})
+    assert len(caught) == 3 and all("stack" in str(w.message) for w in caught)
+    np.testing.assert_allclose(got, _scan_stacked(merged(lp), x), rtol=1e-5, atol=1e-6)
+    report = _factored.explain(_scan_stacked, (lp, x), {})
+    assert set(report.statuses.values()) == {"materialized"}, str(report)
+
+
 def test_fallback_warns_once_and_is_correct():
     def fn(p, x):
         return jnp.sin(p["w1"]).sum() + mlp(p, x) + jnp.cos(p["w1"]).sum()
