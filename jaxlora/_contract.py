@@ -56,11 +56,35 @@ def _sum(base, lora):
     return base + lora.astype(base.dtype)
 
 
+def vma(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (none outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; `vma` before
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def same_vma(*xs) -> list:
+    """``xs`` cast to vary over the union of their manual mesh axes.
+
+    Inside a ``shard_map`` (with ``check_vma``) the operands of a custom rule must
+    agree; a replicated factor is cast to varying, and the cast's transpose is the
+    ``psum`` that adds up its gradient over the shards. Outside, a no-op.
+    """
+    union = frozenset().union(*(vma(x) for x in xs))
+    return [
+        x
+        if vma(x) == union
+        else jax.lax.pcast(x, tuple(sorted(union - vma(x), key=str)), to="varying")
+        for x in xs
+    ]
+
+
 def _one_buffer_sum(base, lora):
     """``base + lora``, bitwise, as a reduction over a stacked pair with weights that
     XLA cannot prove are 1: a plain add would be fused into every consumer, keeping
     both summands alive as backward residuals; a reduction output is one buffer.
     """
+    base, lora = same_vma(base, lora)
     one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
     pair = jnp.stack([base, lora.astype(base.dtype)], axis=-1)
     return jnp.einsum("...k,k->...", pair, jnp.concatenate([one, one]))
@@ -217,9 +241,10 @@ def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
         base_params=base_params,
         sym_lhs=sym_lhs,
     )
+    x, w, f1, f2 = same_vma(x, sym.w, f1, f2)
     if FORWARD_MODE.get():
-        return _lora_contract_fwd(x, sym.w, f1, f2, plan)[0]
-    return _lora_contract(x, sym.w, f1, f2, plan)
+        return _lora_contract_fwd(x, w, f1, f2, plan)[0]
+    return _lora_contract(x, w, f1, f2, plan)
 
 
 def _two_step(

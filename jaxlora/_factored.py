@@ -13,9 +13,11 @@ on it (``with_sharding_constraint``, ``checkpoint_name``) keep it symbolic, and 
 Followed inside: nested ``jit``; ``checkpoint``/``remat`` (re-applied with the same
 policy); ``scan`` (a stacked weight passed as ``xs`` is sliced factor by factor, or
 closed over as a constant); ``while`` and ``cond`` (weights as constants or branch
-operands); ``custom_jvp_call``/``custom_vjp_call`` — only when an adapted weight
-flows into one is its custom rule dropped and its primal body differentiated
-instead (recorded as "followed" by `explain`); otherwise it is re-bound unchanged.
+operands); ``shard_map`` (a weight enters as its shard and its factors split like
+it, so the body runs factored on every device); ``custom_jvp_call``/
+``custom_vjp_call`` — only when an adapted weight flows into one is its custom rule
+dropped and its primal body differentiated instead (recorded as "followed" by
+`explain`); otherwise it is re-bound unchanged.
 
 Any other use (``jnp.sin(kernel)``, a weight carried through a loop, ...) is computed
 correctly by materializing ``w + s·a@b`` for that use only, with one warning per
@@ -73,6 +75,7 @@ class _Context:
         # capture_inputs: path -> list of (rows, fan_in) input arrays, or a reason
         self.captured: dict[str, list] | None = {} if capture else None
         self.loop_depth = 0
+        self.shard_depth = 0  # inside shard_map bodies (activations are shards)
 
     def record(self, path, primitive, mode, reason=""):
         use = Use(primitive, mode, reason)
@@ -215,6 +218,9 @@ _VIEWS = {
     # (small) factors pass through and XLA's sharding propagation places them
     "sharding_constraint": _PASS,
     "name": _PASS,
+    # inside shard_map: w cast to vary over more mesh axes; the factors keep their
+    # own (a contraction casts all its operands alike, `_contract.same_vma`)
+    "pvary": _PASS,
     "concatenate": lambda eqn, *xs: _symbolic.concatenate(
         xs, eqn.params["dimension"], eqn.primitive.bind(*_bases(xs), **eqn.params)
     ),
@@ -354,6 +360,73 @@ def _cond(ctx, eqn, invals):
     return lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)
 
 
+def _spec_of(spec, ndim: int) -> tuple:
+    """A ``PartitionSpec``'s entry for each of ``ndim`` axes (``None`` past its end)."""
+    entries = tuple(spec)
+    return entries + (None,) * (ndim - len(entries))
+
+
+def _placed(f, spec, mesh):
+    """A factor resharded to ``spec`` where the mesh has explicit axes (``shard_map``
+    then requires its inputs to be laid out as their ``in_specs`` say)."""
+    explicit = jax.sharding.AxisType.Explicit
+    if explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return f
+    have = _spec_of(jax.typeof(f).sharding.spec, f.ndim)
+    return f if have == _spec_of(spec, f.ndim) else jax.reshard(f, spec)
+
+
+def _shard_map(ctx, eqn, invals):
+    """A ``shard_map`` body run factored: an adapted weight enters as ``w`` and its
+    factors, each factor axis split like the weight axis it holds (the rank axis is
+    not split), so the shard of ``w + s·a@b`` is ``w``'s shard plus ``s·a_i@b_j``
+    of the factors' shards. A factor that is whole on some mesh axis gets its
+    gradient summed over it (``jax.shard_map``'s transpose, or the casts of
+    `jaxlora._contract.same_vma` under ``check_vma``)."""
+    p = eqn.params
+    flat, specs, builds = [], [], []
+    for x, spec in zip(invals, p["in_specs"], strict=True):
+        if isinstance(x, Sym):
+            ws = _spec_of(spec, x.ndim)
+            part = lambda lab, ws=ws: jax.sharding.PartitionSpec(
+                *(None if i == _symbolic.R else ws[i] for i in lab)
+            )
+            pa, pb = part(x.a_lab), part(x.b_lab)
+            flat += [x.w, _placed(x.a, pa, p["mesh"]), _placed(x.b, pb, p["mesh"])]
+            specs += [spec, pa, pb]
+            builds.append(
+                lambda w, a, b, x=x: Sym(w, a, b, x.a_lab, x.b_lab, x.scale, x.path)
+            )
+        else:
+            flat.append(x)
+            specs.append(spec)
+            builds.append(None)
+    jaxpr = p["jaxpr"]
+    jaxpr, consts = getattr(jaxpr, "jaxpr", jaxpr), getattr(jaxpr, "consts", ())
+
+    def body(*local):
+        it, vals = iter(local), []
+        for build in builds:
+            vals.append(build(*(next(it) for _ in range(3))) if build else next(it))
+        ctx.shard_depth += 1
+        try:
+            outs = _eval(ctx, jaxpr, consts, vals)
+        finally:
+            ctx.shard_depth -= 1
+        return tuple(_concrete(ctx, outs, "shard_map", "returned from the body"))
+
+    mapped = jax.shard_map(
+        body,
+        mesh=p["mesh"],
+        in_specs=tuple(specs),
+        out_specs=tuple(p["out_specs"]),
+        axis_names=p["newly_manual_axes"],
+        check_vma=p["check_vma"],
+    )
+    # jitted: an eager shard_map cannot run the custom VJP of a factored contraction
+    return list(jax.jit(mapped)(*flat))
+
+
 _HIGHER = {
     "jit": _jit,
     "pjit": _jit,
@@ -367,6 +440,7 @@ _HIGHER = {
     "scan": _scan,
     "while": _while,
     "cond": _cond,
+    "shard_map": _shard_map,
 }
 
 
@@ -461,6 +535,9 @@ def _capture(ctx, eqn, invals):
     sc, xc = (lc, rc) if sym_lhs else (rc, lc)
     if ctx.loop_depth or sym.stack_axes or lb or isinstance(x, Sym):
         ctx.captured[sym.path] = "used inside a loop (scan/while) or stacked"
+        return
+    if ctx.shard_depth:
+        ctx.captured[sym.path] = "used inside shard_map (its inputs there are shards)"
         return
     if not sym.can_regroup(sc):  # input axes up to size-1 axes (w[:, None] etc.)
         ctx.captured[sym.path] = "not contracted over its input axes"

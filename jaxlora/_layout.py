@@ -3,8 +3,8 @@
 `infer_layouts` traces ``apply_fn(params, *example_args)`` to a jaxpr (abstractly: no
 FLOPs are run) and follows every floating parameter with ``ndim >= 2`` through view
 operations (casts, transposes, reshapes, slices) and into nested ``jit``,
-``checkpoint``, custom-derivative functions, ``scan``, ``while`` and ``cond``. The
-first recognisable consumer decides its `Layout`:
+``checkpoint``, ``shard_map``, custom-derivative functions, ``scan``, ``while`` and
+``cond``. The first recognisable consumer decides its `Layout`:
 
 * ``dot_general``: contracted axes are inputs, free axes outputs, batch axes stacked;
 * ``conv_general_dilated`` (as kernel): window and input-feature axes are inputs;
@@ -131,7 +131,7 @@ class _Walker:
         ):
             closed = p.get("jaxpr") or p["call_jaxpr"]
             return self.walk(closed.jaxpr, ins)
-        elif name in ("remat2", "checkpoint"):
+        elif name in ("remat2", "checkpoint", "shard_map"):
             return self.walk(p["jaxpr"], ins)
         elif name == "scan":
             return self.scan(p, ins)
@@ -172,6 +172,7 @@ _IDENTITY = {
     "reduce_precision",
     "sharding_constraint",
     "optimization_barrier",
+    "pvary",
 }
 
 
@@ -253,7 +254,10 @@ def infer_layouts(
         args, kwargs = jax.tree.unflatten(a_def, full)
         return apply_fn(jax.tree.unflatten(p_def, p_vals), *args, **kwargs)
 
-    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    def abstract(x):  # keeps a mesh layout (explicit mesh axes are part of the type)
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
     closed = jax.make_jaxpr(flat)(
         [abstract(x) for _, x in p_leaves], [abstract(a_leaves[i]) for i in a_dyn]
     )
