@@ -71,7 +71,8 @@ def eva_nodes(
 
     Raises:
         ValueError: for no batches, or targets whose inputs cannot be captured (used
-            by a convolution or embedding lookup, inside a loop, or never used).
+            by a convolution or embedding lookup, inside a loop, a cond branch or a
+            ``shard_map``, or never used).
     """
     capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
     probe = _probe(params, plan, leaves)

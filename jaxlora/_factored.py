@@ -34,6 +34,7 @@ before use (``x @ (kernel * gate)``) gets its full gradient, base path included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -74,8 +75,17 @@ class _Context:
         self.warned: set[str] = set()
         # capture_inputs: path -> list of (rows, fan_in) input arrays, or a reason
         self.captured: dict[str, list] | None = {} if capture else None
-        self.loop_depth = 0
-        self.shard_depth = 0  # inside shard_map bodies (activations are shards)
+        # the traced bodies (loops, branches, shard_map) being evaluated: values
+        # seen inside one cannot be captured out of it
+        self.inside: list[str] = []
+
+    @contextlib.contextmanager
+    def within(self, what: str):
+        self.inside.append(what)
+        try:
+            yield
+        finally:
+            self.inside.pop()
 
     def record(self, path, primitive, mode, reason=""):
         use = Use(primitive, mode, reason)
@@ -246,6 +256,8 @@ def _jit(ctx, eqn, invals):
 
 def _remat(ctx, eqn, invals):
     p = eqn.params
+    if ctx.captured is not None:  # capturing inputs (no gradient): run it inline
+        return _eval(ctx, p["jaxpr"], (), invals)
     body = jax.checkpoint(
         lambda *xs: _eval(ctx, p["jaxpr"], (), xs),
         prevent_cse=p["prevent_cse"],
@@ -309,11 +321,8 @@ def _scan(ctx, eqn, invals):
 
     def body(c, xs_step):
         xs_vals = [b(v) if b else v for b, v in zip(builders, xs_step, strict=True)]
-        ctx.loop_depth += 1
-        try:
+        with ctx.within("a loop (scan)"):
             outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
-        finally:
-            ctx.loop_depth -= 1
         outs = _concrete(ctx, outs, "scan", "returned from the loop body")
         return outs[:nk], outs[nk:]
 
@@ -336,10 +345,12 @@ def _while(ctx, eqn, invals):
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
     def cond(c):
-        return _eval(ctx, cj.jaxpr, cj.consts, [*cc, *c])[0]
+        with ctx.within("a loop (while)"):
+            return _eval(ctx, cj.jaxpr, cj.consts, [*cc, *c])[0]
 
     def body(c):
-        outs = _eval(ctx, bj.jaxpr, bj.consts, [*bc, *c])
+        with ctx.within("a loop (while)"):
+            outs = _eval(ctx, bj.jaxpr, bj.consts, [*bc, *c])
         return _concrete(ctx, outs, "while", "returned from the loop body")
 
     return lax.while_loop(cond, body, carry)
@@ -352,7 +363,8 @@ def _cond(ctx, eqn, invals):
 
     def branch(closed):
         def run(*xs):
-            outs = _eval(ctx, closed.jaxpr, closed.consts, xs)
+            with ctx.within("a branch of cond/switch"):
+                outs = _eval(ctx, closed.jaxpr, closed.consts, xs)
             return _concrete(ctx, outs, "cond", "returned from a branch")
 
         return run
@@ -408,11 +420,8 @@ def _shard_map(ctx, eqn, invals):
         it, vals = iter(local), []
         for build in builds:
             vals.append(build(*(next(it) for _ in range(3))) if build else next(it))
-        ctx.shard_depth += 1
-        try:
+        with ctx.within("shard_map (its inputs there are shards)"):
             outs = _eval(ctx, jaxpr, consts, vals)
-        finally:
-            ctx.shard_depth -= 1
         return tuple(_concrete(ctx, outs, "shard_map", "returned from the body"))
 
     mapped = jax.shard_map(
@@ -533,11 +542,11 @@ def _capture(ctx, eqn, invals):
     x = rhs if sym_lhs else lhs
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     sc, xc = (lc, rc) if sym_lhs else (rc, lc)
-    if ctx.loop_depth or sym.stack_axes or lb or isinstance(x, Sym):
-        ctx.captured[sym.path] = "used inside a loop (scan/while) or stacked"
+    if ctx.inside:
+        ctx.captured[sym.path] = f"used inside {ctx.inside[-1]}"
         return
-    if ctx.shard_depth:
-        ctx.captured[sym.path] = "used inside shard_map (its inputs there are shards)"
+    if sym.stack_axes or lb or isinstance(x, Sym):
+        ctx.captured[sym.path] = "stacked, or contracted with a batch axis"
         return
     if not sym.can_regroup(sc):  # input axes up to size-1 axes (w[:, None] etc.)
         ctx.captured[sym.path] = "not contracted over its input axes"
@@ -560,7 +569,8 @@ def input_capturer(fn: Callable) -> Callable:
     shape) and returns ``rows``: per weight path, every row of activations that met
     the weight's input axes (all uses concatenated), shaped ``(n, fan_in)`` in the
     order of its ``a`` factor's input axes; and ``reasons``: per path that cannot be
-    captured (used by a convolution or a gather, inside a loop, or stacked), why.
+    captured (used by a convolution or a gather, inside a loop, a cond branch or a
+    ``shard_map``, or stacked), why.
     """
     reasons: dict[str, str] = {}
 

@@ -137,12 +137,26 @@ def test_eva_errors():
             lambda p, x: x[..., :2] @ p["q"][:2],
             r"'q': its inputs have 2 features, not the weight's 4",
         ),
+        (
+            lambda p, x: jax.lax.fori_loop(  # traced bounds: a while loop
+                0, 2 + (x.sum() > 0), lambda i, h: h + (x @ p["q"]).sum(), 0.0
+            ),
+            r"'q': used inside a loop \(while\)",
+        ),
+        (
+            lambda p, x: jax.lax.cond(
+                x.sum() > 0, lambda x: x @ p["q"], lambda x: -x @ p["q"], x
+            ),
+            r"'q': used inside a branch of cond/switch",
+        ),
     ],
-    ids=["concatenated", "sliced"],
+    ids=["concatenated", "sliced", "while", "cond"],
 )
 def test_eva_refuses_inputs_that_are_not_one_weights(use, reason):
     """A weight fused with other arrays, or sliced on its input side, before the
-    matmul does not see rows of its own input size: a clear error, not a crash."""
+    matmul does not see rows of its own input size; inside a while loop or a cond
+    branch its rows cannot be taken out of the traced body (they used to escape as
+    tracers): a clear error, not a crash."""
     p = {"q": jnp.ones((4, 6)), "plain": jnp.ones((4, 2))}
     batches = [jax.random.normal(jax.random.key(i), (4, 3, 4)) for i in range(2)]
     with pytest.raises(ValueError, match=reason):
@@ -165,3 +179,41 @@ def test_eva_through_a_size_1_axis_matches_the_plain_use():
     assert float(jnp.abs(want.a).max()) > 0
     np.testing.assert_array_equal(got.a, want.a)
     np.testing.assert_array_equal(got.b, want.b)
+
+
+def test_eva_through_remat_matches_the_plain_model():
+    """Gradient checkpointing (``jax.checkpoint``, Linen's ``nn.remat``) does not
+    change what a weight sees: EVA gives the factors of the same model without it
+    (its captured inputs used to escape the checkpointed body as tracers)."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(6, name="q")(x))
+
+    class Model(nn.Module):
+        remat: bool
+
+        @nn.compact
+        def __call__(self, x):
+            block = nn.remat(Block) if self.remat else Block
+            return block(name="block")(x)
+
+    batches = [jax.random.normal(jax.random.key(i), (8, 3, 4)) for i in range(3)]
+    params = Model(False).init(jax.random.key(0), batches[0])
+    got, want = (
+        eva_rank_2(params, Model(remat).apply, batches, "params/block/q/kernel")
+        for remat in (True, False)
+    )
+    got, want = jaxlora.adapters(got), jaxlora.adapters(want)
+    assert float(jnp.abs(want["params/block/q/kernel"].a).max()) > 0
+    np.testing.assert_array_equal(
+        got["params/block/q/kernel"].a, want["params/block/q/kernel"].a
+    )
+
+    def plain(p, x):
+        return jax.checkpoint(lambda x, w: jnp.tanh(x @ w))(x, p["q"])
+
+    q = {"q": params["params"]["block"]["q"]["kernel"]}
+    got = eva_rank_2(q, plain, batches, "q")["q"]
+    np.testing.assert_array_equal(got.a, want["params/block/q/kernel"].a)

@@ -743,6 +743,43 @@ def test_stacked_weight_in_a_plain_scan():
     check(fn, lp, rand((5, 4)))
 
 
+def test_weights_handed_back_by_a_loop_body_stay_factored():
+    """A weight carried unchanged through ``fori_loop`` (a scan with static bounds, a
+    while loop with traced ones), and a stacked weight whose slices a scan returns
+    as outputs (as NNX's transforms return module state): JAX forwards both out of
+    the loop when it traces it, so no use is materialized."""
+
+    def step(i, carry):
+        h, w, v = carry
+        return jnp.tanh(h @ w[i % 3] + h @ v), w, v
+
+    def fn(p, x):
+        h = jax.lax.fori_loop(0, 3, step, (x, p["w"], p["v"]))[0]
+
+        def layer(h, wi):
+            return jnp.tanh(h @ wi), wi
+
+        h, back = jax.lax.scan(layer, h, p["w"], reverse=True)
+        return h @ back[1]
+
+    def traced_bounds(p, x, n):  # a while loop: forward only (no reverse mode)
+        return jax.lax.fori_loop(0, n, step, (x, p["w"], p["v"]))[0]
+
+    params = {"w": rand((3, 4, 4), 2), "v": rand((4, 4), 3)}
+    lp = adapt(params, {"w": Layout.dense(3, n_stack=1), "v": Layout.dense(2)})
+    x, n = rand((5, 4)), jnp.int32(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a materialized weight warns: fail on it
+        report = check(fn, lp, x)
+        got = jax.jit(lambda t, x, n: _factored.call(traced_bounds, (t, x, n), {}))(
+            lp, x, n
+        )
+        looped = _factored.explain(traced_bounds, (lp, x, n), {})
+    assert {u.primitive for u in report.uses["w"]} == {"dot_general"}, str(report)
+    assert set(looped.statuses.values()) == {"factored"}, str(looped)
+    chex.assert_trees_all_close(got, traced_bounds(merged(lp), x, n), rtol=1e-5)
+
+
 def test_trainable_scalar_times_kernel():
     """``x @ (kernel * gate)`` with a trainable scalar gate: runs factored, the
     factor gradients agree, and the gate's gradient includes the base path (the

@@ -219,7 +219,10 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
         # explicit axes: inputs laid out as the in_specs say (the factors are not:
         # lora_apply reshards them)
         put = lambda t, spec: jax.device_put(t, jax.NamedSharding(mesh, spec))
-        mlp_m = {"up": put(mlp["up"], P(None, "model")), "down": put(mlp["down"], P("model"))}
+        mlp_m = {
+            "up": put(mlp["up"], P(None, "model")),
+            "down": put(mlp["down"], P("model")),
+        }
         layers_m = {"stack": put(layers["stack"], P())}
         x_tp, x_dp = put(x, P("data")), put(x, P(("data", "model")))
         for check in (True, False):
