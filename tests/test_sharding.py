@@ -186,6 +186,12 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
             example_args=(x,),
         )
         lp = jax.tree.map(lambda t: t + 0.25, lp)  # b = 0 at init: move it
+        # factors as a user might build them: not laid out on the mesh
+        unplaced = lambda f: jnp.asarray(np.asarray(f))
+        lp = {
+            k: type(v)(v.w, unplaced(v.a), unplaced(v.b), v.spec)
+            for k, v in lp.items()
+        }
         apply = jaxlora.lora_apply(model)
         report = jaxlora.explain(model, lp, x)
         assert set(report.statuses.values()) == {"factored"}, str(report)
@@ -214,30 +220,31 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     layers = {"stack": jax.random.normal(key(2), (3, 8, 8)) / 3}
     x = jax.random.normal(key(4), (8, 8))
     warnings.simplefilter("error")  # a materialized weight warns: fail on it
-    for kind in (AxisType.Auto, AxisType.Explicit):
+    configs = [  # (mesh axis type, check_vma)
+        (AxisType.Auto, True),
+        (AxisType.Auto, False),
+        (AxisType.Explicit, True),
+    ]
+    for kind, check in configs:
         mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(kind, kind))
-        # explicit axes: inputs laid out as the in_specs say (the factors are not:
-        # lora_apply reshards them)
         put = lambda t, spec: jax.device_put(t, jax.NamedSharding(mesh, spec))
+        # inputs laid out as the in_specs say (explicit axes require it); the
+        # factors are left unplaced: lora_apply splits (or reshards) them itself
         mlp_m = {
             "up": put(mlp["up"], P(None, "model")),
             "down": put(mlp["down"], P("model")),
         }
         layers_m = {"stack": put(layers["stack"], P())}
         x_tp, x_dp = put(x, P("data")), put(x, P(("data", "model")))
-        for check in (True, False):
-            with jax.set_mesh(mesh):  # Explicit axes need the mesh in context
-                check_against_merged(
-                    partial(tp_mlp, mesh=mesh, check=check), mlp_m, x_tp, ["up", "down"]
-                )
-                lp = check_against_merged(
-                    partial(dp_layers, mesh=mesh, check=check),
-                    layers_m,
-                    x_dp,
-                    ["stack"],
-                )
-            # the layer axis is found inside the body: per-layer factors
-            assert lp["stack"].a.shape == (3, 8, 2), lp["stack"].a.shape
+        with jax.set_mesh(mesh):  # explicit axes need the mesh in context
+            check_against_merged(
+                partial(tp_mlp, mesh=mesh, check=check), mlp_m, x_tp, ["up", "down"]
+            )
+            lp = check_against_merged(
+                partial(dp_layers, mesh=mesh, check=check), layers_m, x_dp, ["stack"]
+            )
+        # the layer axis is found inside the body: per-layer factors
+        assert lp["stack"].a.shape == (3, 8, 2), lp["stack"].a.shape
     warnings.resetwarnings()
 
     # a weight returned from the body is materialized for that use, with a warning
