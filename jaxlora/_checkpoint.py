@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
+from jaxlora._node import factor_shardings
 from jaxlora._node import is_lora
-from jaxlora._node import placed_like_weight
 from jaxlora._paths import path_str
 
 PyTree = Any
@@ -242,18 +242,22 @@ def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
         )
 
 
-def _restore_arrays(path: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
-        tuple(shape), jnp.dtype(dtype), sharding=device
+def _restore_arrays(
+    path: str, entries: list[dict[str, Any]], targets: dict[str, tuple]
+) -> dict[str, Any]:
+    """The factors of ``entries``, each read straight into its sharding in
+    ``targets`` (key -> (a, b) shardings), or onto this process's first device."""
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(  # noqa: E731
+        tuple(shape), jnp.dtype(dtype), sharding=sharding
     )
-    abstract = {
-        e["key"]: {
-            "a": spec(e["a_shape"], e["a_dtype"]),
-            "b": spec(e["b_shape"], e["b_dtype"]),
+    abstract = {}
+    for e in entries:
+        sa, sb = targets.get(e["key"]) or (local, local)
+        abstract[e["key"]] = {
+            "a": spec(e["a_shape"], e["a_dtype"], sa),
+            "b": spec(e["b_shape"], e["b_dtype"], sb),
         }
-        for e in entries
-    }
     arrays_dir = os.path.join(path, ARRAYS)
     if not os.path.isdir(arrays_dir):
         raise ValueError(
@@ -348,7 +352,14 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
             + "\n  - ".join(problems)
             + "\nLoad it onto the model it was trained for."
         )
-    arrays = _restore_arrays(path, entries)
+    base = lambda leaf: leaf.w if is_lora(leaf) else leaf  # noqa: E731
+    layout = lambda e: Layout(**{k: tuple(v) for k, v in e["layout"].items()})  # noqa: E731
+    # factors of a weight laid out on a mesh are read straight into their shards
+    # (each process reads its own: no detour through one device)
+    targets = {
+        e["key"]: factor_shardings(layout(e), base(leaves[e["path"]])) for e in entries
+    }
+    arrays = _restore_arrays(path, entries, targets)
     nodes = {e["path"]: (e, arrays[e["key"]]) for e in entries}
 
     def attach(keypath, leaf):
@@ -356,9 +367,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
         if found is None:
             return leaf
         e, f = found
-        layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
-        spec = LoraSpec(layout, **{k: e[k] for k in _SPEC_FIELDS})
-        w = leaf.w if is_lora(leaf) else leaf
-        return placed_like_weight(LoraWeight(w, f["a"], f["b"], spec), w)
+        spec = LoraSpec(layout(e), **{k: e[k] for k in _SPEC_FIELDS})
+        return LoraWeight(base(leaf), f["a"], f["b"], spec)
 
     return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)

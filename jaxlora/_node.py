@@ -229,27 +229,30 @@ def is_lora(x: Any) -> bool:
     return isinstance(x, LoraWeight)
 
 
-def placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
-    """``node`` with its factors sharded like ``weight`` when that is an array laid
+def factor_shardings(layout: Layout, weight: Any) -> tuple | None:
+    """The shardings of the factors ``(a, b)`` of ``weight`` when it is an array laid
     out on a device mesh: a factor axis that is one of the weight's axes gets the
-    weight's mesh axes, the rank axis none. Anything else is left where it is."""
+    weight's mesh axes, the rank axis none. None for anything else."""
     sharding = getattr(weight, "sharding", None)
     if isinstance(weight, jax.core.Tracer) or not isinstance(
         sharding, jax.sharding.NamedSharding
     ):
-        return node
+        return None
     spec = tuple(sharding.spec) + (None,) * (weight.ndim - len(sharding.spec))
-    lay = node.spec.layout
-    stack = [spec[i] for i in lay.stack_axes]
-    a_spec = (*stack, *(spec[i] for i in lay.in_axes), None)
-    b_spec = (*stack, None, *(spec[i] for i in lay.out_axes))
+    stack = [spec[i] for i in layout.stack_axes]
+    a_spec = (*stack, *(spec[i] for i in layout.in_axes), None)
+    b_spec = (*stack, None, *(spec[i] for i in layout.out_axes))
+    named = lambda fspec: jax.sharding.NamedSharding(  # noqa: E731
+        sharding.mesh, jax.sharding.PartitionSpec(*fspec), sharding.memory_kind
+    )
+    return named(a_spec), named(b_spec)
 
-    def put(x, fspec):
-        return jax.device_put(
-            x,
-            jax.sharding.NamedSharding(
-                sharding.mesh, jax.sharding.PartitionSpec(*fspec), sharding.memory_kind
-            ),
-        )
 
-    return node.replace(a=put(node.a, a_spec), b=put(node.b, b_spec))
+def placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
+    """``node`` with its factors sharded like ``weight`` (`factor_shardings`) when
+    that is an array laid out on a device mesh; anything else is left where it is."""
+    shardings = factor_shardings(node.spec.layout, weight)
+    if shardings is None:
+        return node
+    sa, sb = shardings
+    return node.replace(a=jax.device_put(node.a, sa), b=jax.device_put(node.b, sb))

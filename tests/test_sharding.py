@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import orbax.checkpoint as ocp
     from flax import linen as nn
     from jax.ad_checkpoint import checkpoint_name
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -74,13 +75,26 @@ SCRIPT = textwrap.dedent(
         assert spec2(down.b) == (None, None), (scheme, down.b.sharding)
         assert up.a.sharding.mesh == mesh
 
-    # an adapter loaded onto sharded weights is laid out the same way
+    # an adapter loaded onto sharded weights is laid out the same way, read by
+    # orbax straight into those shardings (each process reads its own shards)
+    read_into = []
+    restore = ocp.StandardCheckpointer.restore
+
+    def spy(self, directory, target=None, **kw):
+        read_into.extend(x.sharding for x in jax.tree.leaves(target))
+        return restore(self, directory, target, **kw)
+
+    ocp.StandardCheckpointer.restore = spy
     with tempfile.TemporaryDirectory() as tmp:
         adapted = jaxlora.init(
             params, jax.random.key(2), scheme="he", rank=2, targets=["up", "down"]
         )
         jaxlora.save(tmp + "/adapter", adapted)
         back = jaxlora.load(tmp + "/adapter", params)["params"]
+    ocp.StandardCheckpointer.restore = restore
+    assert len(read_into) == 4 and all(
+        isinstance(s, NamedSharding) and s.mesh == mesh for s in read_into
+    ), read_into
     assert spec2(back["up"].b) == (None, "model"), back["up"].b.sharding
     assert spec2(back["down"].a) == ("model", None), back["down"].a.sharding
     np.testing.assert_array_equal(back["up"].a, adapted["params"]["up"].a)
