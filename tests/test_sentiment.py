@@ -1,5 +1,7 @@
 """End to end: `examples.sentiment --quick`, then `--adapter` on its output."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -17,13 +19,16 @@ from examples import sentiment  # noqa: E402
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """One quick run shared by the tests: its output directory, metrics and stdout."""
     out = str(tmp_path_factory.mktemp("sentiment"))
-    metrics = sentiment.main(["--quick", "--out", out])
-    return out, metrics
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        metrics = sentiment.main(["--quick", "--out", out])
+    return out, metrics, printed.getvalue()
 
 
-def test_quick_run_writes_everything_and_learns(quick_run, capsys):
-    out, metrics = quick_run
+def test_quick_run_writes_everything_and_learns(quick_run):
+    out, metrics, _ = quick_run
     for name in ("adapter/jaxlora.json", "classifier.safetensors", "curves.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "metrics.json")) as f:
@@ -37,18 +42,17 @@ def test_quick_run_writes_everything_and_learns(quick_run, capsys):
     assert metrics["test"]["n"] == 256
 
 
-def test_quick_run_prints_a_summary(tmp_path, capsys):
-    sentiment.main(["--quick", "--steps", "2", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+def test_quick_run_prints_a_summary(quick_run):
+    out, _, text = quick_run
     assert "== summary ==" in text
     assert re.search(r"test accuracy 0\.\d{4} \(\d+\.\d\d%\) on 256 examples", text)
     assert re.search(r"trainable params [\d,]+ / [\d,]+ \(\d\.\d\d%\)", text)
     assert re.search(r"wall time \d+m[\d.]+s \(training .*examples/s\)", text)
-    assert f"adapter  {tmp_path}" in text and "curves.png" in text
+    assert f"adapter  {out}" in text and "curves.png" in text
 
 
 def test_saved_adapter_reproduces_the_accuracy(quick_run, capsys):
-    out, metrics = quick_run
+    out, metrics, _ = quick_run
     capsys.readouterr()
     again = sentiment.main(["--quick", "--adapter", os.path.join(out, "adapter")])
     assert again["test"]["accuracy"] == metrics["test"]["accuracy"]
