@@ -63,20 +63,48 @@ def vma(x) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
+def _vary(x, axes: frozenset):
+    """``x`` cast to vary over ``axes`` too (type-level: no data moves)."""
+    more = axes - vma(x)
+    if not more:
+        return x
+    return jax.lax.pcast(x, tuple(sorted(more, key=str)), to="varying")
+
+
 def same_vma(*xs) -> list:
     """``xs`` cast to vary over the union of their manual mesh axes.
 
-    Inside a ``shard_map`` (with ``check_vma``) the operands of a custom rule must
-    agree; a replicated factor is cast to varying, and the cast's transpose is the
-    ``psum`` that adds up its gradient over the shards. Outside, a no-op.
+    Inside a ``shard_map`` (with ``check_vma``) the operands of a primitive or a
+    custom rule must agree; a replicated factor is cast to varying, and the cast's
+    transpose is the ``psum`` that adds up its gradient over the shards. Outside a
+    ``shard_map``, a no-op.
     """
     union = frozenset().union(*(vma(x) for x in xs))
+    return [_vary(x, union) for x in xs]
+
+
+def unify_vma(operands: list) -> list:
+    """The operands of a contraction (arrays and `Sym` s, whose ``w`` and factors
+    count) cast to vary over the same manual mesh axes (see `same_vma`)."""
+    arrays = lambda x: (x.w, x.a, x.b) if isinstance(x, Sym) else (x,)  # noqa: E731
+    parts = [p for x in operands for p in arrays(x) if hasattr(p, "dtype")]
+    union = frozenset().union(*(vma(p) for p in parts))
+    if not union:
+        return operands
+    cast = lambda x: _vary(x, union) if hasattr(x, "dtype") else x  # noqa: E731
     return [
-        x
-        if vma(x) == union
-        else jax.lax.pcast(x, tuple(sorted(union - vma(x), key=str)), to="varying")
-        for x in xs
+        x.map_factors(cast(x.w), lambda f, _: cast(f))
+        if isinstance(x, Sym)
+        else cast(x)
+        for x in operands
     ]
+
+
+def _explicitly_split(x) -> bool:
+    """Whether ``x``'s type says it is split over explicit mesh axes."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return spec is not None and any(e is not None for e in spec)
 
 
 def _one_buffer_sum(base, lora):
@@ -85,6 +113,8 @@ def _one_buffer_sum(base, lora):
     both summands alive as backward residuals; a reduction output is one buffer.
     """
     base, lora = same_vma(base, lora)
+    if _explicitly_split(lora):  # no flat slice of a split array: a plain add
+        return _sum(base, lora)
     one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
     pair = jnp.stack([base, lora.astype(base.dtype)], axis=-1)
     return jnp.einsum("...k,k->...", pair, jnp.concatenate([one, one]))
@@ -141,6 +171,43 @@ def _lora_contract(x, w, f1, f2, plan):
     return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
 
+def _mm(lhs, rhs, **kw):
+    """``lhs @ rhs`` of two matrices. On a mesh with explicit axes (shardings in the
+    types) the output keeps the free dimensions' mesh axes and is summed over the
+    contracted one's (a factor's gradient summed over a batch split on 'data'),
+    which explicit sharding asks to be said."""
+    mesh = _explicit_mesh(lhs)
+    if mesh is None:
+        return jnp.dot(lhs, rhs, **kw)
+    ls, rs = jax.typeof(lhs).sharding, jax.typeof(rhs).sharding
+    row, col = _spec2(ls.spec)[0], _spec2(rs.spec)[1]
+    names = lambda e: set(e if isinstance(e, tuple) else (e,)) - {None}  # noqa: E731
+    if names(row) & names(col):
+        col = None
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row, col))
+    return jnp.dot(lhs, rhs, out_sharding=out, **kw)
+
+
+def _explicit_mesh(x):
+    """The mesh of ``x``'s type when it has explicit axes, else None."""
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    explicit = jax.sharding.AxisType.Explicit
+    return mesh if explicit in tuple(getattr(mesh, "axis_types", ())) else None
+
+
+def _like(ct, primal):
+    """A cotangent laid out as its primal's type says (explicit mesh axes only)."""
+    want = jax.typeof(primal).sharding
+    if _explicit_mesh(primal) is None or jax.typeof(ct).sharding == want:
+        return ct
+    return jax.reshard(ct, want)
+
+
+def _spec2(spec) -> tuple:
+    entries = tuple(spec)
+    return entries + (None,) * (2 - len(entries))
+
+
 def _acc(dtype):
     """The dtype of the rank-r intermediates: float32 or wider (they are small)."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -152,12 +219,10 @@ def _lora_contract_fwd(x, w, f1, f2, plan):
     base = jax.lax.dot_general(
         *((w, x) if plan.sym_lhs else (x, w)), **dict(plan.base_params)
     )
-    t = jnp.dot(
-        x2, a2, preferred_element_type=dt, precision=plan.precision
-    ) * jnp.asarray(plan.scale, dt)
-    lora = jnp.dot(
-        t, b2.astype(dt), preferred_element_type=dt, precision=plan.precision
+    t = _mm(x2, a2, preferred_element_type=dt, precision=plan.precision) * jnp.asarray(
+        plan.scale, dt
     )
+    lora = _mm(t, b2.astype(dt), preferred_element_type=dt, precision=plan.precision)
     lora = jnp.transpose(lora.reshape(y_shape), plan.out_perm)
     return _one_buffer_sum(base, lora), (x, w, f1, f2, t)
 
@@ -178,39 +243,37 @@ def _lora_contract_bwd(plan, res, g):
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
     g2 = g2.reshape(-1, w2.shape[1])
-    dt_ = jnp.dot(
+    dt_ = _mm(
         g2, b2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
     )
-    db2 = jnp.dot(
+    db2 = _mm(
         t.T, g2.astype(t.dtype), preferred_element_type=dt, precision=plan.precision
     )
     dts = dt_ * jnp.asarray(plan.scale, dt)
-    da2 = jnp.dot(
-        x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision
-    )
-    dx2 = jnp.dot(
+    da2 = _mm(x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision)
+    dx2 = _mm(
         g2,
         w2.T.astype(g2.dtype),
         preferred_element_type=plan.dtype,
         precision=plan.precision,
     )
-    dx2 = dx2 + jnp.dot(
+    dx2 = dx2 + _mm(
         dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
     ).astype(plan.dtype)
     dw = None  # w is the frozen base: no weight gradient is formed
     if w_grad:
-        dw2 = jnp.dot(
+        dw2 = _mm(
             x2.T,
             g2.astype(x2.dtype),
             preferred_element_type=dt,
             precision=plan.precision,
         )
-        dw = _undo(dw2, plan.w_perm, w.shape).astype(w.dtype)
+        dw = _like(_undo(dw2, plan.w_perm, w.shape).astype(w.dtype), w)
     return (
-        _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
+        _like(_undo(dx2, plan.x_perm, x.shape).astype(x.dtype), x),
         dw,
-        _undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype),
-        _undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype),
+        _like(_undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype), f1),
+        _like(_undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype), f2),
     )
 
 
@@ -241,10 +304,9 @@ def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
         base_params=base_params,
         sym_lhs=sym_lhs,
     )
-    x, w, f1, f2 = same_vma(x, sym.w, f1, f2)
     if FORWARD_MODE.get():
-        return _lora_contract_fwd(x, w, f1, f2, plan)[0]
-    return _lora_contract(x, w, f1, f2, plan)
+        return _lora_contract_fwd(x, sym.w, f1, f2, plan)[0]
+    return _lora_contract(x, sym.w, f1, f2, plan)
 
 
 def _two_step(

@@ -153,7 +153,20 @@ def _eval_sym_eqn(ctx, eqn, invals):
         _capture(ctx, eqn, invals)
     try:
         if name in _contract.RULES:
-            out, route = _contract.RULES[name](eqn, *invals)
+            routes = []
+
+            def rule(*xs):
+                out, route = _contract.RULES[name](eqn, *_contract.unify_vma(xs))
+                routes.append(route)
+                return out
+
+            if ctx.inside.count(_IN_SHARD_MAP) > 1:
+                # in a shard_map nested in another, a residual computed from values
+                # varying over the outer one's axes does not lower (XLA's Shardy
+                # verifier); recomputed in the backward pass, only inputs remain
+                nothing = jax.checkpoint_policies.nothing_saveable
+                rule = jax.checkpoint(rule, policy=nothing)
+            out, route = rule(*invals), routes[0]
             for x in invals:
                 for path in x.paths if isinstance(x, Sym) else ():
                     ctx.record(path, name, "factored", f"via {route}-axes")
@@ -231,6 +244,9 @@ _VIEWS = {
     # inside shard_map: w cast to vary over more mesh axes; the factors keep their
     # own (a contraction casts all its operands alike, `_contract.same_vma`)
     "pvary": _PASS,
+    # w laid out anew (a weight closed over by a shard_map body, jax.reshard): the
+    # factors keep their layout (they are small; a contraction casts them alike)
+    "reshard": _PASS,
     "concatenate": lambda eqn, *xs: _symbolic.concatenate(
         xs, eqn.params["dimension"], eqn.primitive.bind(*_bases(xs), **eqn.params)
     ),
@@ -378,6 +394,9 @@ def _spec_of(spec, ndim: int) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
+_IN_SHARD_MAP = "shard_map (its inputs there are shards)"
+
+
 def _placed(f, spec, mesh):
     """A factor resharded to ``spec`` where the mesh has explicit axes (``shard_map``
     then requires its inputs to be laid out as their ``in_specs`` say)."""
@@ -385,7 +404,13 @@ def _placed(f, spec, mesh):
     if explicit not in tuple(getattr(mesh, "axis_types", ())):
         return f
     have = _spec_of(jax.typeof(f).sharding.spec, f.ndim)
-    return f if have == _spec_of(spec, f.ndim) else jax.reshard(f, spec)
+    if have == _spec_of(spec, f.ndim):
+        return f
+    # a concrete mesh names its devices (no mesh context needed); an abstract one
+    # comes from the context
+    if isinstance(mesh, jax.sharding.Mesh):
+        spec = jax.sharding.NamedSharding(mesh, spec)
+    return jax.reshard(f, spec)
 
 
 def _shard_map(ctx, eqn, invals):
@@ -420,7 +445,7 @@ def _shard_map(ctx, eqn, invals):
         it, vals = iter(local), []
         for build in builds:
             vals.append(build(*(next(it) for _ in range(3))) if build else next(it))
-        with ctx.within("shard_map (its inputs there are shards)"):
+        with ctx.within(_IN_SHARD_MAP):
             outs = _eval(ctx, jaxpr, consts, vals)
         return tuple(_concrete(ctx, outs, "shard_map", "returned from the body"))
 

@@ -173,6 +173,7 @@ _IDENTITY = {
     "sharding_constraint",
     "optimization_barrier",
     "pvary",
+    "reshard",
 }
 
 

@@ -189,15 +189,10 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
             check_vma=check,
         )(params["stack"], x)
 
-    def check_against_merged(model, params, x, targets):
+    def check_against_merged(model, params, x, targets, **init_kw):
+        init_kw = init_kw or {"apply_fn": model, "example_args": (x,)}
         lp = jaxlora.init(
-            params,
-            jax.random.key(3),
-            scheme="he",
-            rank=2,
-            targets=targets,
-            apply_fn=model,
-            example_args=(x,),
+            params, jax.random.key(3), scheme="he", rank=2, targets=targets, **init_kw
         )
         lp = jax.tree.map(lambda t: t + 0.25, lp)  # b = 0 at init: move it
         # factors as a user might build them: not laid out on the mesh
@@ -209,9 +204,8 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
         apply = jaxlora.lora_apply(model)
         report = jaxlora.explain(model, lp, x)
         assert set(report.statuses.values()) == {"factored"}, str(report)
-        np.testing.assert_allclose(
-            jax.jit(apply)(lp, x), model(jaxlora.merge(lp), x), rtol=1e-5, atol=1e-6
-        )
+        want = jax.jit(model)(jaxlora.merge(lp), x)
+        np.testing.assert_allclose(jax.jit(apply)(lp, x), want, rtol=1e-5, atol=1e-6)
 
         def merged_loss(ads):
             tree = jaxlora.combine(jaxlora.base(lp), ads)
@@ -220,7 +214,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
         g = jaxlora.adapters(
             jax.jit(jax.grad(lambda t: jnp.sum(apply(t, x) ** 2)))(lp)
         )
-        g_ref = jax.grad(merged_loss)(jaxlora.adapters(lp))
+        g_ref = jax.jit(jax.grad(merged_loss))(jaxlora.adapters(lp))
         for k in g:
             np.testing.assert_allclose(g[k].a, g_ref[k].a, rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(g[k].b, g_ref[k].b, rtol=1e-4, atol=1e-6)
@@ -259,6 +253,97 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
             )
         # the layer axis is found inside the body: per-layer factors
         assert lp["stack"].a.shape == (3, 8, 2), lp["stack"].a.shape
+
+    auto = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+    def conv(p, x):  # output channels split over 'model'
+        body = lambda k, x: jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.shard_map(
+            body,
+            mesh=auto,
+            in_specs=(P(None, None, None, "model"), P("data")),
+            out_specs=P("data", None, None, "model"),
+        )(p["k"], x)
+
+    def embed(p, ids):  # embedding dims split over 'model'
+        return jax.shard_map(
+            lambda t, i: jnp.take(t, i, axis=0),
+            mesh=auto,
+            in_specs=(P(None, "model"), P("data")),
+            out_specs=P("data", None, "model"),
+        )(p["emb"], ids)
+
+    def nested(p, x):  # 'data' manual outside, 'model' inside
+        def inner(w, x):
+            return jax.lax.psum(x @ w, "model")
+
+        def outer(w, x):
+            return jax.shard_map(
+                inner,
+                mesh=jax.sharding.get_abstract_mesh(),
+                in_specs=(P("model"), P(None, "model")),
+                out_specs=P(),
+                axis_names={"model"},
+            )(w, x)
+
+        return jax.shard_map(
+            outer,
+            mesh=auto,
+            in_specs=(P(), P("data")),
+            out_specs=P("data"),
+            axis_names={"data"},
+        )(p["up"], x)
+
+    def closed_over(p, x):  # weights closed over by the body (JAX reshards them)
+        layer = lambda h, w: (jnp.tanh(h @ w), None)
+        return jax.shard_map(
+            lambda x: jax.lax.scan(layer, x, p["stack"])[0],
+            mesh=auto,
+            in_specs=P("data"),
+            out_specs=P("data"),
+        )(x)
+
+    with jax.set_mesh(auto):
+        conv_k = {"k": jax.random.normal(key(5), (3, 3, 4, 8))}
+        images = jax.random.normal(key(6), (4, 6, 6, 4))
+        check_against_merged(conv, conv_k, images, ["k"])
+        table = {"emb": jax.random.normal(key(7), (16, 8))}
+        ids = jnp.arange(8).reshape(4, 2)
+        layouts = {"emb": jaxlora.Layout(in_axes=(0,), out_axes=(1,))}
+        check_against_merged(embed, table, ids, ["emb"], layouts=layouts)
+        check_against_merged(nested, {"up": mlp["up"][:, :8]}, x, ["up"])
+        replicated = jax.NamedSharding(auto, P())
+        on_mesh = {"stack": jax.device_put(layers["stack"], replicated)}
+        lp = check_against_merged(closed_over, on_mesh, x, ["stack"])
+        assert lp["stack"].a.shape == (3, 8, 2), lp["stack"].a.shape
+
+    # explicit axes: no mesh context needed when shard_map is given the mesh; a
+    # partly manual shard_map ('data' stays an explicit automatic axis); and a
+    # plain model on explicitly sharded activations
+    explicit = jax.make_mesh(
+        (2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2
+    )
+    put = lambda t, spec: jax.device_put(t, jax.NamedSharding(explicit, spec))
+    w_e = {"w": put(mlp["down"][:8], P("model"))}
+    x_e = put(x, P("data", "model"))
+
+    def tp(p, x, **kw):
+        return jax.shard_map(
+            lambda w, x: jax.lax.psum(x @ w, "model"),
+            mesh=explicit,
+            in_specs=(P("model"), P(*kw.pop("x_spec"), "model")),
+            **kw,
+        )(p["w"], x)
+
+    split = partial(tp, x_spec=("data",), out_specs=P("data"))
+    check_against_merged(split, w_e, x_e, ["w"])
+    with jax.set_mesh(explicit):
+        partly = partial(tp, x_spec=(None,), out_specs=P(), axis_names={"model"})
+        check_against_merged(partly, w_e, x_e, ["w"])
+        plain = lambda p, x: jnp.tanh(jax.reshard(x, P("data", None)) @ p["w"])
+        check_against_merged(plain, w_e, x_e, ["w"])
     warnings.resetwarnings()
 
     # a weight returned from the body is materialized for that use, with a warning
@@ -304,8 +389,10 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
 
 def test_shard_map_bodies_run_factored_with_gradients_summed_over_shards():
     """Tensor- and data-parallel ``shard_map`` bodies (``check_vma`` on and off, auto
-    and explicit mesh axes): outputs and factor gradients equal the merged model's,
-    every weight runs factored, a stacked layer axis is inferred inside the body."""
+    and explicit mesh axes, partly manual, nested, weights closed over; matmuls,
+    convolutions, embedding lookups): outputs and factor gradients equal the merged
+    model's, every weight runs factored, a stacked layer axis is inferred inside the
+    body; a weight returned from the body is materialized; EVA refuses."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env["JAX_PLATFORMS"] = "cpu"
     run = subprocess.run(
