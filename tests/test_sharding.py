@@ -133,11 +133,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_weights_and_constraints_run_factored_on_a_mesh():
+def run_on_four_devices(script: str) -> None:
+    """Runs ``script`` in a fresh Python with four host CPU devices; it must print
+    ``OK`` last."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env["JAX_PLATFORMS"] = "cpu"
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         env=env,
         capture_output=True,
         text=True,
@@ -146,6 +148,10 @@ def test_sharded_weights_and_constraints_run_factored_on_a_mesh():
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), (
         run.stdout[-3000:] + run.stderr[-3000:]
     )
+
+
+def test_sharded_weights_and_constraints_run_factored_on_a_mesh():
+    run_on_four_devices(SCRIPT)
 
 
 SHARD_MAP_SCRIPT = textwrap.dedent(
@@ -393,15 +399,4 @@ def test_shard_map_bodies_run_factored_with_gradients_summed_over_shards():
     convolutions, embedding lookups): outputs and factor gradients equal the merged
     model's, every weight runs factored, a stacked layer axis is inferred inside the
     body; a weight returned from the body is materialized; EVA refuses."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    env["JAX_PLATFORMS"] = "cpu"
-    run = subprocess.run(
-        [sys.executable, "-c", SHARD_MAP_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), (
-        run.stdout[-3000:] + run.stderr[-3000:]
-    )
+    run_on_four_devices(SHARD_MAP_SCRIPT)
