@@ -113,6 +113,7 @@ def _one_buffer_sum(base, lora):
     both summands alive as backward residuals; a reduction output is one buffer.
     """
     base, lora = same_vma(base, lora)
+    lora = _like(lora, base)  # explicit mesh axes: laid out as the model's product
     if _explicitly_split(lora):  # no flat slice of a split array: a plain add
         return _sum(base, lora)
     one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
@@ -309,19 +310,47 @@ def _fused(x, sym, first, sc, xc, sym_lhs, dtype, precision, base_params):
     return _lora_contract(x, sym.w, f1, f2, plan)
 
 
+def _labelled_sharding(out_lab, operands):
+    """On a mesh with explicit axes, the sharding of an einsum output ``out_lab``
+    whose letters keep the mesh axes they have in ``operands`` ((array, letters)
+    pairs; a mesh axis is used once, contracted letters are summed over); else
+    None (no sharding to say)."""
+    mesh = next((m for a, _ in operands if (m := _explicit_mesh(a))), None)
+    if mesh is None:
+        return None
+    seen = {}
+    for a, lab in operands:
+        spec = tuple(jax.typeof(a).sharding.spec)
+        for c, e in zip(lab, spec + (None,) * (len(lab) - len(spec)), strict=True):
+            seen.setdefault(c, e)
+    used, spec = set(), []
+    for c in out_lab:
+        e = seen.get(c)
+        names = set(e if isinstance(e, tuple) else (e,)) - {None}
+        spec.append(e if names and not names & used else None)
+        used |= names if spec[-1] is not None else set()
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def _two_step(
     first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype, prec=None
 ):
-    """``einsum(einsum(x, first), second)`` keeping only the letters still needed."""
+    """``einsum(einsum(x, first), second)`` keeping only the letters still needed.
+
+    On a mesh with explicit axes the intermediate keeps the mesh axes of ``x`` and
+    the factor (`_one_buffer_sum` then lays the result out like the base term).
+    """
     keep = set(second_lab) | set(out_lab)
     t_lab = "".join(dict.fromkeys(c for c in x_lab + first_lab if c in keep))
     acc = _acc(dtype)
+    t_sharding = _labelled_sharding(t_lab, [(x, x_lab), (first, first_lab)])
     t = jnp.einsum(
         f"{x_lab},{first_lab}->{t_lab}",
         x,
         first,
         preferred_element_type=acc,
         precision=prec,
+        **({"out_sharding": t_sharding} if t_sharding is not None else {}),
     )
     t = t * jnp.asarray(scale, t.dtype)
     return jnp.einsum(
@@ -368,7 +397,10 @@ def dot_general(eqn, lhs, rhs):
     a_lab, b_lab = sym.letters(w_let, r_let)
     dtype = eqn.outvars[0].aval.dtype
     prec = eqn.params.get("precision")
-    if not sb and not sym.stack_axes and 0 not in x.shape + sym.shape:
+    # on a mesh with explicit axes the flattening of the fused path is refused (a
+    # reshape of split axes): einsums that say their output shardings instead
+    explicit = any(_explicit_mesh(v) for v in (x, sym.w, sym.a, sym.b))
+    if not (sb or sym.stack_axes or explicit or 0 in x.shape + sym.shape):
         base_params = tuple(sorted(eqn.params.items()))
         fused = _fused(x, sym, first, sc, xc, sym_lhs, dtype, prec, base_params)
         return fused, route
@@ -414,9 +446,11 @@ def conv_general_dilated(eqn, lhs, rhs):
     dt = jnp.promote_types(lhs.dtype, a_k.dtype)
     pet = p.get("preferred_element_type")
     t_params = {**p, "preferred_element_type": None if pet is None else _acc(pet)}
+    f = dn.out_spec[1]
+    if p.get("out_sharding") is not None:  # the model's layout, but rank r channels
+        t_params["out_sharding"] = _unsplit(p["out_sharding"], f, base.ndim)
     t = eqn.primitive.bind(lhs.astype(dt), a_k.astype(dt), **t_params)
     t = t * jnp.asarray(rhs.scale, t.dtype)
-    f = dn.out_spec[1]
     t = t.reshape(t.shape[:f] + (groups, rank) + t.shape[f + 1 :])
     letters = fresh_letters(t.ndim + 1)
     t_lab, o_let = letters[: t.ndim], letters[-1]
@@ -434,6 +468,17 @@ def conv_general_dilated(eqn, lhs, rhs):
         preferred_element_type=base.dtype,
     )
     return _one_buffer_sum(base, lora.reshape(base.shape)), "in"
+
+
+def _unsplit(sharding, axis: int, ndim: int):
+    """``sharding`` (a NamedSharding or a PartitionSpec) with ``axis`` not split."""
+    spec = getattr(sharding, "spec", sharding)
+    entries = list(tuple(spec)) + [None] * (ndim - len(tuple(spec)))
+    entries[axis] = None
+    new = jax.sharding.PartitionSpec(*entries)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, new, sharding.memory_kind)
+    return new
 
 
 def gather_indexed_axes(params: dict, shape: tuple[int, ...]) -> tuple[int, ...]:

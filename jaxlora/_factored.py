@@ -51,6 +51,7 @@ from jaxlora import _contract
 from jaxlora import _symbolic
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
 from jaxlora._symbolic import Unsupported
 
@@ -148,6 +149,12 @@ def _fallback(ctx, eqn, invals, reason):
 
 
 def _eval_sym_eqn(ctx, eqn, invals):
+    # in the equation's own context (its mesh: e.g. automatic axes in auto_axes)
+    with eqn.ctx.manager:
+        return _eval_sym_eqn_here(ctx, eqn, invals)
+
+
+def _eval_sym_eqn_here(ctx, eqn, invals):
     name = eqn.primitive.name
     if ctx.captured is not None and name in _contract.RULES:
         _capture(ctx, eqn, invals)
@@ -213,6 +220,21 @@ def _reshape(s, w, p, _):
     return s.reshape(w, p["new_sizes"])
 
 
+def _reshard(eqn, x: Sym) -> Sym:
+    dst = eqn.params["dst_sharding"]
+    w = eqn.primitive.bind(x.w, **eqn.params)
+    if not isinstance(dst, jax.sharding.NamedSharding):
+        return x.map_factors(w, lambda f, _: f)
+    spec = _spec_of(dst.spec, x.ndim)
+
+    def follow(f, lab):
+        part = jax.sharding.PartitionSpec(*(None if i == R else spec[i] for i in lab))
+        to = jax.sharding.NamedSharding(dst.mesh, part, memory_kind=dst.memory_kind)
+        return eqn.primitive.bind(f, **{**eqn.params, "dst_sharding": to})
+
+    return x.map_factors(w, follow)
+
+
 def _bases(xs):
     return [x.w if isinstance(x, Sym) else x for x in xs]
 
@@ -244,9 +266,9 @@ _VIEWS = {
     # inside shard_map: w cast to vary over more mesh axes; the factors keep their
     # own (a contraction casts all its operands alike, `_contract.same_vma`)
     "pvary": _PASS,
-    # w laid out anew (a weight closed over by a shard_map body, jax.reshard): the
-    # factors keep their layout (they are small; a contraction casts them alike)
-    "reshard": _PASS,
+    # w laid out anew (jax.reshard, auto_axes, a weight closed over by a shard_map
+    # body): each factor axis follows the weight axis it holds
+    "reshard": lambda eqn, x: _reshard(eqn, x),
     "concatenate": lambda eqn, *xs: _symbolic.concatenate(
         xs, eqn.params["dimension"], eqn.primitive.bind(*_bases(xs), **eqn.params)
     ),
@@ -426,7 +448,7 @@ def _shard_map(ctx, eqn, invals):
         if isinstance(x, Sym):
             ws = _spec_of(spec, x.ndim)
             part = lambda lab, ws=ws: jax.sharding.PartitionSpec(
-                *(None if i == _symbolic.R else ws[i] for i in lab)
+                *(None if i == R else ws[i] for i in lab)
             )
             pa, pb = part(x.a_lab), part(x.b_lab)
             flat += [x.w, _placed(x.a, pa, p["mesh"]), _placed(x.b, pb, p["mesh"])]
@@ -587,6 +609,17 @@ def _capture(ctx, eqn, invals):
         entry.append(rows)
 
 
+def _unsplit_rows(rows):
+    """Captured rows whole on every device when split over explicit mesh axes (a
+    batch split on 'data'): the PCA contracts over them."""
+    mesh = _contract._explicit_mesh(rows)
+    if mesh is None:
+        return rows
+    return jax.reshard(
+        rows, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
+
+
 def input_capturer(fn: Callable) -> Callable:
     """A function ``(args, kwargs) -> (rows, reasons)`` capturing adapted inputs.
 
@@ -608,7 +641,7 @@ def input_capturer(fn: Callable) -> Callable:
             if isinstance(got, str):
                 reasons[path] = got
             else:
-                rows[path] = jax.numpy.concatenate(got, axis=0)
+                rows[path] = _unsplit_rows(jax.numpy.concatenate(got, axis=0))
         return rows
 
     def capture(args, kwargs):

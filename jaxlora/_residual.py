@@ -83,9 +83,28 @@ def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
     return jax.vmap(one)(keys, k3, g3)
 
 
+def _whole(x):
+    """``x`` replicated when it is split over explicit mesh axes (an SVD or QR takes
+    whole matrices there), with the sharding to put the result back to; else
+    ``(x, None)``."""
+    sharding = getattr(x, "sharding", None)
+    explicit = jax.sharding.AxisType.Explicit
+    if (
+        isinstance(x, jax.core.Tracer)
+        or not isinstance(sharding, jax.sharding.NamedSharding)
+        or explicit not in tuple(sharding.mesh.axis_types)
+    ):
+        return x, None
+    whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(x, whole), sharding
+
+
 def adapt(scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None) -> LoraWeight:
-    """One target's `LoraWeight` with factors from ``w`` and the residual as base."""
+    """One target's `LoraWeight` with factors from ``w`` and the residual as base
+    (laid out like ``w``; the factors are laid out by the caller)."""
     layout, shape = spec.layout, tuple(w.shape)
+    w, placed = _whole(w)
+    grad = None if grad is None else _whole(grad)[0]
     k3 = to_3d(w, layout)
     g3 = None if grad is None else to_3d(grad, layout)
     keys = jax.random.split(key, k3.shape[0])
@@ -93,8 +112,9 @@ def adapt(scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None) -> Lora
         scheme, keys, k3, g3, spec.rank, spec.scale, dtype, spec.scheme
     )
     a_shape, b_shape = layout.factor_shapes(shape, spec.rank)
+    res = from_3d(res, layout, shape)
     return LoraWeight(
-        from_3d(res, layout, shape),
+        res if placed is None else jax.device_put(res, placed),
         a.reshape(a_shape),
         b.reshape(b_shape),
         dataclasses.replace(spec, residual=True),
