@@ -172,23 +172,6 @@ def _lora_contract(x, w, f1, f2, plan):
     return _lora_contract_fwd(x, w, f1, f2, plan)[0]
 
 
-def _mm(lhs, rhs, **kw):
-    """``lhs @ rhs`` of two matrices. On a mesh with explicit axes (shardings in the
-    types) the output keeps the free dimensions' mesh axes and is summed over the
-    contracted one's (a factor's gradient summed over a batch split on 'data'),
-    which explicit sharding asks to be said."""
-    mesh = _explicit_mesh(lhs)
-    if mesh is None:
-        return jnp.dot(lhs, rhs, **kw)
-    ls, rs = jax.typeof(lhs).sharding, jax.typeof(rhs).sharding
-    row, col = _spec2(ls.spec)[0], _spec2(rs.spec)[1]
-    names = lambda e: set(e if isinstance(e, tuple) else (e,)) - {None}  # noqa: E731
-    if names(row) & names(col):
-        col = None
-    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row, col))
-    return jnp.dot(lhs, rhs, out_sharding=out, **kw)
-
-
 def _explicit_mesh(x):
     """The mesh of ``x``'s type when it has explicit axes, else None."""
     mesh = getattr(jax.typeof(x).sharding, "mesh", None)
@@ -196,17 +179,12 @@ def _explicit_mesh(x):
     return mesh if explicit in tuple(getattr(mesh, "axis_types", ())) else None
 
 
-def _like(ct, primal):
-    """A cotangent laid out as its primal's type says (explicit mesh axes only)."""
-    want = jax.typeof(primal).sharding
-    if _explicit_mesh(primal) is None or jax.typeof(ct).sharding == want:
-        return ct
-    return jax.reshard(ct, want)
-
-
-def _spec2(spec) -> tuple:
-    entries = tuple(spec)
-    return entries + (None,) * (2 - len(entries))
+def _like(x, other):
+    """``x`` laid out as ``other``'s type says (explicit mesh axes only)."""
+    want = jax.typeof(other).sharding
+    if _explicit_mesh(other) is None or jax.typeof(x).sharding == want:
+        return x
+    return jax.reshard(x, want)
 
 
 def _acc(dtype):
@@ -220,10 +198,12 @@ def _lora_contract_fwd(x, w, f1, f2, plan):
     base = jax.lax.dot_general(
         *((w, x) if plan.sym_lhs else (x, w)), **dict(plan.base_params)
     )
-    t = _mm(x2, a2, preferred_element_type=dt, precision=plan.precision) * jnp.asarray(
-        plan.scale, dt
+    t = jnp.dot(
+        x2, a2, preferred_element_type=dt, precision=plan.precision
+    ) * jnp.asarray(plan.scale, dt)
+    lora = jnp.dot(
+        t, b2.astype(dt), preferred_element_type=dt, precision=plan.precision
     )
-    lora = _mm(t, b2.astype(dt), preferred_element_type=dt, precision=plan.precision)
     lora = jnp.transpose(lora.reshape(y_shape), plan.out_perm)
     return _one_buffer_sum(base, lora), (x, w, f1, f2, t)
 
@@ -244,37 +224,39 @@ def _lora_contract_bwd(plan, res, g):
     x2, w2, a2, b2, y_shape = _canon(x, w, f1, f2, plan)
     g2 = jnp.transpose(g, tuple(int(i) for i in np.argsort(plan.out_perm)))
     g2 = g2.reshape(-1, w2.shape[1])
-    dt_ = _mm(
+    dt_ = jnp.dot(
         g2, b2.T.astype(g2.dtype), preferred_element_type=dt, precision=plan.precision
     )
-    db2 = _mm(
+    db2 = jnp.dot(
         t.T, g2.astype(t.dtype), preferred_element_type=dt, precision=plan.precision
     )
     dts = dt_ * jnp.asarray(plan.scale, dt)
-    da2 = _mm(x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision)
-    dx2 = _mm(
+    da2 = jnp.dot(
+        x2.T.astype(dt), dts, preferred_element_type=dt, precision=plan.precision
+    )
+    dx2 = jnp.dot(
         g2,
         w2.T.astype(g2.dtype),
         preferred_element_type=plan.dtype,
         precision=plan.precision,
     )
-    dx2 = dx2 + _mm(
+    dx2 = dx2 + jnp.dot(
         dts, a2.T.astype(dt), preferred_element_type=dt, precision=plan.precision
     ).astype(plan.dtype)
     dw = None  # w is the frozen base: no weight gradient is formed
     if w_grad:
-        dw2 = _mm(
+        dw2 = jnp.dot(
             x2.T,
             g2.astype(x2.dtype),
             preferred_element_type=dt,
             precision=plan.precision,
         )
-        dw = _like(_undo(dw2, plan.w_perm, w.shape).astype(w.dtype), w)
+        dw = _undo(dw2, plan.w_perm, w.shape).astype(w.dtype)
     return (
-        _like(_undo(dx2, plan.x_perm, x.shape).astype(x.dtype), x),
+        _undo(dx2, plan.x_perm, x.shape).astype(x.dtype),
         dw,
-        _like(_undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype), f1),
-        _like(_undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype), f2),
+        _undo(da2, plan.f1_perm, f1.shape).astype(f1.dtype),
+        _undo(db2, plan.f2_perm, f2.shape).astype(f2.dtype),
     )
 
 
