@@ -235,6 +235,23 @@ def _reshard(eqn, x: Sym) -> Sym:
     return x.map_factors(w, follow)
 
 
+def _all_gather(eqn, x: Sym) -> Sym:
+    """A weight gathered whole from its shards (FSDP): each factor holding the
+    gathered axis is gathered along it (the other is whole already)."""
+    p = eqn.params
+    if not p["tiled"] or p["axis_index_groups"] is not None:
+        raise Unsupported("an untiled or grouped all_gather")
+    d = p["all_gather_dimension"]
+    w = eqn.primitive.bind(x.w, **p)
+
+    def gather(f, lab):
+        if d not in lab:
+            return f
+        return eqn.primitive.bind(f, **{**p, "all_gather_dimension": lab.index(d)})
+
+    return x.map_factors(w, gather)
+
+
 def _bases(xs):
     return [x.w if isinstance(x, Sym) else x for x in xs]
 
@@ -269,6 +286,7 @@ _VIEWS = {
     # w laid out anew (jax.reshard, auto_axes, a weight closed over by a shard_map
     # body): each factor axis follows the weight axis it holds
     "reshard": lambda eqn, x: _reshard(eqn, x),
+    "all_gather": lambda eqn, x: _all_gather(eqn, x),
     "concatenate": lambda eqn, *xs: _symbolic.concatenate(
         xs, eqn.params["dimension"], eqn.primitive.bind(*_bases(xs), **eqn.params)
     ),

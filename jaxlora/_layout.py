@@ -174,6 +174,7 @@ _IDENTITY = {
     "optimization_barrier",
     "pvary",
     "reshard",
+    "all_gather",
 }
 
 

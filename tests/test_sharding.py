@@ -221,9 +221,10 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
             jax.jit(jax.grad(lambda t: jnp.sum(apply(t, x) ** 2)))(lp)
         )
         g_ref = jax.jit(jax.grad(merged_loss))(jaxlora.adapters(lp))
-        for k in g:
-            np.testing.assert_allclose(g[k].a, g_ref[k].a, rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose(g[k].b, g_ref[k].b, rtol=1e-4, atol=1e-6)
+        for k in g:  # to float32 rounding of differently ordered sums
+            for u, v in ((g[k].a, g_ref[k].a), (g[k].b, g_ref[k].b)):
+                err = np.linalg.norm(np.asarray(u) - np.asarray(v))
+                assert err <= 1e-4 * np.linalg.norm(v), (k, err, np.linalg.norm(v))
         return lp
 
     key = lambda i: jax.random.key(i)
@@ -311,7 +312,24 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
             out_specs=P("data"),
         )(x)
 
+    def fsdp(p, x):  # weights stored split over 'data', gathered whole for use
+        def body(up, stack, x):
+            up = jax.lax.all_gather(up, "data", axis=1, tiled=True)
+            stack = jax.lax.all_gather(stack, "data", axis=0, tiled=True)
+            layer = lambda h, w: (jnp.tanh(h @ w), None)
+            return jax.lax.scan(layer, jnp.tanh(x @ up), stack)[0]
+
+        return jax.shard_map(
+            body,
+            mesh=auto,
+            in_specs=(P(None, "data"), P("data"), P("data")),
+            out_specs=P("data"),
+        )(p["up"], p["stack"], x)
+
     with jax.set_mesh(auto):
+        sharded = {"up": mlp["up"], "stack": jax.random.normal(key(8), (2, 16, 16)) / 4}
+        lp = check_against_merged(fsdp, sharded, x, ["up", "stack"])
+        assert lp["stack"].a.shape == (2, 16, 2), lp["stack"].a.shape
         conv_k = {"k": jax.random.normal(key(5), (3, 3, 4, 8))}
         images = jax.random.normal(key(6), (4, 6, 6, 4))
         check_against_merged(conv, conv_k, images, ["k"])
@@ -397,8 +415,9 @@ def test_shard_map_bodies_run_factored_with_gradients_summed_over_shards():
     """Tensor- and data-parallel ``shard_map`` bodies (``check_vma`` on and off, auto
     and explicit mesh axes, partly manual, nested, weights closed over; matmuls,
     convolutions, embedding lookups): outputs and factor gradients equal the merged
-    model's, every weight runs factored, a stacked layer axis is inferred inside the
-    body; a weight returned from the body is materialized; EVA refuses."""
+    model's, every weight runs factored (also weights stored split and all-gathered
+    whole, FSDP), a stacked layer axis is inferred inside the body; a weight returned
+    from the body is materialized; EVA refuses."""
     run_on_four_devices(SHARD_MAP_SCRIPT)
 
 
