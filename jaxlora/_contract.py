@@ -71,21 +71,15 @@ def _vary(x, axes: frozenset):
     return jax.lax.pcast(x, tuple(sorted(more, key=str)), to="varying")
 
 
-def same_vma(*xs) -> list:
-    """``xs`` cast to vary over the union of their manual mesh axes.
+def unify_vma(operands: list) -> list:
+    """The operands of a contraction (arrays and `Sym` s, whose ``w`` and factors
+    count) cast to vary over the union of their manual mesh axes.
 
     Inside a ``shard_map`` (with ``check_vma``) the operands of a primitive or a
     custom rule must agree; a replicated factor is cast to varying, and the cast's
     transpose is the ``psum`` that adds up its gradient over the shards. Outside a
     ``shard_map``, a no-op.
     """
-    union = frozenset().union(*(vma(x) for x in xs))
-    return [_vary(x, union) for x in xs]
-
-
-def unify_vma(operands: list) -> list:
-    """The operands of a contraction (arrays and `Sym` s, whose ``w`` and factors
-    count) cast to vary over the same manual mesh axes (see `same_vma`)."""
     arrays = lambda x: (x.w, x.a, x.b) if isinstance(x, Sym) else (x,)  # noqa: E731
     parts = [p for x in operands for p in arrays(x) if hasattr(p, "dtype")]
     union = frozenset().union(*(vma(p) for p in parts))
@@ -112,7 +106,6 @@ def _one_buffer_sum(base, lora):
     XLA cannot prove are 1: a plain add would be fused into every consumer, keeping
     both summands alive as backward residuals; a reduction output is one buffer.
     """
-    base, lora = same_vma(base, lora)
     lora = _like(lora, base)  # explicit mesh axes: laid out as the model's product
     if _explicitly_split(lora):  # no flat slice of a split array: a plain add
         return _sum(base, lora)

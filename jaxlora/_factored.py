@@ -281,7 +281,7 @@ _VIEWS = {
     "sharding_constraint": _PASS,
     "name": _PASS,
     # inside shard_map: w cast to vary over more mesh axes; the factors keep their
-    # own (a contraction casts all its operands alike, `_contract.same_vma`)
+    # own (a contraction casts all its operands alike, `_contract.unify_vma`)
     "pvary": _PASS,
     # w laid out anew (jax.reshard, auto_axes, a weight closed over by a shard_map
     # body): each factor axis follows the weight axis it holds
@@ -459,7 +459,7 @@ def _shard_map(ctx, eqn, invals):
     not split), so the shard of ``w + s·a@b`` is ``w``'s shard plus ``s·a_i@b_j``
     of the factors' shards. A factor that is whole on some mesh axis gets its
     gradient summed over it (``jax.shard_map``'s transpose, or the casts of
-    `jaxlora._contract.same_vma` under ``check_vma``)."""
+    `jaxlora._contract.unify_vma` under ``check_vma``)."""
     p = eqn.params
     flat, specs, builds = [], [], []
     for x, spec in zip(invals, p["in_specs"], strict=True):
