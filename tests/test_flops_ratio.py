@@ -25,14 +25,18 @@ def measured(variant):
 
 def floor_flops(apply_fn, params, ids):
     """FLOPs of the frozen model's step: forward plus the gradient w.r.t. the
-    embedding output only (every weight gradient skipped)."""
+    embedding output only (every weight gradient skipped). The parameters are
+    arguments, as in the steps measured: closed over, they would be constants and
+    XLA would drop the adds of zero biases and the products by unit LayerNorm scales
+    (63.52 instead of 63.60 GFLOPs under ``nn.scan``)."""
 
-    def loss(table):
+    def loss(table, params):
         frozen = jax.tree.map(jax.lax.stop_gradient, params)
         frozen["params"]["Embed_0"]["embedding"] = table
         return fr._xent(apply_fn(frozen, ids), ids)
 
-    return fr.compiled_cost(jax.grad(loss), params["params"]["Embed_0"]["embedding"])[0]
+    table = params["params"]["Embed_0"]["embedding"]
+    return fr.compiled_cost(jax.grad(loss), table, params)[0]
 
 
 def rank_path_flops(lp, n_tokens):
@@ -72,16 +76,21 @@ def test_engine_costs_no_more_than_the_hand_factored_reference(variant):
 
 def test_scanned_layers_add_only_the_rank_r_paths():
     """Under ``nn.scan`` XLA counts the loop body once, so the ratio is essentially
-    one layer's (measured 0.702; the hand-factored reference 0.703): a frozen layer's
-    forward and input gradient plus the rank-8 paths. Unrolled, the first layer skips
-    its input gradient, which a scan cannot. The engine adds at most 1% to the frozen
-    step plus the exact rank-r cost."""
+    one layer's (measured 0.7021; the hand-factored reference 0.7029): a frozen
+    layer's forward and input gradient plus the rank-8 paths. Unrolled, the first
+    layer skips its input gradient, which a scan cannot.
+
+    That sum is a lower bound for any step that trains the factors and keeps the
+    scan: the frozen model's own step (63.60 GFLOPs) plus the exact rank-r products
+    (2.11) is 0.7002 of the full step, above the 0.70 target before any LoRA-specific
+    add. The engine adds at most 0.5% to that bound (measured 0.26%)."""
     s = fr.FULL
     apply_fn, params, lp, ids, *_ = fr.setup("scan", s)
     r = measured("scan")
     assert r["adapted"] == 7  # six stacked (layers, in, out) kernels and the head
     bound = floor_flops(apply_fn, params, ids) + rank_path_flops(lp, s.batch * s.seq)
-    assert r["lora_flops"] <= 1.01 * bound, (r["lora_flops"], bound)
+    assert bound > 0.70 * r["full_flops"], (bound, r["full_flops"])  # 0.7002
+    assert bound <= r["lora_flops"] <= 1.005 * bound, (r["lora_flops"], bound)
     assert r["ratio"] < 0.71, r
 
 
