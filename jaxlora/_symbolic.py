@@ -330,26 +330,34 @@ def concatenate(operands, dimension: int, w) -> Sym:
 def stack(operands, axis: int, w) -> Sym:
     """``stack(operands, axis)`` (per-layer weights stacked to scan over them) with
     some operands `Sym`: a `Sym` whose new axis is a stacked axis of both factors,
-    each layer keeping its own rank-r factors (scales folded into ``a``). A plain
-    array among the operands is a layer with no update (zero factors). The parts
-    must share their layout and rank.
+    each layer keeping its own factors (scales folded into ``a``). Parts of smaller
+    rank (EVA, ``rank_pattern``) are padded with zero rank columns of ``a`` and zero
+    rows of ``b`` to the largest rank: their product, and so the layer, is unchanged.
+    A plain array among the operands is a layer with no update (zero factors). The
+    parts must share their layout.
     """
     syms = [x for x in operands if isinstance(x, Sym)]
     ref = syms[0]
     if any(x.a_lab != ref.a_lab or x.b_lab != ref.b_lab for x in syms):
         raise Unsupported("stacked weights have different layouts")
-    if len({x.a.shape[x.a_lab.index(R)] for x in syms}) > 1:
-        raise Unsupported("stacked weights have different ranks")
+    ra, rb = ref.a_lab.index(R), ref.b_lab.index(R)
+    rank = max(x.a.shape[ra] for x in syms)
     shift = lambda lab: (axis,) + tuple(i if i == R or i < axis else i + 1 for i in lab)  # noqa: E731
     dtype = jnp.result_type(*(f for x in syms for f in (x.a, x.b)))
+
+    def padded(f, k):
+        pad = [(0, 0)] * f.ndim
+        pad[k] = (0, rank - f.shape[k])
+        return jnp.pad(f, pad)[None]
+
     a_parts, b_parts = [], []
     for x in operands:
         if isinstance(x, Sym):
-            a_parts.append((x.a.astype(dtype) * jnp.asarray(x.scale, dtype))[None])
-            b_parts.append(x.b.astype(dtype)[None])
+            a_parts.append(padded(x.a.astype(dtype) * jnp.asarray(x.scale, dtype), ra))
+            b_parts.append(padded(x.b.astype(dtype), rb))
         else:
-            a_parts.append(jnp.zeros((1, *ref.a.shape), dtype))
-            b_parts.append(jnp.zeros((1, *ref.b.shape), dtype))
+            a_parts.append(padded(jnp.zeros(ref.a.shape, dtype), ra))
+            b_parts.append(padded(jnp.zeros(ref.b.shape, dtype), rb))
     paths = tuple(dict.fromkeys(p for x in syms for p in x.paths))
     return Sym(
         w,

@@ -629,26 +629,28 @@ def test_stack_with_a_plain_layer():
     check(_scan_stacked, {**lp, "l1": p["l1"]}, rand((2, 4), seed=9))
 
 
-def test_stack_of_different_ranks_is_materialized_correctly():
-    """Layers of different ranks cannot share a stacked factor axis: the stack is
-    formed densely (one warning per path), with the merged model's values."""
+@pytest.mark.parametrize(
+    "fn", [_scan_stacked, _batched_stacked], ids=["scan", "batched"]
+)
+def test_stack_of_different_ranks_runs_factored(fn):
+    """Layers of different ranks (EVA, ``rank_pattern``) stack to the largest rank,
+    the smaller ones padded with zero factors: factored, no warning, the merged
+    model's values and each layer's own factor gradients (their true shapes)."""
     lay = Layout(in_axes=(1,), out_axes=(0,))
 
-    def lora(seed, rank):
+    def lora(seed, rank, alpha):
         w, a, b = (
             rand(s, seed=seed + k) for k, s in enumerate(((4, 4), (4, rank), (rank, 4)))
         )
-        return LoraWeight(w * 0.5, a, b, LoraSpec(lay, rank, 2.0))
+        return LoraWeight(w * 0.5, a, b, LoraSpec(lay, rank, alpha))
 
-    lp = {"l0": lora(0, 2), "l1": lora(3, 3), "l2": lora(6, 2)}
+    lp = {"l0": lora(0, 2, 2.0), "l1": lora(3, 3, 1.0), "l2": lora(6, 1, 4.0)}
     x = rand((2, 4), seed=9)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = _factored.call(_scan_stacked, (lp, x), {})
-    assert len(caught) == 3 and all("stack" in str(w.message) for w in caught)
-    np.testing.assert_allclose(got, _scan_stacked(merged(lp), x), rtol=1e-5, atol=1e-6)
-    report = _factored.explain(_scan_stacked, (lp, x), {})
-    assert set(report.statuses.values()) == {"materialized"}, str(report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = _factored.explain(fn, (lp, x), {})
+        check(fn, lp, x)
+    assert set(report.statuses.values()) == {"factored"}, str(report)
 
 
 def test_fallback_warns_once_and_is_correct():
