@@ -71,8 +71,10 @@ def eva_nodes(
 
     Raises:
         ValueError: for no batches, or targets whose inputs cannot be captured (used
-            by a convolution or embedding lookup, inside a loop, a cond branch or a
-            ``shard_map``, or never used).
+            by a convolution or embedding lookup, inside a while loop, a cond
+            branch, a ``shard_map`` or nested scans, or never used). Layers stacked
+            and scanned over (``nn.scan``) are captured per layer: each is a unit of
+            the PCA and of the rank budget.
     """
     capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
     probe = _probe(params, plan, leaves)
@@ -80,47 +82,69 @@ def eva_nodes(
         t.path: min(_eva.eva_num_components(t.rank, rho), min(t.layout.fans(t.shape)))
         for t in plan
     }
-    states = {
-        t.path: _eva.eva_pca_init(t.layout.fans(t.shape)[0], ks[t.path]) for t in plan
-    }
+    # one PCA per unit: a weight, or one layer of a stacked weight scanned over
+    # (`(path, l)`); the first batch tells which
+    states, units = {}, {}
     update = jax.jit(_eva.eva_pca_update)
     components = jax.jit(_eva.eva_components)
     previous, done, seen = {}, set(), 0
     for batch in batches:
         rows, reasons = capture((probe, batch), {})
         _check_captured(plan, rows, reasons)
+        if not units:
+            units = {t.path: _units(t, rows[t.path]) for t in plan}
+            states = {
+                u: _eva.eva_pca_init(t.layout.fans(t.shape)[0], ks[t.path])
+                for t in plan
+                for u in units[t.path]
+            }
         seen += 1
-        for path in states.keys() - done:
-            states[path] = update(states[path], rows[path])
-            comps, _ = components(states[path])
-            if path in previous and bool(
-                _eva.eva_converged(previous[path], comps, tau).all()
+        for unit in states.keys() - done:
+            got = rows[unit] if isinstance(unit, str) else rows[unit[0]][unit[1]]
+            states[unit] = update(states[unit], got)
+            comps, _ = components(states[unit])
+            if unit in previous and bool(
+                _eva.eva_converged(previous[unit], comps, tau).all()
             ):
-                done.add(path)
-            previous[path] = comps
+                done.add(unit)
+            previous[unit] = comps
         if len(done) == len(states):
             break
     if seen == 0:
         raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
-    found = {p: components(s) for p, s in states.items()}
-    budget = sum(t.rank for t in plan)
+    found = {u: components(s) for u, s in states.items()}
+    budget = sum(t.rank * len(units[t.path]) for t in plan)
     ranks = _eva.eva_rank_allocation(
-        {p: r for p, (_, r) in found.items()}, budget, max(ks.values())
+        {u: r for u, (_, r) in found.items()}, budget, max(ks.values())
     )
     nodes = {}
     for t in plan:
-        r = ranks[t.path]
+        r = max(ranks[u] for u in units[t.path])
         if r == 0:
             continue
         _, fan_out = t.layout.fans(t.shape)
-        a, b = _eva.eva_factors(found[t.path][0], r, fan_out, dtype)
+        parts = [
+            _eva.eva_factors(found[u][0], ranks[u], fan_out, dtype)
+            for u in units[t.path]
+        ]
+        # a layer given less than the stack's rank r gets zero columns of a (and
+        # zero rows of b): they stay zero in training, so it keeps its own rank
+        a = jnp.stack([jnp.pad(a, ((0, 0), (0, r - a.shape[1]))) for a, _ in parts])
         a_shape, b_shape = t.layout.factor_shapes(t.shape, r)
         ratio = math.sqrt(r / t.rank) if rslora else r / t.rank
         spec = LoraSpec(t.layout, r, t.alpha * ratio, rslora, "eva", False, t.embedding)
         nodes[t.path] = LoraWeight(
-            leaves[t.path], a.reshape(a_shape), b.reshape(b_shape), spec
+            leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape, dtype), spec
         )
     return nodes
+
+
+def _units(t, rows) -> list:
+    """The PCA units of target ``t``: itself, or each layer of a stacked weight
+    whose rows came per layer out of a scan over its layer axis."""
+    if rows.ndim == 2:
+        return [t.path]
+    return [(t.path, layer) for layer in range(rows.shape[0])]
 
 
 def _check_captured(plan, rows, reasons):
@@ -140,8 +164,8 @@ def _check_captured(plan, rows, reasons):
     if problems:
         raise ValueError(
             "scheme 'eva' needs the inputs of every target, contracted over its input "
-            "axes outside loops (Dense, DenseGeneral, Einsum); these cannot be "
-            "captured:\n  - "
+            "axes (Dense, DenseGeneral, Einsum), outside loops or in a scan over its "
+            "layers; these cannot be captured:\n  - "
             + "\n  - ".join(problems)
             + "\nExclude them with targets=..., or use another scheme for them."
         )

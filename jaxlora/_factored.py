@@ -374,15 +374,29 @@ def _scan(ctx, eqn, invals):
         xs_parts.append(part)
         builders.append(build)
     closed = p["jaxpr"]
+    # capturing EVA's inputs at the top level: the body's captures leave the loop as
+    # outputs, per layer for a weight scanned over its layer axis
+    capturing = ctx.captured is not None and not ctx.inside
+    layered = {x.path for x in xs if isinstance(x, Sym) and 0 in x.stack_axes}
+    reasons = {}
 
     def body(c, xs_step):
         xs_vals = [b(v) if b else v for b, v in zip(builders, xs_step, strict=True)]
-        with ctx.within("a loop (scan)"):
-            outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
+        if capturing:
+            outer, ctx.captured = ctx.captured, {}
+            try:
+                outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
+            finally:
+                inner, ctx.captured = ctx.captured, outer
+            rows = _scan_rows(inner, layered, reasons)
+        else:
+            with ctx.within("a loop (scan)"):
+                outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
+            rows = {}
         outs = _concrete(ctx, outs, "scan", "returned from the loop body")
-        return outs[:nk], outs[nk:]
+        return outs[:nk], (outs[nk:], rows)
 
-    c, ys = lax.scan(
+    c, (ys, rows) = lax.scan(
         body,
         carry,
         xs_parts,
@@ -390,7 +404,27 @@ def _scan(ctx, eqn, invals):
         reverse=p["reverse"],
         unroll=p["unroll"],
     )
+    for path, got in rows.items():
+        entry = ctx.captured.setdefault(path, [])
+        if isinstance(entry, list):  # a shared weight's steps are all its rows
+            entry.append(got if path in layered else got.reshape(-1, got.shape[-1]))
+    if ctx.captured is not None:
+        ctx.captured.update(reasons)
     return [*c, *ys]
+
+
+def _scan_rows(inner: dict, layered: set, reasons: dict) -> dict:
+    """One step's captured rows per path (`_scan`); what cannot leave the loop
+    goes to ``reasons``."""
+    rows = {}
+    for path, got in inner.items():
+        if isinstance(got, str):
+            reasons[path] = got
+        elif any(g.ndim != 2 for g in got):
+            reasons[path] = "stacked over nested loops"
+        else:
+            rows[path] = jax.numpy.concatenate(got, axis=0)
+    return rows
 
 
 def _while(ctx, eqn, invals):
@@ -644,9 +678,11 @@ def input_capturer(fn: Callable) -> Callable:
     Each call runs ``fn(*args, **kwargs)`` once (jitted; compiled once per input
     shape) and returns ``rows``: per weight path, every row of activations that met
     the weight's input axes (all uses concatenated), shaped ``(n, fan_in)`` in the
-    order of its ``a`` factor's input axes; and ``reasons``: per path that cannot be
-    captured (used by a convolution or a gather, inside a loop, a cond branch or a
-    ``shard_map``, or stacked), why.
+    order of its ``a`` factor's input axes, or ``(layers, n, fan_in)`` for a stacked
+    weight scanned over its layer axis (``nn.scan``: each layer's own rows); and
+    ``reasons``: per path that cannot be captured (used by a convolution or a
+    gather, inside a while loop, a cond branch, a ``shard_map`` or nested scans, or
+    stacked and not scanned over), why.
     """
     reasons: dict[str, str] = {}
 
@@ -658,8 +694,10 @@ def input_capturer(fn: Callable) -> Callable:
         for path, got in ctx.captured.items():
             if isinstance(got, str):
                 reasons[path] = got
-            else:
-                rows[path] = _unsplit_rows(jax.numpy.concatenate(got, axis=0))
+            elif len({g.ndim for g in got}) > 1:
+                reasons[path] = "used both inside a scan over its layers and outside it"
+            else:  # (n, fan_in), or (layers, n, fan_in) from a scan over its layers
+                rows[path] = _unsplit_rows(jax.numpy.concatenate(got, axis=-2))
         return rows
 
     def capture(args, kwargs):

@@ -217,3 +217,109 @@ def test_eva_through_remat_matches_the_plain_model():
     q = {"q": params["params"]["block"]["q"]["kernel"]}
     got = eva_rank_2(q, plain, batches, "q")["q"]
     np.testing.assert_array_equal(got.a, want["params/block/q/kernel"].a)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        h = h + jnp.tanh(nn.Dense(8, name="up")(h)) @ jnp.eye(8) * 0.5
+        return nn.Dense(8, name="down")(jax.nn.gelu(h)), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            _Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return stack(name="layers")(x, None)[0]
+
+
+def _unrolled(p, x):
+    """The scanned model's layers one after another, each its own weights."""
+    for layer in range(3):
+        x = _Block().apply({"params": p[f"layer{layer}"]}, x, None)[0]
+    return x
+
+
+def test_eva_on_scanned_layers_matches_the_unrolled_model():
+    """``nn.scan``-stacked kernels: each layer's inputs leave the loop on their own,
+    so every layer gets its own PCA and its own rank from the pooled budget, as
+    the same layers unrolled do. A stacked weight takes its layers' largest rank;
+    a layer given fewer has zero columns of ``a`` (with ``b = 0`` they stay zero)."""
+    model = _Scanned()
+    scales = jnp.array([10.0] + [0.1] * 7)  # layer 0 sees one direction
+    batches = [
+        jax.random.normal(jax.random.key(i), (16, 5, 8)) * scales[None, None]
+        for i in range(4)
+    ]
+    variables = model.init(jax.random.key(0), batches[0])
+    stacked = variables["params"]["layers"]
+    unrolled = {
+        f"layer{l}": jax.tree.map(lambda v, l=l: v[l], stacked) for l in range(3)
+    }
+    kw = dict(scheme="eva", rank=2, alpha=2, batches=batches)
+    got = jaxlora.adapters(
+        jaxlora.init(variables, jax.random.key(1), apply_fn=model.apply, **kw)
+    )
+    want = jaxlora.adapters(
+        jaxlora.init(unrolled, jax.random.key(1), apply_fn=_unrolled, **kw)
+    )
+    ranks = {p: w.rank for p, w in want.items()}
+    assert sum(ranks.values()) == 2 * 6 and len(set(ranks.values())) > 1, ranks
+    for name in ("up", "down"):
+        node = got[f"params/layers/{name}/kernel"]
+        assert node.a.shape[0] == 3 and node.spec.layout.stack_axes == (0,)
+        layer_ranks = [ranks.get(f"layer{l}/{name}/kernel", 0) for l in range(3)]
+        assert node.rank == max(layer_ranks)
+        assert float(jnp.abs(node.b).max()) == 0.0
+        for l, r in enumerate(layer_ranks):
+            a = node.a[l]
+            assert float(jnp.abs(a[:, r:]).max(initial=0.0)) == 0.0
+            if r:
+                w = want[f"layer{l}/{name}/kernel"]
+                # same components up to sign; the scale is alpha / r at every rank
+                np.testing.assert_allclose(
+                    jnp.abs(a[:, :r]), jnp.abs(w.a), rtol=1e-4, atol=1e-5
+                )
+                assert node.scale == pytest.approx(w.scale)
+    p = jaxlora.init(variables, jax.random.key(1), apply_fn=model.apply, **kw)
+    np.testing.assert_array_equal(
+        jaxlora.lora_apply(model.apply)(p, batches[0]),
+        model.apply(variables, batches[0]),
+    )
+
+
+def test_eva_on_a_weight_shared_by_every_step_of_a_scan():
+    """A weight used at every step of a scan (not stacked: a recurrent weight) sees
+    all the steps' rows: EVA gives the factors of the same rows in one matmul."""
+    p = {"q": jax.random.normal(jax.random.key(0), (4, 6))}
+    batches = [jax.random.normal(jax.random.key(i), (3, 8, 4)) for i in range(3)]
+
+    def recurrent(p, x):  # x: (time, batch, features)
+        step = lambda h, xt: (jnp.tanh(h + xt @ p["q"]), None)  # noqa: E731
+        return jax.lax.scan(step, jnp.zeros((8, 6)), x)[0]
+
+    def plain(p, x):
+        return x @ p["q"]
+
+    got, want = (eva_rank_2(p, fn, batches, "q")["q"] for fn in (recurrent, plain))
+    assert float(jnp.abs(want.a).max()) > 0
+    np.testing.assert_allclose(got.a, want.a, rtol=1e-5, atol=1e-6)
+
+
+def test_eva_refuses_a_weight_stacked_over_nested_scans():
+    """Layers stacked twice and scanned by two nested loops: refused, named."""
+    p = {"q": jnp.ones((2, 3, 4, 6))}
+    batches = [jax.random.normal(jax.random.key(i), (5, 4)) for i in range(2)]
+
+    def nested(p, x):
+        inner = lambda c, w: (c, x @ w)  # noqa: E731
+        outer = lambda c, ws: (c, jax.lax.scan(inner, c, ws)[1])  # noqa: E731
+        return jax.lax.scan(outer, 0.0, p["q"])[1]
+
+    with pytest.raises(ValueError, match=r"'q': stacked over nested loops"):
+        eva_rank_2(p, nested, batches, "q")
