@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora import _eva
 from jaxlora import _factored
@@ -28,20 +29,50 @@ from jaxlora._node import LoraWeight
 PyTree = Any
 
 
+_TAG_BASE = 64  # layer l of a stack is tagged (1 + l % 64, 1 + l // 64): exact in bf16
+
+
 def _probe(params, plan, leaves):
-    """``params`` with rank-1 zero adapters on the targets (to find their inputs)."""
+    """``params`` with zero adapters (``b = 0``: the model is unchanged) on the
+    targets, to find their inputs. ``a`` has three rank columns, the second and
+    third divided by the first giving each layer of a stacked weight as two
+    base-64 digits, so every captured row says which layer it met (the scan step
+    need not be the layer: a flipped or sliced stack, ``w[0]`` inside the body)."""
     from jaxlora._paths import path_str
 
     probes = {}
     for t in plan:
-        a_shape, b_shape = t.layout.factor_shapes(t.shape, 1)
-        spec = LoraSpec(t.layout, 1, 1.0)
-        probes[t.path] = LoraWeight(
-            leaves[t.path], jnp.zeros(a_shape), jnp.zeros(b_shape), spec
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, 3)
+        n_stack = len(t.layout.stack_axes)
+        stack, fan_in = a_shape[:n_stack], math.prod(a_shape[n_stack:-1])
+        layer = jnp.arange(math.prod(stack), dtype=jnp.float32)[:, None]
+        cols = jnp.concatenate(
+            [jnp.ones_like(layer), 1 + layer % _TAG_BASE, 1 + layer // _TAG_BASE], 1
         )
+        a = jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 3)).reshape(a_shape)
+        spec = LoraSpec(t.layout, 3, 1.0)
+        probes[t.path] = LoraWeight(leaves[t.path], a, jnp.zeros(b_shape), spec)
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: probes.get(path_str(kp), x), params
     )
+
+
+def _layers(t, tags) -> list:
+    """Per layer of target ``t``, the indices of the captured rows that met it
+    (``[None]``: all rows, for a weight with no stacked axes); or a reason."""
+    if not t.layout.stack_axes:
+        return [None]  # every row
+    n = math.prod(t.layout.split_shape(t.shape)[0])
+    tags = np.asarray(tags, np.float64)
+    digits = np.rint(tags)
+    if not np.all(np.isfinite(tags)) or np.abs(tags - digits).max(initial=0) > 1e-3:
+        return "its layers cannot be told apart (a view of it changed its factors)"
+    layer = (digits[:, 0] - 1) + _TAG_BASE * (digits[:, 1] - 1)
+    found = [np.flatnonzero(layer == i) for i in range(n)]
+    unused = [i for i, rows in enumerate(found) if not len(rows)]
+    if unused:
+        return f"layers {unused[:8]} of its {n} meet no input (a loop over part of them?)"
+    return found
 
 
 def eva_nodes(
@@ -82,25 +113,31 @@ def eva_nodes(
         t.path: min(_eva.eva_num_components(t.rank, rho), min(t.layout.fans(t.shape)))
         for t in plan
     }
-    # one PCA per unit: a weight, or one layer of a stacked weight scanned over
-    # (`(path, l)`); the first batch tells which
-    states, units = {}, {}
+    # one PCA per unit: a weight, or one layer of a stacked weight (``(path, l)``)
+    units = {
+        t.path: [(t.path, i) for i in range(math.prod(t.layout.split_shape(t.shape)[0]))]
+        if t.layout.stack_axes
+        else [t.path]
+        for t in plan
+    }
+    states = {
+        u: _eva.eva_pca_init(t.layout.fans(t.shape)[0], ks[t.path])
+        for t in plan
+        for u in units[t.path]
+    }
     update = jax.jit(_eva.eva_pca_update)
     components = jax.jit(_eva.eva_components)
     previous, done, seen = {}, set(), 0
     for batch in batches:
-        rows, reasons = capture((probe, batch), {})
+        rows, tags, reasons = capture((probe, batch), {})
         _check_captured(plan, rows, reasons)
-        if not units:
-            units = {t.path: _units(t, rows[t.path]) for t in plan}
-            states = {
-                u: _eva.eva_pca_init(t.layout.fans(t.shape)[0], ks[t.path])
-                for t in plan
-                for u in units[t.path]
-            }
+        layers = {t.path: _layers(t, tags[t.path]) for t in plan}
+        _check_layers(layers)
         seen += 1
         for unit in states.keys() - done:
-            got = rows[unit] if isinstance(unit, str) else rows[unit[0]][unit[1]]
+            path, i = (unit, 0) if isinstance(unit, str) else unit
+            got, idx = rows[path], layers[path][i]
+            got = got if idx is None else jnp.take(got, idx, axis=0)
             states[unit] = update(states[unit], got)
             comps, _ = components(states[unit])
             if unit in previous and bool(
@@ -139,12 +176,15 @@ def eva_nodes(
     return nodes
 
 
-def _units(t, rows) -> list:
-    """The PCA units of target ``t``: itself, or each layer of a stacked weight
-    whose rows came per layer out of a scan over its layer axis."""
-    if rows.ndim == 2:
-        return [t.path]
-    return [(t.path, layer) for layer in range(rows.shape[0])]
+def _check_layers(layers):
+    problems = [f"{p!r}: {why}" for p, why in layers.items() if isinstance(why, str)]
+    if problems:
+        raise ValueError(
+            "scheme 'eva' needs the inputs of every layer of a stacked target; "
+            "these cannot be had:\n  - "
+            + "\n  - ".join(problems)
+            + "\nExclude them with targets=..., or use another scheme for them."
+        )
 
 
 def _check_captured(plan, rows, reasons):

@@ -374,10 +374,9 @@ def _scan(ctx, eqn, invals):
         xs_parts.append(part)
         builders.append(build)
     closed = p["jaxpr"]
-    # capturing EVA's inputs at the top level: the body's captures leave the loop as
-    # outputs, per layer for a weight scanned over its layer axis
+    # capturing EVA's inputs at the top level: the body's captured rows (and their
+    # tags: which layer of a scanned stack) leave the loop as outputs
     capturing = ctx.captured is not None and not ctx.inside
-    layered = {x.path for x in xs if isinstance(x, Sym) and 0 in x.stack_axes}
     reasons = {}
 
     def body(c, xs_step):
@@ -388,15 +387,16 @@ def _scan(ctx, eqn, invals):
                 outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
             finally:
                 inner, ctx.captured = ctx.captured, outer
-            rows = _scan_rows(inner, layered, reasons)
+            got = {k: v for k, v in inner.items() if not isinstance(v, str)}
+            reasons.update({k: v for k, v in inner.items() if isinstance(v, str)})
         else:
             with ctx.within("a loop (scan)"):
                 outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
-            rows = {}
+            got = {}
         outs = _concrete(ctx, outs, "scan", "returned from the loop body")
-        return outs[:nk], (outs[nk:], rows)
+        return outs[:nk], (outs[nk:], got)
 
-    c, (ys, rows) = lax.scan(
+    c, (ys, got) = lax.scan(
         body,
         carry,
         xs_parts,
@@ -404,27 +404,15 @@ def _scan(ctx, eqn, invals):
         reverse=p["reverse"],
         unroll=p["unroll"],
     )
-    for path, got in rows.items():
+    for path, uses in got.items():  # each use's rows of every step
         entry = ctx.captured.setdefault(path, [])
-        if isinstance(entry, list):  # a shared weight's steps are all its rows
-            entry.append(got if path in layered else got.reshape(-1, got.shape[-1]))
+        if isinstance(entry, list):
+            entry.extend(
+                tuple(v.reshape(-1, v.shape[-1]) for v in use) for use in uses
+            )
     if ctx.captured is not None:
         ctx.captured.update(reasons)
     return [*c, *ys]
-
-
-def _scan_rows(inner: dict, layered: set, reasons: dict) -> dict:
-    """One step's captured rows per path (`_scan`); what cannot leave the loop
-    goes to ``reasons``."""
-    rows = {}
-    for path, got in inner.items():
-        if isinstance(got, str):
-            reasons[path] = got
-        elif any(g.ndim != 2 for g in got):
-            reasons[path] = "stacked over nested loops"
-        else:
-            rows[path] = jax.numpy.concatenate(got, axis=0)
-    return rows
 
 
 def _while(ctx, eqn, invals):
@@ -631,7 +619,9 @@ def _capture(ctx, eqn, invals):
     (sym,) = [x for x in invals if isinstance(x, Sym)][:1] or [None]
     if not isinstance(sym.path, str):  # a concatenation: its rows are not one weight's
         for path in sym.paths:
-            ctx.captured[path] = "concatenated with other arrays before its use"
+            ctx.captured[path] = (
+                "combined with other arrays (concatenate or stack) before its use"
+            )
         return
     if eqn.primitive.name != "dot_general" or len(invals) != 2:
         ctx.captured[sym.path] = f"used by '{eqn.primitive.name}'"
@@ -658,7 +648,18 @@ def _capture(ctx, eqn, invals):
     rows = jax.numpy.transpose(x, free + order).reshape(-1, fan_in)
     entry = ctx.captured.setdefault(sym.path, [])
     if isinstance(entry, list):
-        entry.append(rows)
+        ratios = _rank_ratios(sym)
+        entry.append((rows, jax.numpy.broadcast_to(ratios, (len(rows), len(ratios)))))
+
+
+def _rank_ratios(sym: Sym):
+    """``a``'s rank columns after the first, divided by the first, at this use (at
+    the first input position): which slice of a stacked factor is in use, when the
+    columns were written so (EVA's probe tags each layer this way). Views of the
+    weight scale all columns alike and keep the ratios."""
+    a = jax.numpy.moveaxis(sym.a, sym.a_lab.index(R), -1)
+    first = a.reshape(-1, a.shape[-1])[0].astype(jax.numpy.float32)
+    return first[1:] / first[0]
 
 
 def _unsplit_rows(rows):
@@ -673,16 +674,17 @@ def _unsplit_rows(rows):
 
 
 def input_capturer(fn: Callable) -> Callable:
-    """A function ``(args, kwargs) -> (rows, reasons)`` capturing adapted inputs.
+    """A function ``(args, kwargs) -> (rows, tags, reasons)`` capturing adapted inputs.
 
     Each call runs ``fn(*args, **kwargs)`` once (jitted; compiled once per input
     shape) and returns ``rows``: per weight path, every row of activations that met
-    the weight's input axes (all uses concatenated), shaped ``(n, fan_in)`` in the
-    order of its ``a`` factor's input axes, or ``(layers, n, fan_in)`` for a stacked
-    weight scanned over its layer axis (``nn.scan``: each layer's own rows); and
-    ``reasons``: per path that cannot be captured (used by a convolution or a
-    gather, inside a while loop, a cond branch, a ``shard_map`` or nested scans, or
-    stacked and not scanned over), why.
+    the weight's input axes (all uses, and every step of a ``scan``, concatenated),
+    shaped ``(n, fan_in)`` in the order of its ``a`` factor's input axes; ``tags``:
+    per path and row, ``a``'s rank columns after the first divided by the first at
+    that use, shaped ``(n, rank - 1)`` (which layer of a stacked weight the row met,
+    when the columns were written to say so); and ``reasons``: per path that cannot
+    be captured (used by a convolution or a gather, inside a while loop, a cond
+    branch or a ``shard_map``, or still stacked where it is contracted), why.
     """
     reasons: dict[str, str] = {}
 
@@ -690,18 +692,18 @@ def input_capturer(fn: Callable) -> Callable:
     def run(args, kwargs):
         ctx = _Context(warn=False, capture=True)
         _run(ctx, fn, args, kwargs)
-        rows = {}
+        rows, tags = {}, {}
         for path, got in ctx.captured.items():
             if isinstance(got, str):
                 reasons[path] = got
-            elif len({g.ndim for g in got}) > 1:
-                reasons[path] = "used both inside a scan over its layers and outside it"
-            else:  # (n, fan_in), or (layers, n, fan_in) from a scan over its layers
-                rows[path] = _unsplit_rows(jax.numpy.concatenate(got, axis=-2))
-        return rows
+                continue
+            rows[path] = _unsplit_rows(jax.numpy.concatenate([r for r, _ in got]))
+            tags[path] = jax.numpy.concatenate([t for _, t in got])
+        return rows, tags
 
     def capture(args, kwargs):
-        return run(tuple(args), dict(kwargs)), dict(reasons)
+        rows, tags = run(tuple(args), dict(kwargs))
+        return rows, tags, dict(reasons)
 
     return capture
 

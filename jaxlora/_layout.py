@@ -10,7 +10,8 @@ operations (casts, transposes, reshapes, slices) and into nested ``jit``,
 * ``conv_general_dilated`` (as kernel): window and input-feature axes are inputs;
 * ``gather`` (an embedding lookup): the indexed axes are inputs; this wins over a
   ``dot_general`` use of the same table (``attend``);
-* ``scan`` over the weight: the scanned leading axis is a stacked (layer) axis.
+* ``scan`` over the weight: the scanned leading axis is a stacked (layer) axis, and
+  so is an axis indexed away (``w[i]``, a loop over layers that picks one).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def _union(sets):
 
 
 class _Walker:
-    def __init__(self):
+    def __init__(self, shapes: dict[int, tuple[int, ...]]):
         self.obs: dict[int, list[tuple[str, frozenset, frozenset]]] = {}
         self.stack: dict[int, set[int]] = {}
+        self.shapes = shapes
 
     def note(self, t, kind, ins, stack=()):
         """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``."""
@@ -91,6 +93,10 @@ class _Walker:
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "squeeze":
             dims = {d % t.ndim for d in p["dimensions"]}
+            for leaf, axes in t.parts:  # one layer picked (w[i]): a layer axis
+                picked = _union(axes[d] for d in dims)
+                sized = {a for a in picked if self.shapes[leaf][a] > 1}
+                self.stack.setdefault(leaf, set()).update(sized)
             return [t.map(lambda ax: [a for i, a in enumerate(ax) if i not in dims])]
         if name == "broadcast_in_dim":
 
@@ -270,7 +276,7 @@ def infer_layouts(
         else None
         for k, (_, x) in enumerate(p_leaves)
     ]
-    walker = _Walker()
+    walker = _Walker({k: tuple(x.shape) for k, (_, x) in enumerate(p_leaves)})
     walker.walk(closed.jaxpr, tracked + [None] * len(a_dyn))
     out = {}
     for k, t in enumerate(tracked):

@@ -131,7 +131,7 @@ def test_eva_errors():
     [
         (
             lambda p, x: x @ jnp.concatenate([p["q"], p["plain"]], 1),
-            r"'q': concatenated with other arrays before its use",
+            r"'q': combined with other arrays \(concatenate or stack\) before its use",
         ),
         (
             lambda p, x: x[..., :2] @ p["q"][:2],
@@ -311,15 +311,118 @@ def test_eva_on_a_weight_shared_by_every_step_of_a_scan():
     np.testing.assert_allclose(got.a, want.a, rtol=1e-5, atol=1e-6)
 
 
-def test_eva_refuses_a_weight_stacked_over_nested_scans():
-    """Layers stacked twice and scanned by two nested loops: refused, named."""
-    p = {"q": jnp.ones((2, 3, 4, 6))}
-    batches = [jax.random.normal(jax.random.key(i), (5, 4)) for i in range(2)]
+_D = 6
+_STACK = jax.random.normal(jax.random.key(1), (3, _D, _D)) * jnp.array(
+    [0.3, 1.0, 3.0]
+)[:, None, None]
 
-    def nested(p, x):
-        inner = lambda c, w: (c, x @ w)  # noqa: E731
-        outer = lambda c, ws: (c, jax.lax.scan(inner, c, ws)[1])  # noqa: E731
-        return jax.lax.scan(outer, 0.0, p["q"])[1]
 
-    with pytest.raises(ValueError, match=r"'q': stacked over nested loops"):
-        eva_rank_2(p, nested, batches, "q")
+def _layer(h, w):
+    return jnp.tanh(h @ w)
+
+
+def _flipped(p, x):
+    return jax.lax.scan(lambda h, w: (_layer(h, w), None), x, jnp.flip(p["w"], 0))[0]
+
+
+def _flipped_unrolled(p, x):
+    for i in (2, 1, 0):
+        x = _layer(x, p[f"w{i}"])
+    return x
+
+
+def _first_in_body(p, x):
+    step = lambda h, w: (_layer(_layer(h, w), p["w"][0]), None)  # noqa: E731
+    return jax.lax.scan(step, x, p["w"])[0]
+
+
+def _first_in_body_unrolled(p, x):
+    for i in range(3):
+        x = _layer(_layer(x, p[f"w{i}"]), p["w0"])
+    return x
+
+
+def _layers_per_time_step(p, xs):  # xs: (time, batch, d)
+    layers = lambda x: jax.lax.scan(  # noqa: E731
+        lambda h, w: (_layer(h, w), None), x, p["w"]
+    )[0]
+    return jax.lax.scan(lambda c, x: (c, layers(x)), 0.0, xs)[1]
+
+
+def _layers_per_time_step_unrolled(p, xs):
+    for i in range(3):
+        xs = _layer(xs, p[f"w{i}"])
+    return xs
+
+
+def _fori(p, x):  # a loop over layers that picks w[i]
+    return jax.lax.fori_loop(0, 3, lambda i, h: _layer(h, p["w"][i]), x)
+
+
+def _in_order_unrolled(p, x):
+    for i in range(len(p)):
+        x = _layer(x, p[f"w{i}"])
+    return x
+
+
+def _nested(p, x):  # p["w"]: (2, 3, d, d), blocks of layers
+    inner = lambda h, ws: (  # noqa: E731
+        jax.lax.scan(lambda h, w: (_layer(h, w), None), h, ws)[0],
+        None,
+    )
+    return jax.lax.scan(inner, x, p["w"])[0]
+
+
+@pytest.mark.parametrize(
+    "fn,unrolled,stack,batch",
+    [
+        (_flipped, _flipped_unrolled, _STACK, (32, _D)),
+        (_first_in_body, _first_in_body_unrolled, _STACK, (32, _D)),
+        (_layers_per_time_step, _layers_per_time_step_unrolled, _STACK, (4, 8, _D)),
+        (_fori, _in_order_unrolled, _STACK, (32, _D)),
+        (_nested, _in_order_unrolled, jnp.concatenate([_STACK, -_STACK]).reshape(
+            2, 3, _D, _D
+        ), (32, _D)),
+    ],
+    ids=["flipped", "first-in-body", "in-a-time-loop", "fori-w[i]", "nested-stacks"],
+)
+def test_eva_rows_go_to_the_layer_they_met(fn, unrolled, stack, batch):
+    """Rows are told apart by the layer they met, not by the scan step: a flipped
+    stack, a fixed layer used inside the body, the layer loop inside a loop over
+    time, a ``fori_loop`` picking ``w[i]`` and stacks of stacks all give the
+    unrolled model's ranks and factors."""
+    batches = [jax.random.normal(jax.random.key(i), batch) for i in range(3)]
+    layers = stack.reshape(-1, _D, _D)
+    got = eva_rank_2({"w": stack}, fn, batches, "w")["w"]
+    names = [f"w{i}" for i in range(len(layers))]
+    want = jaxlora.adapters(
+        jaxlora.init(
+            dict(zip(names, layers, strict=True)),
+            jax.random.key(0),
+            scheme="eva",
+            rank=2,
+            targets=names,
+            apply_fn=unrolled,
+            batches=batches,
+        )
+    )
+    a = got.a.reshape(len(layers), _D, got.rank)
+    ranks = [want[n].rank if n in want else 0 for n in names]
+    assert got.rank == max(ranks) and sum(ranks) == 2 * len(layers)
+    for i, (name, r) in enumerate(zip(names, ranks, strict=True)):
+        assert float(jnp.abs(a[i, :, r:]).max(initial=0.0)) == 0.0
+        if r:
+            np.testing.assert_allclose(
+                jnp.abs(a[i, :, :r]), jnp.abs(want[name].a), rtol=1e-4, atol=1e-5
+            )
+
+
+def test_eva_refuses_a_stack_scanned_in_part():
+    """A scan over part of a stack leaves layers with no input: named."""
+    batches = [jax.random.normal(jax.random.key(i), (32, _D)) for i in range(2)]
+
+    def first_two(p, x):
+        return jax.lax.scan(lambda h, w: (_layer(h, w), None), x, p["w"][:2])[0]
+
+    with pytest.raises(ValueError, match=r"'w': layers \[2\] of its 3 meet no input"):
+        eva_rank_2({"w": _STACK}, first_two, batches, "w")

@@ -67,6 +67,28 @@ def test_scan_stacked_and_remat():
     assert got == {f"params/CheckpointDense_{i}/kernel": D2 for i in range(2)}
 
 
+def test_a_layer_picked_by_index_is_a_layer_axis():
+    """A loop over layers that picks ``w[i]`` (``fori_loop``, or a Python loop over
+    ``w[0]``, ``w[1]``...) makes the indexed axis a stacked axis: each layer gets its
+    own factors. A size-1 axis squeezed away is not a layer axis."""
+    stack = {"w": jnp.ones((3, 4, 4)), "u": jnp.ones((1, 4, 4))}
+    x = jnp.ones((2, 4))
+    per_layer = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    unit = Layout(in_axes=(1,), out_axes=(0, 2))  # as x @ u.reshape(4, 4)'s: no layers
+
+    def fori(p, x):
+        x = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
+        return x @ p["u"][0]
+
+    def unrolled(p, x):
+        for i in range(3):
+            x = jnp.tanh(x @ p["w"][i])
+        return x @ p["u"][0]
+
+    for fn in (fori, unrolled):
+        assert infer_layouts(fn, stack, (x,)) == {"w": per_layer, "u": unit}
+
+
 def test_nnx_state_and_paths_filter_and_omissions():
     model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
