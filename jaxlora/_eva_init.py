@@ -29,29 +29,40 @@ from jaxlora._node import LoraWeight
 PyTree = Any
 
 
-_TAG_BASE = 64  # layer l of a stack is tagged (1 + l % 64, 1 + l // 64): exact in bf16
+_TAG_BASE = 8  # tag digits 1..8: integers exact in every float format down to fp8
+
+
+def _tag_digits(t) -> int:
+    """Base-8 digits that number the layers of target ``t`` (0 if unstacked)."""
+    n = math.prod(t.layout.split_shape(t.shape)[0])
+    return 0 if not t.layout.stack_axes else max(1, math.ceil(math.log(n, _TAG_BASE)))
 
 
 def _probe(params, plan, leaves):
     """``params`` with zero adapters (``b = 0``: the model is unchanged) on the
-    targets, to find their inputs. ``a`` has three rank columns, the second and
-    third divided by the first giving each layer of a stacked weight as two
-    base-64 digits, so every captured row says which layer it met (the scan step
-    need not be the layer: a flipped or sliced stack, ``w[0]`` inside the body)."""
+    targets, to find their inputs. For a stacked weight, ``a``'s rank columns after
+    the first, divided by the first, are layer ``l``'s base-8 digits plus one, so
+    every captured row says which layer it met (the scan step need not be the
+    layer: a flipped or sliced stack, ``w[0]`` inside the body)."""
     from jaxlora._paths import path_str
 
     probes = {}
     for t in plan:
-        a_shape, b_shape = t.layout.factor_shapes(t.shape, 3)
+        digits = _tag_digits(t)
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, 1 + digits)
         n_stack = len(t.layout.stack_axes)
         stack, fan_in = a_shape[:n_stack], math.prod(a_shape[n_stack:-1])
-        layer = jnp.arange(math.prod(stack), dtype=jnp.float32)[:, None]
+        layer = jnp.arange(math.prod(stack))[:, None]
         cols = jnp.concatenate(
-            [jnp.ones_like(layer), 1 + layer % _TAG_BASE, 1 + layer // _TAG_BASE], 1
+            [jnp.ones_like(layer)]
+            + [1 + layer // _TAG_BASE**d % _TAG_BASE for d in range(digits)],
+            1,
+        ).astype(jnp.float32)
+        a = jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 1 + digits))
+        spec = LoraSpec(t.layout, 1 + digits, 1.0)
+        probes[t.path] = LoraWeight(
+            leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape), spec
         )
-        a = jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 3)).reshape(a_shape)
-        spec = LoraSpec(t.layout, 3, 1.0)
-        probes[t.path] = LoraWeight(leaves[t.path], a, jnp.zeros(b_shape), spec)
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: probes.get(path_str(kp), x), params
     )
@@ -67,7 +78,7 @@ def _layers(t, tags) -> list:
     digits = np.rint(tags)
     if not np.all(np.isfinite(tags)) or np.abs(tags - digits).max(initial=0) > 1e-3:
         return "its layers cannot be told apart (a view of it changed its factors)"
-    layer = (digits[:, 0] - 1) + _TAG_BASE * (digits[:, 1] - 1)
+    layer = (digits - 1) @ (float(_TAG_BASE) ** np.arange(tags.shape[1]))
     found = [np.flatnonzero(layer == i) for i in range(n)]
     unused = [i for i, rows in enumerate(found) if not len(rows)]
     if unused:

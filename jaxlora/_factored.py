@@ -408,7 +408,8 @@ def _scan(ctx, eqn, invals):
         entry = ctx.captured.setdefault(path, [])
         if isinstance(entry, list):
             entry.extend(
-                tuple(v.reshape(-1, v.shape[-1]) for v in use) for use in uses
+                tuple(v.reshape(math.prod(v.shape[:-1]), v.shape[-1]) for v in use)
+                for use in uses
             )
     if ctx.captured is not None:
         ctx.captured.update(reasons)

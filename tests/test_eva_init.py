@@ -317,6 +317,11 @@ _STACK = jax.random.normal(jax.random.key(1), (3, _D, _D)) * jnp.array(
 )[:, None, None]
 
 
+_TEN = jax.random.normal(jax.random.key(2), (10, _D, _D)) * jnp.linspace(0.3, 3, 10)[
+    :, None, None
+]  # ten layers: two base-8 digits tag each
+
+
 def _layer(h, w):
     return jnp.tanh(h @ w)
 
@@ -326,8 +331,20 @@ def _flipped(p, x):
 
 
 def _flipped_unrolled(p, x):
-    for i in (2, 1, 0):
+    for i in reversed(range(len(p))):
         x = _layer(x, p[f"w{i}"])
+    return x
+
+
+def _flipped_bf16(p, x):  # the layers run in bfloat16
+    step = lambda h, w: (_layer(h, w.astype(jnp.bfloat16)), None)  # noqa: E731
+    return jax.lax.scan(step, x.astype(jnp.bfloat16), jnp.flip(p["w"], 0))[0]
+
+
+def _flipped_bf16_unrolled(p, x):
+    x = x.astype(jnp.bfloat16)
+    for i in reversed(range(len(p))):
+        x = _layer(x, p[f"w{i}"].astype(jnp.bfloat16))
     return x
 
 
@@ -377,6 +394,7 @@ def _nested(p, x):  # p["w"]: (2, 3, d, d), blocks of layers
     "fn,unrolled,stack,batch",
     [
         (_flipped, _flipped_unrolled, _STACK, (32, _D)),
+        (_flipped_bf16, _flipped_bf16_unrolled, _TEN, (32, _D)),
         (_first_in_body, _first_in_body_unrolled, _STACK, (32, _D)),
         (_layers_per_time_step, _layers_per_time_step_unrolled, _STACK, (4, 8, _D)),
         (_fori, _in_order_unrolled, _STACK, (32, _D)),
@@ -384,13 +402,14 @@ def _nested(p, x):  # p["w"]: (2, 3, d, d), blocks of layers
             2, 3, _D, _D
         ), (32, _D)),
     ],
-    ids=["flipped", "first-in-body", "in-a-time-loop", "fori-w[i]", "nested-stacks"],
+    ids=["flipped", "flipped-10-bf16", "first-in-body", "in-a-time-loop", "fori-w[i]", "nested-stacks"],
 )
 def test_eva_rows_go_to_the_layer_they_met(fn, unrolled, stack, batch):
     """Rows are told apart by the layer they met, not by the scan step: a flipped
     stack, a fixed layer used inside the body, the layer loop inside a loop over
     time, a ``fori_loop`` picking ``w[i]`` and stacks of stacks all give the
-    unrolled model's ranks and factors."""
+    unrolled model's ranks and factors (ten layers in bfloat16: two tag digits
+    that survive the cast)."""
     batches = [jax.random.normal(jax.random.key(i), batch) for i in range(3)]
     layers = stack.reshape(-1, _D, _D)
     got = eva_rank_2({"w": stack}, fn, batches, "w")["w"]
