@@ -58,15 +58,22 @@ def _union(sets):
 
 class _Walker:
     def __init__(self, shapes: dict[int, tuple[int, ...]]):
-        self.obs: dict[int, list[tuple[str, frozenset, frozenset]]] = {}
+        # per leaf: (kind, contracted axes, batch axes, axes present at the use)
+        self.obs: dict[int, list[tuple[str, frozenset, frozenset, frozenset]]] = {}
         self.stack: dict[int, set[int]] = {}
+        self.picked: dict[int, set[int]] = {}  # axes indexed away (w[i])
         self.shapes = shapes
 
     def note(self, t, kind, ins, stack=()):
         """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``."""
         for leaf, axes in t.parts:
             self.obs.setdefault(leaf, []).append(
-                (kind, _union(axes[i] for i in ins), _union(axes[i] for i in stack))
+                (
+                    kind,
+                    _union(axes[i] for i in ins),
+                    _union(axes[i] for i in stack),
+                    _union(axes),
+                )
             )
 
     def walk(self, jaxpr, args):
@@ -96,7 +103,7 @@ class _Walker:
             for leaf, axes in t.parts:  # one layer picked (w[i]): a layer axis
                 picked = _union(axes[d] for d in dims)
                 sized = {a for a in picked if self.shapes[leaf][a] > 1}
-                self.stack.setdefault(leaf, set()).update(sized)
+                self.picked.setdefault(leaf, set()).update(sized)
             return [t.map(lambda ax: [a for i, a in enumerate(ax) if i not in dims])]
         if name == "broadcast_in_dim":
 
@@ -200,9 +207,14 @@ def _reshape_axes(old, new, axes):
     ]
 
 
-def _decide(ndim, obs, stack):
+def _decide(ndim, obs, stack, picked=frozenset()):
+    """The layout from the deciding use (a lookup, else the first contraction):
+    its batch axes and scanned axes are stacked, and so are axes indexed away
+    (``w[i]``) that no use sees whole (an embedding row picked by a scalar id is
+    still a vocabulary axis where the table is looked up or attended)."""
     gathers = [o for o in obs if o[0] == "gather"]
     use = gathers[0] if gathers else (obs[0] if obs else None)
+    stack = set(stack) | (set(picked) - _union(o[3] for o in obs))
     if use is None:
         return None
     stack = set(stack) | set(use[2])
@@ -283,7 +295,12 @@ def infer_layouts(
         if t is None:
             continue
         ndim = len(p_leaves[k][1].shape)
-        lay = _decide(ndim, walker.obs.get(k, []), walker.stack.get(k, set()))
+        lay = _decide(
+            ndim,
+            walker.obs.get(k, []),
+            walker.stack.get(k, set()),
+            walker.picked.get(k, set()),
+        )
         if lay is not None:
             out[names[k]] = lay
     return out

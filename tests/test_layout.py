@@ -89,6 +89,19 @@ def test_a_layer_picked_by_index_is_a_layer_axis():
         assert infer_layouts(fn, stack, (x,)) == {"w": per_layer, "u": unit}
 
 
+def test_a_row_picked_from_a_table_used_whole_is_not_a_layer():
+    """A decoding step picks one embedding row by a traced id (``e[tok]``) and
+    attends to the whole table: the vocabulary axis stays the table's output."""
+    table = {"e": jnp.ones((10, 4))}
+
+    def decode(p, tok):
+        h = jnp.tanh(p["e"][tok])
+        return h @ p["e"].T
+
+    got = infer_layouts(decode, table, (jnp.array(3),))
+    assert got == {"e": Layout(in_axes=(1,), out_axes=(0,))}
+
+
 def test_nnx_state_and_paths_filter_and_omissions():
     model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
