@@ -215,8 +215,8 @@ def _check_captured(plan, rows, reasons):
     if problems:
         raise ValueError(
             "scheme 'eva' needs the inputs of every target, contracted over its input "
-            "axes (Dense, DenseGeneral, Einsum), outside loops or in a scan over its "
-            "layers; these cannot be captured:\n  - "
+            "axes (Dense, DenseGeneral, Einsum), outside loops or in a scan (not a "
+            "while loop); these cannot be captured:\n  - "
             + "\n  - ".join(problems)
             + "\nExclude them with targets=..., or use another scheme for them."
         )
