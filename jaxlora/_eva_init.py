@@ -29,7 +29,7 @@ from jaxlora._node import LoraWeight
 PyTree = Any
 
 
-_TAG_BASE = 8  # tag digits 1..8: integers exact in every float format down to fp8
+_TAG_BASE = 8  # layer l's base-8 digits d, each written as 2**d in a rank column
 
 
 def _tag_digits(t) -> int:
@@ -41,9 +41,10 @@ def _tag_digits(t) -> int:
 def _probe(params, plan, leaves):
     """``params`` with zero adapters (``b = 0``: the model is unchanged) on the
     targets, to find their inputs. For a stacked weight, ``a``'s rank columns after
-    the first, divided by the first, are layer ``l``'s base-8 digits plus one, so
-    every captured row says which layer it met (the scan step need not be the
-    layer: a flipped or sliced stack, ``w[0]`` inside the body)."""
+    the first, divided by the first, are ``2**d`` for layer ``l``'s base-8 digits
+    ``d``, so every captured row says which layer it met (the scan step need not be
+    the layer: a flipped or sliced stack, ``w[0]`` inside the body). Powers of two
+    keep their ratios exactly when the model scales or casts the weight (bf16, fp8)."""
     from jaxlora._paths import path_str
 
     probes = {}
@@ -55,7 +56,7 @@ def _probe(params, plan, leaves):
         layer = jnp.arange(math.prod(stack))[:, None]
         cols = jnp.concatenate(
             [jnp.ones_like(layer)]
-            + [1 + layer // _TAG_BASE**d % _TAG_BASE for d in range(digits)],
+            + [2 ** (layer // _TAG_BASE**d % _TAG_BASE) for d in range(digits)],
             1,
         ).astype(jnp.float32)
         a = jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 1 + digits))
@@ -74,11 +75,15 @@ def _layers(t, tags) -> list:
     if not t.layout.stack_axes:
         return [None]  # every row
     n = math.prod(t.layout.split_shape(t.shape)[0])
-    tags = np.asarray(tags, np.float64)
-    digits = np.rint(tags)
-    if not np.all(np.isfinite(tags)) or np.abs(tags - digits).max(initial=0) > 1e-3:
-        return "its layers cannot be told apart (a view of it changed its factors)"
-    layer = (digits - 1) @ (float(_TAG_BASE) ** np.arange(tags.shape[1]))
+    with np.errstate(all="ignore"):
+        exps = np.log2(np.asarray(tags, np.float64))
+    digits = np.rint(exps)
+    if not np.all(np.isfinite(exps)) or np.abs(exps - digits).max(initial=0) > 1e-6:
+        return (
+            "its layers cannot be told apart (it is scaled by zero, or changed by "
+            "more than a view, before its use)"
+        )
+    layer = digits @ (float(_TAG_BASE) ** np.arange(tags.shape[1]))
     found = [np.flatnonzero(layer == i) for i in range(n)]
     unused = [i for i, rows in enumerate(found) if not len(rows)]
     if unused:

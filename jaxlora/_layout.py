@@ -211,14 +211,17 @@ def _decide(ndim, obs, stack, picked=frozenset()):
     """The layout from the deciding use (a lookup, else the first contraction):
     its batch axes and scanned axes are stacked, and so are axes indexed away
     (``w[i]``) that no use sees whole (an embedding row picked by a scalar id is
-    still a vocabulary axis where the table is looked up or attended)."""
+    still a vocabulary axis where the table is looked up or attended), unless that
+    would leave no output axis (an ``(out, in)`` head used one row at a time)."""
     gathers = [o for o in obs if o[0] == "gather"]
     use = gathers[0] if gathers else (obs[0] if obs else None)
-    stack = set(stack) | (set(picked) - _union(o[3] for o in obs))
     if use is None:
         return None
     stack = set(stack) | set(use[2])
     ins = set(use[1]) - stack
+    picked = set(picked) - _union(o[3] for o in obs) - ins
+    if set(range(ndim)) - ins - stack - picked:  # an output axis is left
+        stack |= picked
     outs = set(range(ndim)) - ins - stack
     if not ins or not outs:
         return None

@@ -336,15 +336,15 @@ def _flipped_unrolled(p, x):
     return x
 
 
-def _flipped_bf16(p, x):  # the layers run in bfloat16
-    step = lambda h, w: (_layer(h, w.astype(jnp.bfloat16)), None)  # noqa: E731
+def _flipped_bf16(p, x):  # the layers run in bfloat16, their weights scaled
+    step = lambda h, w: (_layer(h, w.astype(jnp.bfloat16) * 0.1), None)  # noqa: E731
     return jax.lax.scan(step, x.astype(jnp.bfloat16), jnp.flip(p["w"], 0))[0]
 
 
 def _flipped_bf16_unrolled(p, x):
     x = x.astype(jnp.bfloat16)
     for i in reversed(range(len(p))):
-        x = _layer(x, p[f"w{i}"].astype(jnp.bfloat16))
+        x = _layer(x, p[f"w{i}"].astype(jnp.bfloat16) * 0.1)
     return x
 
 
@@ -408,8 +408,8 @@ def test_eva_rows_go_to_the_layer_they_met(fn, unrolled, stack, batch):
     """Rows are told apart by the layer they met, not by the scan step: a flipped
     stack, a fixed layer used inside the body, the layer loop inside a loop over
     time, a ``fori_loop`` picking ``w[i]`` and stacks of stacks all give the
-    unrolled model's ranks and factors (ten layers in bfloat16: two tag digits
-    that survive the cast)."""
+    unrolled model's ranks and factors (ten layers scaled in bfloat16: two tag
+    digits that survive the cast and the rounding of the product)."""
     batches = [jax.random.normal(jax.random.key(i), batch) for i in range(3)]
     layers = stack.reshape(-1, _D, _D)
     got = eva_rank_2({"w": stack}, fn, batches, "w")["w"]

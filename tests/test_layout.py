@@ -89,6 +89,18 @@ def test_a_layer_picked_by_index_is_a_layer_axis():
         assert infer_layouts(fn, stack, (x,)) == {"w": per_layer, "u": unit}
 
 
+def test_an_out_in_head_used_one_row_at_a_time_keeps_its_output_axis():
+    """``x @ w[c]`` for each class ``c`` of an ``(out, in)`` head: the picked axis
+    is the only output axis, so it stays the output, not a layer axis."""
+    head = {"w": jnp.ones((3, 6))}
+
+    def per_class(p, x):
+        return jnp.stack([x @ p["w"][c] for c in range(3)], -1)
+
+    got = infer_layouts(per_class, head, (jnp.ones((2, 6)),))
+    assert got == {"w": Layout(in_axes=(1,), out_axes=(0,))}
+
+
 def test_a_row_picked_from_a_table_used_whole_is_not_a_layer():
     """A decoding step picks one embedding row by a traced id (``e[tok]``) and
     attends to the whole table: the vocabulary axis stays the table's output."""
