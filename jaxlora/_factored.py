@@ -200,6 +200,32 @@ def _view(method):
     return rule
 
 
+def _split(eqn, x: Sym) -> list:
+    """``jnp.split`` of a weight (a fused q/k/v kernel split before its matmuls):
+    each part a slice of the weight and of the factor holding the axis."""
+    axis, parts = eqn.params["axis"], eqn.primitive.bind(x.w, **eqn.params)
+    outs, start = [], 0
+    for part in parts:
+        lo, hi = [0] * x.ndim, list(x.shape)
+        lo[axis], hi[axis] = start, start + part.shape[axis]
+        outs.append(x.slice(part, lo, hi, None))
+        start = hi[axis]
+    return outs
+
+
+def _unstack(eqn, x: Sym) -> list:
+    """``jnp.unstack`` of a weight (``q, k, v = w``, a list of layers): each part
+    the slice at one index of the axis, that axis squeezed away."""
+    axis, parts = eqn.params["axis"], eqn.primitive.bind(x.w, **eqn.params)
+    outs = []
+    for i, part in enumerate(parts):
+        lo, hi = [0] * x.ndim, list(x.shape)
+        lo[axis], hi[axis] = i, i + 1
+        one = x.slice(lax.slice_in_dim(x.w, i, i + 1, axis=axis), lo, hi, None)
+        outs.append(one.squeeze(part, (axis,)))
+    return outs
+
+
 def _scalar_mul(eqn, x, y):
     if isinstance(y, Sym):
         x, y = y, x
@@ -274,6 +300,8 @@ _VIEWS = {
     ),
     "dynamic_slice": _view(lambda s, w, p, r: s.dynamic_slice(w, r, p["slice_sizes"])),
     "rev": _view(lambda s, w, p, _: s.rev(w, p["dimensions"])),
+    "split": _split,
+    "unstack": _unstack,
     "copy": _PASS,
     "copy_p": _PASS,
     # layout hints and remat tags on the weight: applied to w as the model asks; the

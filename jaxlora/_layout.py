@@ -98,13 +98,19 @@ class _Walker:
             return [t]
         if name == "transpose":
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
-        if name == "squeeze":
-            dims = {d % t.ndim for d in p["dimensions"]}
+        if name == "split":
+            return [t] * len(eqn.outvars)
+        if name in ("squeeze", "unstack"):
+            if name == "squeeze":
+                dims = {d % t.ndim for d in p["dimensions"]}
+            else:
+                dims = {p["axis"] % t.ndim}
             for leaf, axes in t.parts:  # one layer picked (w[i]): a layer axis
                 picked = _union(axes[d] for d in dims)
                 sized = {a for a in picked if self.shapes[leaf][a] > 1}
                 self.picked.setdefault(leaf, set()).update(sized)
-            return [t.map(lambda ax: [a for i, a in enumerate(ax) if i not in dims])]
+            out = t.map(lambda ax: [a for i, a in enumerate(ax) if i not in dims])
+            return [out] * len(eqn.outvars)
         if name == "broadcast_in_dim":
 
             def grow(ax):

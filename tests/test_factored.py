@@ -621,6 +621,46 @@ def test_stacked_weights_run_factored_per_layer(fn):
     check(fn, adapt(p, {n: want for n in _LAYERS}), x)
 
 
+def _split_qkv(p, x):
+    q, k, v = jnp.split(p["w"], 3, axis=1)  # a fused (in, 3·out) kernel
+    return jnp.tanh(x @ q) * (x @ k) + x @ v
+
+
+def _unstacked(p, x):
+    for w in jnp.unstack(p["w"]):  # a list of layers out of a stacked weight
+        x = jnp.tanh(x @ w)
+    return x
+
+
+def _unpacked(p, x):
+    q, k, v = p["w"]  # q/k/v kernels stored stacked
+    return (x @ q) * (x @ k) + x @ v
+
+
+@pytest.mark.parametrize(
+    "fn,shape,want",
+    [
+        (_split_qkv, (4, 12), Layout(in_axes=(0,), out_axes=(1,))),
+        (_unstacked, (3, 4, 4), Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))),
+        (_unpacked, (3, 4, 4), Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))),
+    ],
+    ids=["split", "unstack", "unpack"],
+)
+def test_split_and_unstack_of_a_weight_run_factored(fn, shape, want):
+    """``jnp.split`` (one fused kernel, one adapter over all its columns) and
+    ``jnp.unstack`` or tuple unpacking (each picked layer its own factors, the
+    picked axis inferred as a layer axis) stay factored."""
+    p = {"w": rand(shape, seed=3) * 0.5}
+    x = rand((2, 4), seed=9)
+    lp = jaxlora.init(
+        p, jax.random.key(0), rank=2, targets=["w"], apply_fn=fn, example_args=(x,)
+    )
+    assert lp["w"].spec.layout == want
+    report = _factored.explain(fn, (adapt(p, {"w": want}), x), {})
+    assert report.status("w") == "factored", str(report)
+    check(fn, adapt(p, {"w": want}), x)
+
+
 def test_stack_with_a_plain_layer():
     """A frozen layer among the stacked ones contributes no update."""
     p = {n: rand((4, 4), seed=i) * 0.5 for i, n in enumerate(_LAYERS)}
