@@ -87,7 +87,9 @@ def _layers(t, tags) -> list:
     found = [np.flatnonzero(layer == i) for i in range(n)]
     unused = [i for i, rows in enumerate(found) if not len(rows)]
     if unused:
-        return f"layers {unused[:8]} of its {n} meet no input (a loop over part of them?)"
+        return (
+            f"layers {unused[:8]} of its {n} meet no input (a loop over part of them?)"
+        )
     return found
 
 
@@ -131,7 +133,9 @@ def eva_nodes(
     }
     # one PCA per unit: a weight, or one layer of a stacked weight (``(path, l)``)
     units = {
-        t.path: [(t.path, i) for i in range(math.prod(t.layout.split_shape(t.shape)[0]))]
+        t.path: [
+            (t.path, i) for i in range(math.prod(t.layout.split_shape(t.shape)[0]))
+        ]
         if t.layout.stack_axes
         else [t.path]
         for t in plan

@@ -259,7 +259,7 @@ def test_eva_on_scanned_layers_matches_the_unrolled_model():
     variables = model.init(jax.random.key(0), batches[0])
     stacked = variables["params"]["layers"]
     unrolled = {
-        f"layer{l}": jax.tree.map(lambda v, l=l: v[l], stacked) for l in range(3)
+        f"layer{i}": jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(3)
     }
     kw = dict(scheme="eva", rank=2, alpha=2, batches=batches)
     got = jaxlora.adapters(
@@ -273,14 +273,14 @@ def test_eva_on_scanned_layers_matches_the_unrolled_model():
     for name in ("up", "down"):
         node = got[f"params/layers/{name}/kernel"]
         assert node.a.shape[0] == 3 and node.spec.layout.stack_axes == (0,)
-        layer_ranks = [ranks.get(f"layer{l}/{name}/kernel", 0) for l in range(3)]
+        layer_ranks = [ranks.get(f"layer{i}/{name}/kernel", 0) for i in range(3)]
         assert node.rank == max(layer_ranks)
         assert float(jnp.abs(node.b).max()) == 0.0
-        for l, r in enumerate(layer_ranks):
-            a = node.a[l]
+        for i, r in enumerate(layer_ranks):
+            a = node.a[i]
             assert float(jnp.abs(a[:, r:]).max(initial=0.0)) == 0.0
             if r:
-                w = want[f"layer{l}/{name}/kernel"]
+                w = want[f"layer{i}/{name}/kernel"]
                 # same components up to sign; the scale is alpha / r at every rank
                 np.testing.assert_allclose(
                     jnp.abs(a[:, :r]), jnp.abs(w.a), rtol=1e-4, atol=1e-5
@@ -312,14 +312,16 @@ def test_eva_on_a_weight_shared_by_every_step_of_a_scan():
 
 
 _D = 6
-_STACK = jax.random.normal(jax.random.key(1), (3, _D, _D)) * jnp.array(
-    [0.3, 1.0, 3.0]
-)[:, None, None]
+_STACK = (
+    jax.random.normal(jax.random.key(1), (3, _D, _D))
+    * jnp.array([0.3, 1.0, 3.0])[:, None, None]
+)
 
 
-_TEN = jax.random.normal(jax.random.key(2), (10, _D, _D)) * jnp.linspace(0.3, 3, 10)[
-    :, None, None
-]  # ten layers: two base-8 digits tag each
+_TEN = (
+    jax.random.normal(jax.random.key(2), (10, _D, _D))
+    * jnp.linspace(0.3, 3, 10)[:, None, None]
+)  # ten layers: two base-8 digits tag each
 
 
 def _layer(h, w):
@@ -398,11 +400,21 @@ def _nested(p, x):  # p["w"]: (2, 3, d, d), blocks of layers
         (_first_in_body, _first_in_body_unrolled, _STACK, (32, _D)),
         (_layers_per_time_step, _layers_per_time_step_unrolled, _STACK, (4, 8, _D)),
         (_fori, _in_order_unrolled, _STACK, (32, _D)),
-        (_nested, _in_order_unrolled, jnp.concatenate([_STACK, -_STACK]).reshape(
-            2, 3, _D, _D
-        ), (32, _D)),
+        (
+            _nested,
+            _in_order_unrolled,
+            jnp.concatenate([_STACK, -_STACK]).reshape(2, 3, _D, _D),
+            (32, _D),
+        ),
     ],
-    ids=["flipped", "flipped-10-bf16", "first-in-body", "in-a-time-loop", "fori-w[i]", "nested-stacks"],
+    ids=[
+        "flipped",
+        "flipped-10-bf16",
+        "first-in-body",
+        "in-a-time-loop",
+        "fori-w[i]",
+        "nested-stacks",
+    ],
 )
 def test_eva_rows_go_to_the_layer_they_met(fn, unrolled, stack, batch):
     """Rows are told apart by the layer they met, not by the scan step: a flipped
