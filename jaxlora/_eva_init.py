@@ -121,9 +121,10 @@ def eva_nodes(
     Raises:
         ValueError: for no batches, or targets whose inputs cannot be captured (used
             by a convolution or embedding lookup, inside a while loop, a cond
-            branch, a ``shard_map`` or nested scans, or never used). Layers stacked
-            and scanned over (``nn.scan``) are captured per layer: each is a unit of
-            the PCA and of the rank budget.
+            branch or a ``shard_map``, or never used), or stacked targets with
+            layers that no input meets. A stacked target (``nn.scan``, a loop that
+            picks ``w[i]``) is captured per layer, each row tagged by the layer it
+            met: each layer is a unit of the PCA and of the rank budget.
     """
     capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
     probe = _probe(params, plan, leaves)
