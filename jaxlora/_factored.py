@@ -156,6 +156,8 @@ def _eval_sym_eqn(ctx, eqn, invals):
 
 def _eval_sym_eqn_here(ctx, eqn, invals):
     name = eqn.primitive.name
+    if name == "gather" and _picks_layers(eqn, invals):  # a view, not a use
+        return _gather_stacked(eqn, *invals)
     if ctx.captured is not None and name in _contract.RULES:
         _capture(ctx, eqn, invals)
     try:
@@ -198,6 +200,24 @@ def _view(method):
         return method(x, w, eqn.params, rest)
 
     return rule
+
+
+def _picks_layers(eqn, invals) -> bool:
+    """Whether a gather indexes only stacked axes of an adapted weight (a layer
+    loop's ``jnp.take(w, i, 0)``), not an embedding table's rows."""
+    x, dn = invals[0], eqn.params["dimension_numbers"]
+    return (
+        isinstance(x, Sym)
+        and not isinstance(invals[1], Sym)
+        and not dn.operand_batching_dims
+        and bool(dn.start_index_map)
+        and set(dn.start_index_map) <= set(x.stack_axes)
+    )
+
+
+def _gather_stacked(eqn, x: Sym, indices) -> Sym:
+    w = eqn.primitive.bind(x.w, indices, **eqn.params)
+    return x.gather_stacked(w, indices, eqn.params)
 
 
 def _split(eqn, x: Sym) -> list:

@@ -8,10 +8,11 @@ operations (casts, transposes, reshapes, slices) and into nested ``jit``,
 
 * ``dot_general``: contracted axes are inputs, free axes outputs, batch axes stacked;
 * ``conv_general_dilated`` (as kernel): window and input-feature axes are inputs;
-* ``gather`` (an embedding lookup): the indexed axes are inputs; this wins over a
-  ``dot_general`` use of the same table (``attend``);
+* ``gather`` of an array of ids (an embedding lookup): the indexed axes are
+  inputs; this wins over a ``dot_general`` use of the same table (``attend``);
 * ``scan`` over the weight: the scanned leading axis is a stacked (layer) axis, and
-  so is an axis indexed away (``w[i]``, a loop over layers that picks one).
+  so is an axis indexed away (``w[i]`` or ``jnp.take(w, i, 0)`` at one index: a
+  loop over layers that picks one).
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class _Walker:
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "split":
             return [t] * len(eqn.outvars)
-        if name in ("squeeze", "unstack"):
+        if name in ("squeeze", "unstack") or _is_pick(eqn, ins, t):
             if name == "squeeze":
                 dims = {d % t.ndim for d in p["dimensions"]}
-            else:
+            elif name == "unstack":
                 dims = {p["axis"] % t.ndim}
+            else:  # jnp.take(w, i, 0): the collapsed axes are picked
+                dims = set(p["dimension_numbers"].collapsed_slice_dims)
             for leaf, axes in t.parts:  # one layer picked (w[i]): a layer axis
                 picked = _union(axes[d] for d in dims)
                 sized = {a for a in picked if self.shapes[leaf][a] > 1}
@@ -195,6 +198,17 @@ _IDENTITY = {
     "reshard",
     "all_gather",
 }
+
+
+def _is_pick(eqn, ins, t) -> bool:
+    """A gather from ``t`` at one scalar index (``jnp.take(w, i, 0)``), a view like
+    ``w[i]``; a lookup of an array of ids is an embedding lookup."""
+    if eqn.primitive.name != "gather" or ins[0] is not t:
+        return False
+    dn = eqn.params["dimension_numbers"]
+    return eqn.outvars[0].aval.ndim == len(dn.offset_dims) and not (
+        dn.operand_batching_dims
+    )
 
 
 def _reshape_axes(old, new, axes):

@@ -145,6 +145,45 @@ class Sym:
 
         return self.map_factors(w, fn)
 
+    def gather_stacked(self, w, indices, params):
+        """A gather that indexes stacked axes only (``jnp.take(w, i, 0)``: a layer
+        picked by a traced index; ``w[ids]``: several layers): the same gather on
+        each factor. Index batch axes are new stacked axes (in both factors)."""
+        dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+        n_batch = w.ndim - len(dn.offset_dims)
+        batch_pos = tuple(k for k in range(w.ndim) if k not in dn.offset_dims)
+        kept = [i for i in range(self.ndim) if i not in dn.collapsed_slice_dims]
+        out_pos = dict(zip(kept, dn.offset_dims, strict=True))
+
+        def fn(f, lab):
+            pos = {i: k for k, i in enumerate(lab)}
+            collapsed = tuple(pos[i] for i in dn.collapsed_slice_dims)
+            fdn = type(dn)(
+                offset_dims=tuple(range(n_batch, n_batch + f.ndim - len(collapsed))),
+                collapsed_slice_dims=collapsed,
+                start_index_map=tuple(pos[i] for i in dn.start_index_map),
+                operand_batching_dims=(),
+                start_indices_batching_dims=(),
+            )
+            f_sizes = tuple(
+                f.shape[k] if i == R else sizes[i] for k, i in enumerate(lab)
+            )
+            return lax.gather_p.bind(
+                f,
+                indices,
+                **{**params, "dimension_numbers": fdn, "slice_sizes": f_sizes},
+            )
+
+        rel = lambda lab: (
+            batch_pos
+            + tuple(  # noqa: E731
+                R if i == R else out_pos[i]
+                for i in lab
+                if i not in dn.collapsed_slice_dims
+            )
+        )
+        return self.map_factors(w, fn, rel(self.a_lab), rel(self.b_lab))
+
     def rev(self, w, dims):
         def fn(f, lab):
             return lax.rev(f, [k for k, i in enumerate(lab) if i in dims])

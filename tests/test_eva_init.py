@@ -378,6 +378,11 @@ def _fori(p, x):  # a loop over layers that picks w[i]
     return jax.lax.fori_loop(0, 3, lambda i, h: _layer(h, p["w"][i]), x)
 
 
+def _fori_take(p, x):  # the same loop picking with a gather (jnp.take)
+    pick = lambda i, h: _layer(h, jnp.take(p["w"], i, axis=0))  # noqa: E731
+    return jax.lax.fori_loop(0, 3, pick, x)
+
+
 def _in_order_unrolled(p, x):
     for i in range(len(p)):
         x = _layer(x, p[f"w{i}"])
@@ -400,6 +405,7 @@ def _nested(p, x):  # p["w"]: (2, 3, d, d), blocks of layers
         (_first_in_body, _first_in_body_unrolled, _STACK, (32, _D)),
         (_layers_per_time_step, _layers_per_time_step_unrolled, _STACK, (4, 8, _D)),
         (_fori, _in_order_unrolled, _STACK, (32, _D)),
+        (_fori_take, _in_order_unrolled, _STACK, (32, _D)),
         (
             _nested,
             _in_order_unrolled,
@@ -413,15 +419,17 @@ def _nested(p, x):  # p["w"]: (2, 3, d, d), blocks of layers
         "first-in-body",
         "in-a-time-loop",
         "fori-w[i]",
+        "fori-take",
         "nested-stacks",
     ],
 )
 def test_eva_rows_go_to_the_layer_they_met(fn, unrolled, stack, batch):
     """Rows are told apart by the layer they met, not by the scan step: a flipped
     stack, a fixed layer used inside the body, the layer loop inside a loop over
-    time, a ``fori_loop`` picking ``w[i]`` and stacks of stacks all give the
-    unrolled model's ranks and factors (ten layers scaled in bfloat16: two tag
-    digits that survive the cast and the rounding of the product)."""
+    time, a ``fori_loop`` picking ``w[i]`` (or ``jnp.take``) and stacks of stacks
+    all give the unrolled model's ranks and factors (ten layers scaled in
+    bfloat16: two tag digits that survive the cast and the rounding of the
+    product)."""
     batches = [jax.random.normal(jax.random.key(i), batch) for i in range(3)]
     layers = stack.reshape(-1, _D, _D)
     got = eva_rank_2({"w": stack}, fn, batches, "w")["w"]

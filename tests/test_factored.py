@@ -637,19 +637,34 @@ def _unpacked(p, x):
     return (x @ q) * (x @ k) + x @ v
 
 
+def _taken(p, x):  # a layer loop picking w[i] with a gather (jnp.take's default)
+    body = lambda i, h: jnp.tanh(h @ jnp.take(p["w"], i, axis=0))  # noqa: E731
+    return jax.lax.fori_loop(0, 3, body, x)
+
+
+def _taken_twice(p, x):  # two layers gathered at once, then scanned over
+    pair = jnp.take(p["w"], jnp.array([2, 0]), axis=0, mode="clip")
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, pair)[0]
+
+
+_PER_LAYER = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+
+
 @pytest.mark.parametrize(
     "fn,shape,want",
     [
         (_split_qkv, (4, 12), Layout(in_axes=(0,), out_axes=(1,))),
-        (_unstacked, (3, 4, 4), Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))),
-        (_unpacked, (3, 4, 4), Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))),
+        (_unstacked, (3, 4, 4), _PER_LAYER),
+        (_unpacked, (3, 4, 4), _PER_LAYER),
+        (_taken, (3, 4, 4), _PER_LAYER),
     ],
-    ids=["split", "unstack", "unpack"],
+    ids=["split", "unstack", "unpack", "take"],
 )
 def test_split_and_unstack_of_a_weight_run_factored(fn, shape, want):
     """``jnp.split`` (one fused kernel, one adapter over all its columns) and
-    ``jnp.unstack`` or tuple unpacking (each picked layer its own factors, the
-    picked axis inferred as a layer axis) stay factored."""
+    ``jnp.unstack``, tuple unpacking or ``jnp.take`` of one layer (each picked
+    layer its own factors, the picked axis inferred as a layer axis) stay
+    factored."""
     p = {"w": rand(shape, seed=3) * 0.5}
     x = rand((2, 4), seed=9)
     lp = jaxlora.init(
@@ -659,6 +674,17 @@ def test_split_and_unstack_of_a_weight_run_factored(fn, shape, want):
     report = _factored.explain(fn, (adapt(p, {"w": want}), x), {})
     assert report.status("w") == "factored", str(report)
     check(fn, adapt(p, {"w": want}), x)
+
+
+def test_layers_gathered_by_an_index_array_run_factored():
+    """``jnp.take(w, ids, 0)`` on a stacked axis gathers the same layers from each
+    factor: the index axis is a new stacked axis, scanned over, factored."""
+    p = {"w": rand((3, 4, 4), seed=3) * 0.5}
+    lp = adapt(p, {"w": _PER_LAYER})
+    x = rand((2, 4), seed=9)
+    report = _factored.explain(_taken_twice, (lp, x), {})
+    assert report.status("w") == "factored", str(report)
+    check(_taken_twice, lp, x)
 
 
 def test_stack_with_a_plain_layer():

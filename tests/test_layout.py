@@ -68,9 +68,10 @@ def test_scan_stacked_and_remat():
 
 
 def test_a_layer_picked_by_index_is_a_layer_axis():
-    """A loop over layers that picks ``w[i]`` (``fori_loop``, or a Python loop over
-    ``w[0]``, ``w[1]``...) makes the indexed axis a stacked axis: each layer gets its
-    own factors. A size-1 axis squeezed away is not a layer axis."""
+    """A loop over layers that picks ``w[i]`` (``fori_loop``, ``jnp.take``, or a
+    Python loop over ``w[0]``, ``w[1]``...) makes the indexed axis a stacked axis:
+    each layer gets its own factors. A size-1 axis squeezed away is not a layer
+    axis."""
     stack = {"w": jnp.ones((3, 4, 4)), "u": jnp.ones((1, 4, 4))}
     x = jnp.ones((2, 4))
     per_layer = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
@@ -85,7 +86,11 @@ def test_a_layer_picked_by_index_is_a_layer_axis():
             x = jnp.tanh(x @ p["w"][i])
         return x @ p["u"][0]
 
-    for fn in (fori, unrolled):
+    def taken(p, x):  # jnp.take's gather at one traced index: a pick, not a lookup
+        body = lambda i, h: jnp.tanh(h @ jnp.take(p["w"], i, axis=0))  # noqa: E731
+        return jax.lax.fori_loop(0, 3, body, x) @ jnp.take(p["u"], 0, axis=0)
+
+    for fn in (fori, unrolled, taken):
         assert infer_layouts(fn, stack, (x,)) == {"w": per_layer, "u": unit}
 
 
