@@ -381,6 +381,29 @@ def _flax_path(name: str) -> tuple[list[str], str] | None:
     return None
 
 
+def torch_module_name(path: str, layer: tuple = ()) -> str:
+    """The Hugging Face module name of a Flax parameter path (the inverse of the
+    table above): ``module_names`` for `jaxlora.save_peft` / `jaxlora.load_peft`.
+
+    Example:
+        >>> torch_module_name("params/encoder/layer_2/attention/query/kernel")
+        'encoder.layer.2.attention.self.query'
+    """
+    module = "/".join(p for p in path.split("/")[:-1] if p != "params")
+    for pattern, target, _ in _RULES:
+        groups = re.findall(r"\(([^()]*)\)", pattern)  # the HF pattern's groups
+        flax = target
+        for k, group in enumerate(groups, 1):  # \k in the Flax template
+            flax = flax.replace(f"\\{k}", f"({group})")
+        found = re.fullmatch(flax, module)
+        if found:  # the groups back into the HF pattern, in order
+            hf = pattern
+            for group, value in zip(groups, found.groups(), strict=True):
+                hf = hf.replace(f"({group})", value, 1)
+            return hf.replace("\\.", ".")
+    raise ValueError(f"{path!r} is not a MiniLM parameter path this port maps")
+
+
 def convert_hf_weights(state: dict[str, np.ndarray]) -> dict[str, PyTree]:
     """Converts a Hugging Face ``BertModel`` state dict to MiniLM Flax params.
 

@@ -19,6 +19,8 @@ from jaxlora._optax import freeze_base
 from jaxlora._optax import lora_plus
 from jaxlora._optax import param_labels
 from jaxlora._optax import trainable_mask
+from jaxlora._peft import load_peft
+from jaxlora._peft import save_peft
 from jaxlora._residual import to_plain_lora
 from jaxlora._schemes import SCHEMES
 from jaxlora._schemes import OrthogonalScheme
@@ -42,11 +44,13 @@ __all__ = [
     "init",
     "is_lora",
     "load",
+    "load_peft",
     "lora_apply",
     "lora_plus",
     "merge",
     "param_labels",
     "save",
+    "save_peft",
     "svd_lowrank",
     "to_plain_lora",
     "trainable_mask",

@@ -15,6 +15,7 @@ size, and `load` puts it back on the base tree of the same model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,10 +133,7 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             f"{foreign}), and overwrite=True only replaces a directory written by "
             "jaxlora.save. Choose another path, or move its contents away first."
         )
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with staged(path) as tmp:
         entries, arrays = [], {}
         for i, (p, node) in enumerate(nodes):
             key = f"t{i}"
@@ -146,14 +144,31 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
         checkpointer.wait_until_finished()
         checkpointer.close()
         meta = {"format": FORMAT, "version": VERSION, "targets": entries}
-        with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(os.path.join(tmp, METADATA), json.dumps(meta, indent=1).encode())
+    return path
+
+
+@contextlib.contextmanager
+def staged(path: str):
+    """A temporary directory next to ``path``, renamed to ``path`` when the block
+    succeeds (an existing ``path`` is replaced only then) and removed otherwise, so
+    an interrupted save never leaves a half-written directory where a good one was."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
         _replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+
+def write_synced(file: str, data: bytes) -> None:
+    """Writes ``data`` to ``file`` and flushes it to disk."""
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _foreign_entries(path: str) -> list[str] | None:

@@ -1,0 +1,531 @@
+"""Hugging Face PEFT's adapter format: share adapters with PyTorch users, and back.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
+``adapter_model.safetensors``. For a torch module named ``n`` (its name in the
+base model) the file holds ``base_model.model.<n>.lora_A.weight`` ``(r, in)`` and
+``….lora_B.weight`` ``(out, r)``, or for an embedding ``….lora_embedding_A``
+``(r, vocab)`` and ``….lora_embedding_B`` ``(dim, r)``; the update is
+``scaling · B @ A`` with ``scaling = alpha / r`` (``alpha / √r`` with
+``use_rslora``), ``r`` and ``alpha`` per module through ``rank_pattern`` and
+``alpha_pattern``.
+
+jaxlora's factors are the transposes: ``A = aᵀ`` and ``B = bᵀ``. A weight with
+several input or output axes (``DenseGeneral``'s ``(embed, heads, head_dim)``) is a
+torch ``Linear`` whose columns are its input axes flattened in the weight's own
+axis order and whose rows are its output axes flattened likewise (the weight is
+``kernel.reshape(in, out).T``, as in every Hugging Face port). Stacked layers
+(``nn.scan``) are one torch module per layer. The torch names come from the
+caller's ``module_names(path, layer)``: the model's naming is not in the weights.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora._checkpoint import staged
+from jaxlora._checkpoint import write_synced
+from jaxlora._node import Layout
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._node import is_lora
+from jaxlora._node import placed_like_weight
+from jaxlora._paths import path_str
+
+PyTree = Any
+Names = Callable[[str, tuple], str] | Mapping[str, Any]
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(jnp.bfloat16),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+# -- safetensors ----------------------------------------------------------------------
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict) -> bytes:
+    """The safetensors encoding: an 8-byte little-endian header size, a JSON header
+    (dtype, shape, byte offsets per tensor; padded to 8 bytes), then the data."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        x = tensors[name]
+        if x.dtype not in _CODES:
+            raise ValueError(
+                f"{name}: factors of dtype {x.dtype} have no PEFT encoding here "
+                f"(one of {sorted(map(str, _CODES))}); cast the adapter first."
+            )
+        data = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
+        header[name] = {
+            "dtype": _CODES[x.dtype],
+            "shape": list(x.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def _read_safetensors(file: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file; a malformed file is named, never guessed."""
+
+    def bad(why):
+        return ValueError(f"{file!r} is not a valid safetensors file: {why}.")
+
+    with open(file, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise bad(f"{len(blob)} bytes, shorter than the header size field")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if 8 + n > len(blob):
+        raise bad(f"the header claims {n} bytes but the file has {len(blob) - 8}")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except ValueError as e:
+        raise bad(f"unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    data, out = memoryview(blob)[8 + n :], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            lo, hi = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has the entry {info!r}") from None
+        if not 0 <= lo <= hi <= len(data) or hi - lo != math.prod(shape) * (
+            dtype.itemsize
+        ):
+            raise bad(
+                f"tensor {name!r} ({info['dtype']} {list(shape)}) has bytes "
+                f"[{lo}, {hi}) of {len(data)}"
+            )
+        out[name] = np.frombuffer(data[lo:hi], dtype.newbyteorder("<")).reshape(shape)
+    return out
+
+
+# -- names and orientation ------------------------------------------------------------
+
+
+def _name_of(module_names: Names, path: str, layer: tuple, stack: tuple) -> str:
+    """The torch module name of one layer (``layer`` indexes ``stack``) of ``path``."""
+    if isinstance(module_names, Mapping):
+        if path not in module_names:
+            raise ValueError(
+                f"{path!r}: not in module_names, which names {list(module_names)[:4]}"
+                "...; give every adapted path its torch module name."
+            )
+        name = module_names[path]
+        if layer:
+            if isinstance(name, str) or len(name) != math.prod(stack):
+                raise ValueError(
+                    f"{path!r} holds {math.prod(stack)} stacked layers {stack}: "
+                    f"module_names must give one name per layer (a list), got "
+                    f"{name!r}; or pass a function (path, layer) -> name."
+                )
+            name = name[int(np.ravel_multi_index(layer, stack))]
+    else:
+        name = module_names(path, layer)
+    if not isinstance(name, str) or not name or name != name.strip(". "):
+        raise ValueError(
+            f"module_names gave {name!r} for {path!r} layer {layer}: expected a "
+            "torch module name such as 'encoder.layer.0.attention.self.query'."
+        )
+    return name
+
+
+def _to_torch(a, b, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's ``(A, B)`` in PEFT's orientation from ``a (*in, r)``, ``b (r,
+    *out)`` (input and output axes flattened in the weight's axis order)."""
+    order = lambda axes: list(np.argsort(axes))  # noqa: E731
+    a = np.transpose(a, [*order(lay.in_axes), a.ndim - 1])
+    b = np.transpose(b, [0, *(1 + i for i in order(lay.out_axes))])
+    return a.reshape(-1, a.shape[-1]).T, b.reshape(b.shape[0], -1).T
+
+
+def _from_torch(A, B, lay: Layout, in_shape, out_shape):
+    """Inverse of `_to_torch` for one layer: ``a`` and ``b`` in the layout's order."""
+    ins = [in_shape[i] for i in np.argsort(lay.in_axes)]
+    outs = [out_shape[i] for i in np.argsort(lay.out_axes)]
+    a = A.T.reshape(*ins, A.shape[0])
+    b = B.T.reshape(B.shape[1], *outs)
+    a = np.transpose(a, [*np.argsort(np.argsort(lay.in_axes)), a.ndim - 1])
+    b = np.transpose(b, [0, *(1 + i for i in np.argsort(np.argsort(lay.out_axes)))])
+    return a, b
+
+
+def _keys(name: str, embedding: bool) -> tuple[str, str]:
+    if embedding:
+        return f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
+    return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+
+
+def _stack_first(x, stack_axes, inverse: bool = False) -> np.ndarray:
+    """A factor with its stacked axes (leading, in layout order) in ascending weight
+    order, so layer indices read as the weight's own (``inverse``: back)."""
+    order = np.argsort(stack_axes)
+    order = np.argsort(order) if inverse else order
+    return np.transpose(x, [*order, *range(len(stack_axes), x.ndim)])
+
+
+def _adapted(params: PyTree) -> list[tuple[str, LoraWeight]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    return [(path_str(k), x) for k, x in flat if is_lora(x)]
+
+
+def _layers(node: LoraWeight):
+    """The stack shape (ascending weight axes) and ``(layer index, a, b)`` for each
+    layer of ``node`` (one, ``()``, if unstacked)."""
+    lay, n = node.spec.layout, len(node.spec.layout.stack_axes)
+    a = _stack_first(np.asarray(node.a), lay.stack_axes)
+    b = _stack_first(np.asarray(node.b), lay.stack_axes)
+    stack = a.shape[:n]
+    return stack, [(i, a[i], b[i]) for i in np.ndindex(*stack)]
+
+
+# -- save ------------------------------------------------------------------------------
+
+
+def save_peft(
+    path: str | os.PathLike,
+    params: PyTree,
+    module_names: Names,
+    *,
+    overwrite: bool = False,
+) -> str:
+    """Writes the adapters of ``params`` as a Hugging Face PEFT LoRA adapter.
+
+    ``peft.PeftModel.from_pretrained(torch_model, path)`` then computes what
+    ``jaxlora.lora_apply`` computes, on the torch model whose weights the base
+    weights are. Only the factors are written (never the base), in their own dtype.
+
+    Args:
+        path: the adapter directory to create.
+        params: an adapted tree (from `jaxlora.init` and training).
+        module_names: the torch module name of each target, as the torch model
+            names it (``"encoder.layer.0.attention.self.query"``): a function
+            ``(path, layer) -> name``, where ``layer`` is the index tuple of a
+            stacked layer (``()`` for an unstacked weight), or a mapping ``path ->
+            name`` (a list of names, layer by layer, for a stacked weight).
+        overwrite: replace an existing PEFT adapter directory at ``path`` (never
+            anything else).
+
+    Returns:
+        The absolute path of the adapter.
+
+    Raises:
+        ValueError: if ``params`` holds no adapters; a target is residual (PiSSA,
+            OLoRA, MiLoRA, LoRA-GA, ``compensate=True``: its base is not the
+            original weight, see `jaxlora.to_plain_lora`); two layers get the same
+            name; or ``path`` exists and is not a PEFT adapter directory.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora, tempfile, os
+        >>> w = {"fc": {"kernel": jnp.ones((4, 3))}}
+        >>> p = jaxlora.init(w, jax.random.key(0), rank=2)
+        >>> d = os.path.join(tempfile.mkdtemp(), "adapter")
+        >>> _ = jaxlora.save_peft(d, p, {"fc/kernel": "fc"})
+        >>> sorted(os.listdir(d))
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    path = os.path.abspath(os.fspath(path))
+    nodes = _adapted(params)
+    if not nodes:
+        raise ValueError(
+            "params holds no LoRA adapters (no LoraWeight nodes): nothing to save. "
+            "Pass the adapted tree returned by jaxlora.init (and training)."
+        )
+    residual = [f"{p!r} ({x.spec.scheme})" for p, x in nodes if x.spec.residual]
+    if residual:
+        raise ValueError(
+            f"{', '.join(residual[:8])}: residual adapters apply to a modified base "
+            "weight, and a PEFT adapter applies to the original model's weights. "
+            "Convert first: jaxlora.to_plain_lora(params, original_params)."
+        )
+    _check_target(path, overwrite)
+    tensors, modules, owner = {}, {}, {}
+    for p, node in nodes:
+        spec = node.spec
+        stack, layers = _layers(node)
+        for layer, a, b in layers:
+            name = _name_of(module_names, p, layer, stack)
+            if name in owner:
+                raise ValueError(
+                    f"module_names gave {name!r} to both {owner[name]} and "
+                    f"{(p, layer)}: every layer needs its own torch module."
+                )
+            owner[name] = (p, layer)
+            ka, kb = _keys(name, spec.embedding)
+            tensors[ka], tensors[kb] = _to_torch(a, b, spec.layout)
+            modules[name] = spec
+    config = _config(modules)
+    with staged(path) as tmp:
+        blob = _safetensors_bytes(tensors, {"format": "pt"})
+        write_synced(os.path.join(tmp, WEIGHTS), blob)
+        text = json.dumps(config, indent=2, sort_keys=True).encode()
+        write_synced(os.path.join(tmp, CONFIG), text)
+    return path
+
+
+def _check_target(path: str, overwrite: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{path!r} already exists. Pass overwrite=True to replace it (a PEFT "
+            "adapter directory only), or choose another path."
+        )
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise ValueError(f"Cannot overwrite {path!r}: it is not a directory.")
+    foreign = sorted(set(os.listdir(path)) - {CONFIG, WEIGHTS, "README.md"})
+    if foreign:
+        raise ValueError(
+            f"Cannot overwrite {path!r}: it holds {foreign[:8]}, which a PEFT "
+            "adapter does not. Choose another path, or move its contents away first."
+        )
+
+
+def _config(modules: dict[str, LoraSpec]) -> dict:
+    """PEFT's LoraConfig for these modules: the most common rank and alpha, the
+    others by exact-name patterns; scales are kept exactly (an rsLoRA module among
+    plain ones gets the alpha that gives its scale at ``alpha / r``)."""
+    rslora = all(s.rslora for s in modules.values())
+    alpha = {
+        n: s.alpha if s.rslora == rslora else s.scale * s.rank
+        for n, s in modules.items()
+    }
+    common = lambda xs: collections.Counter(xs).most_common(1)[0][0]  # noqa: E731
+    r = common(s.rank for s in modules.values())
+    lora_alpha = common(alpha.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "target_modules": sorted(modules),
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "use_rslora": rslora,
+        "rank_pattern": {
+            re.escape(n): s.rank for n, s in sorted(modules.items()) if s.rank != r
+        },
+        "alpha_pattern": {
+            re.escape(n): v for n, v in sorted(alpha.items()) if v != lora_alpha
+        },
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+# -- load ------------------------------------------------------------------------------
+
+_UNSUPPORTED = {  # config field -> the value plain LoRA factors can represent
+    "use_dora": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+}
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_config(path: str) -> dict:
+    file = os.path.join(path, CONFIG)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"No PEFT adapter at {path!r}: {CONFIG} is missing."
+            if os.path.isdir(path)
+            else f"No PEFT adapter at {path!r}: no such directory."
+        )
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{file!r} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        got = config.get("peft_type") if isinstance(config, dict) else config
+        raise ValueError(
+            f"{file!r} has peft_type {got!r}; only LoRA adapters ('LORA') load."
+        )
+    bad = [
+        f"{k}={config[k]!r}"
+        for k, ok in _UNSUPPORTED.items()
+        if config.get(k, ok) not in (ok, None, [], {})
+    ]
+    if bad:
+        raise ValueError(
+            f"{file!r} uses {', '.join(bad)}, which plain LoRA factors cannot hold "
+            "(jaxlora loads LoRA without DoRA, trained biases, saved whole modules, "
+            "replicated layers, parameter targets, trainable tokens or aLoRA)."
+        )
+    return config
+
+
+def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> PyTree:
+    """Reads a Hugging Face PEFT LoRA adapter onto an adapted tree.
+
+    ``params`` says where adapters go and how each weight is laid out (from
+    `jaxlora.init` with the same targets, any scheme and rank, e.g. with layouts
+    inferred from the model); the adapter gives the factors, ranks and scales.
+    Base weights are kept, and each factor keeps ``params``' factor dtype.
+
+    Args:
+        path: a PEFT adapter directory (``adapter_config.json`` and
+            ``adapter_model.safetensors``).
+        params: an adapted tree of the model the adapter was trained for.
+        module_names: as for `save_peft`.
+
+    Returns:
+        ``params`` with every target's factors and spec read from the adapter.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a PEFT adapter directory.
+        ValueError: for a malformed file; a config jaxlora cannot represent (DoRA,
+            biases, ``modules_to_save``); a target whose module is missing from the
+            adapter, or of another shape or kind; a residual base in ``params``;
+            modules in the adapter that no target names.
+    """
+    path = os.path.abspath(os.fspath(path))
+    config = _read_config(path)
+    tensors = _read_safetensors(os.path.join(path, WEIGHTS))
+    nodes = _adapted(params)
+    if not nodes:
+        raise ValueError(
+            "params holds no LoRA adapters: pass jaxlora.init(params, rng, "
+            "targets=..., apply_fn=..., example_args=...) for the adapter's "
+            "targets; it gives each weight's layout."
+        )
+    problems, used, new = [], set(), {}
+    for p, node in nodes:
+        if node.spec.residual:
+            problems.append(f"{p!r}: its base is a residual ({node.spec.scheme})")
+            continue
+        try:
+            new[p] = _read_target(p, node, config, tensors, module_names, used)
+        except ValueError as e:
+            problems.append(str(e))
+    unused = sorted(k for k in tensors if k not in used)
+    if unused:
+        problems.append(
+            f"the adapter holds tensors no target reads: {unused[:6]}"
+            f"{' ...' if len(unused) > 6 else ''} (missing from the targets, or "
+            "module_names names them otherwise)"
+        )
+    if problems:
+        raise ValueError(
+            f"Cannot load PEFT adapter {path!r} onto these params:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+    def attach(keypath, leaf):
+        return new.get(path_str(keypath), leaf)
+
+    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+
+
+def _read_target(p, node, config, tensors, module_names, used) -> LoraWeight:
+    spec, lay = node.spec, node.spec.layout
+    stack_shape = tuple(node.shape[i] for i in sorted(lay.stack_axes))
+    _, in_shape, out_shape = lay.split_shape(node.shape)
+    factors, scales, layers = [], set(), set()
+    rslora = bool(config.get("use_rslora", False))
+    for layer in np.ndindex(*stack_shape):
+        name = _name_of(module_names, p, layer, stack_shape)
+        ka, kb = _keys(name, spec.embedding)
+        if ka not in tensors or kb not in tensors:
+            other = _keys(name, not spec.embedding)
+            kind = "an embedding" if spec.embedding else "a linear layer"
+            hint = (
+                f"; it holds {other[0]!r} instead (the target is {kind} here)"
+                if other[0] in tensors
+                else ""
+            )
+            raise ValueError(f"{p!r} layer {layer}: {ka!r} is not in the adapter{hint}")
+        A, B = tensors[ka], tensors[kb]
+        want_in, want_out = math.prod(in_shape), math.prod(out_shape)
+        fits = A.ndim == B.ndim == 2 and (A.shape[1], B.shape[0]) == (want_in, want_out)
+        if not fits:
+            raise ValueError(
+                f"{p!r} layer {layer} ({name}): A {list(A.shape)} and B "
+                f"{list(B.shape)} do not fit a weight with {want_in} inputs "
+                f"{in_shape} and {want_out} outputs {out_shape} (A (r, in), B (out, r))"
+            )
+        r = A.shape[0]
+        if B.shape[1] != r:
+            raise ValueError(f"{p!r} ({name}): A has rank {r} but B {B.shape[1]}")
+        want_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        if want_r != r:
+            raise ValueError(
+                f"{p!r} ({name}): the config gives rank {want_r}, the tensors {r}"
+            )
+        alpha = _pattern_value(
+            config.get("alpha_pattern") or {}, name, config["lora_alpha"]
+        )
+        layers.add((r, alpha))
+        scales.add(alpha / (math.sqrt(r) if rslora else r))
+        used.update((ka, kb))
+        factors.append(_from_torch(A, B, lay, in_shape, out_shape))
+    if len(scales) > 1:
+        raise ValueError(
+            f"{p!r}: its layers have different scales {sorted(scales)}; a stacked "
+            "weight has one scale (load the layers as separate weights)"
+        )
+    rank = max(a.shape[-1] for a, _ in factors)
+    pad_a = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - a.shape[-1])])  # noqa: E731
+    pad_b = lambda b: np.pad(b, [(0, rank - b.shape[0])] + [(0, 0)] * (b.ndim - 1))  # noqa: E731
+    a = np.stack([pad_a(a) for a, _ in factors]).reshape(
+        stack_shape + factors[0][0].shape[:-1] + (rank,)
+    )
+    b = np.stack([pad_b(b) for _, b in factors]).reshape(
+        stack_shape + (rank,) + factors[0][1].shape[1:]
+    )
+    if len(layers) == 1:  # one rank: the adapter's own alpha
+        ((_, alpha),) = layers
+    else:  # smaller ranks zero-padded: the alpha that keeps the scale at this rank
+        alpha = next(iter(scales)) * (math.sqrt(rank) if rslora else rank)
+    new_spec = LoraSpec(
+        lay, rank, alpha, rslora=rslora, scheme="peft", embedding=spec.embedding
+    )
+    out = LoraWeight(
+        node.w,
+        jnp.asarray(_stack_first(a, lay.stack_axes, inverse=True), node.a.dtype),
+        jnp.asarray(_stack_first(b, lay.stack_axes, inverse=True), node.b.dtype),
+        new_spec,
+    )
+    return placed_like_weight(out, node.w)

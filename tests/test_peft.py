@@ -1,0 +1,356 @@
+"""PEFT adapter format: round trips, the file layout, real PEFT on MiniLM, errors."""
+
+import json
+import os
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import require
+
+import jaxlora
+from jaxlora import _peft
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from examples import minilm  # noqa: E402
+
+TARGETS = r".*(kernel|embedding)$"
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        h = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x)
+        return x + nn.Dense(16, name="fc")(jnp.tanh(h)), None
+
+
+class Stacked(nn.Module):
+    """Embed, attention (DenseGeneral q/k/v and the two-axis out projection) and
+    Dense, the blocks stacked by ``nn.scan``."""
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(50, 16, name="embed")(ids)
+        blocks = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x = blocks(name="blocks")(x, None)[0]
+        return nn.Dense(7, name="head")(x)
+
+
+def dotted(path, layer):
+    """``params/blocks/attn/query/kernel`` layer (1,) -> ``blocks.1.attn.query``."""
+    parts = path.split("/")[1:-1]
+    if layer:
+        parts = [parts[0], *map(str, layer), *parts[1:]]
+    return ".".join(parts)
+
+
+@pytest.fixture(scope="module")
+def stacked():
+    model, ids = Stacked(), jnp.arange(12).reshape(2, 6) % 50
+    params = model.init(jax.random.key(0), ids)
+
+    def adapted(seed, **kw):
+        return jaxlora.init(
+            params,
+            jax.random.key(seed),
+            targets=TARGETS,
+            apply_fn=model.apply,
+            example_args=(ids,),
+            **kw,
+        )
+
+    return model, ids, adapted
+
+
+def _nodes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jaxlora.is_lora)[0]
+    return {jax.tree_util.keystr(k): x for k, x in flat if jaxlora.is_lora(x)}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rank": 4, "alpha": 8.0, "rank_pattern": {"head": 2}},
+        {"rank": 4, "alpha": 3.0, "rslora": True},
+    ],
+    ids=["rank-pattern", "rslora"],
+)
+def test_round_trip_restores_factors_and_scales_exactly(stacked, tmp_path, kw):
+    """save_peft then load_peft onto an adapted tree of another scheme and rank
+    gives back every factor bitwise, each spec's layout, rank and scale, and the
+    same model output; stacked layers are one torch module each."""
+    model, ids, adapted = stacked
+    lp = adapted(1, scheme="both_random", **kw)
+    d = jaxlora.save_peft(tmp_path / "adapter", lp, dotted)
+    back = jaxlora.load_peft(d, adapted(5, scheme="normal", rank=3), dotted)
+    want, got = _nodes(lp), _nodes(back)
+    assert want.keys() == got.keys()
+    for k in want:
+        w, g = want[k], got[k]
+        assert (g.rank, g.scale, g.layout) == (w.rank, w.scale, w.layout), k
+        np.testing.assert_array_equal(g.a, w.a)
+        np.testing.assert_array_equal(g.b, w.b)
+        assert g.w is w.w or np.array_equal(g.w, w.w)
+    apply = jaxlora.lora_apply(model.apply)
+    np.testing.assert_array_equal(apply(back, ids), apply(lp, ids))
+    config = json.loads((tmp_path / "adapter" / _peft.CONFIG).read_text())
+    assert "blocks.2.attn.out" in config["target_modules"]
+    assert len(config["target_modules"]) == 3 * 5 + 2
+    assert config["use_rslora"] == kw.get("rslora", False)
+
+
+def test_file_is_what_peft_reads(stacked, tmp_path):
+    """The safetensors file (read by the reference reader) holds PEFT's keys,
+    orientations and dtypes: A (r, in), B (out, r), the embedding's A (r, vocab)
+    and B (dim, r); in/out axes flattened in the weight's order; bf16 kept."""
+    require("safetensors", "pip install safetensors", load=False)
+    import safetensors  # the reference reader (bfloat16 as well, via "flax")
+
+    _, _, adapted = stacked
+    lp = adapted(1, scheme="both_random", rank=4, dtype=jnp.bfloat16)
+    jaxlora.save_peft(tmp_path / "a", lp, dotted)
+    file = str(tmp_path / "a" / _peft.WEIGHTS)
+    with safetensors.safe_open(file, "flax") as f:
+        assert f.metadata() == {"format": "pt"}
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    pre = "base_model.model."
+    out = lp["params"]["blocks"]["attn"]["out"]["kernel"]  # (3, heads, dim, 16)
+    A = got[f"{pre}blocks.1.attn.out.lora_A.weight"]
+    B = got[f"{pre}blocks.1.attn.out.lora_B.weight"]
+    assert A.dtype == jnp.bfloat16 and A.shape == (4, 16) and B.shape == (16, 4)
+    np.testing.assert_array_equal(A, out.a[1].reshape(16, 4).T)
+    np.testing.assert_array_equal(B, out.b[1].T)
+    delta = (B.astype(np.float32) @ A.astype(np.float32)) * out.scale
+    merged_delta = out.delta(jnp.float32)[1].reshape(16, 16)  # (in, out)
+    np.testing.assert_allclose(delta, merged_delta.T, rtol=1e-6, atol=1e-6)
+    embed = lp["params"]["embed"]["embedding"]
+    np.testing.assert_array_equal(got[f"{pre}embed.lora_embedding_A"], embed.a.T)
+    np.testing.assert_array_equal(got[f"{pre}embed.lora_embedding_B"], embed.b.T)
+    assert f"{pre}embed.lora_A.weight" not in got
+    assert len(got) == 2 * (3 * 5 + 2)
+
+
+# -- real PEFT on the MiniLM model ---------------------------------------------------
+
+MINILM_TARGETS = [
+    "query/kernel",
+    "value/kernel",
+    "intermediate/kernel",
+    "word_embeddings/embedding",
+]
+
+
+@pytest.fixture(scope="module")
+def torch_minilm():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch = require("torch", "pip install torch==2.13.0 transformers peft")
+    transformers = require("transformers", "pip install transformers peft")
+    peft = require("peft", "pip install peft")
+    model, variables = minilm.load_minilm()
+    batch = minilm.MiniLMTokenizer(16)(
+        ["A man is eating food.", "The new movie is awesome, said nobody."]
+    )
+
+    def torch_model():
+        return transformers.BertModel.from_pretrained(minilm.model_dir()).eval()
+
+    def torch_hidden(m):
+        with torch.no_grad():
+            return m(
+                input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+            ).last_hidden_state.numpy()
+
+    def jax_hidden(tree):
+        apply = jaxlora.lora_apply(model.apply)
+        return np.asarray(apply(tree, batch["input_ids"], batch["attention_mask"]))
+
+    def template(seed, **kw):
+        return jaxlora.init(
+            variables,
+            jax.random.key(seed),
+            targets=MINILM_TARGETS,
+            **kw,
+        )
+
+    real = batch["attention_mask"].astype(bool)
+    return torch, peft, torch_model, torch_hidden, jax_hidden, template, real
+
+
+def _names(path, layer):
+    return minilm.torch_module_name(path)
+
+
+def test_peft_runs_a_jaxlora_adapter_as_jaxlora_does(torch_minilm, tmp_path):
+    """A trained-looking jaxlora adapter (b ≠ 0; ranks and alphas per target,
+    rsLoRA off; the word embeddings adapted too) exported with save_peft and
+    loaded by ``peft.PeftModel.from_pretrained`` onto transformers' BertModel
+    gives jaxlora's hidden states."""
+    torch, peft, torch_model, torch_hidden, jax_hidden, template, real = torch_minilm
+    lp = template(
+        1,
+        scheme="both_random",
+        rank=4,
+        alpha=8,
+        rank_pattern={"intermediate": 2},
+        alpha_pattern={"value": 5},
+    )
+    lp = jax.tree.map(  # smaller updates: a realistic adapter, not a new model
+        lambda n: n.replace(b=n.b * 0.05) if jaxlora.is_lora(n) else n,
+        lp,
+        is_leaf=jaxlora.is_lora,
+    )
+    want = jax_hidden(lp)
+    base = jax_hidden(jaxlora.base(lp))
+    assert np.abs(want - base)[real].max() > 1e-2  # the adapter matters
+    d = jaxlora.save_peft(tmp_path / "minilm", lp, _names)
+    bert = torch_model()
+    modules = dict(bert.named_modules())
+    for p, leaf in jax.tree_util.tree_flatten_with_path(lp["params"])[0]:
+        path = "params/" + "/".join(k.key for k in p if hasattr(k, "key"))
+        if path.endswith(("kernel", "embedding")):  # every weight's module exists
+            assert minilm.torch_module_name(path) in modules, path
+    model = peft.PeftModel.from_pretrained(bert, d).eval()
+    got = torch_hidden(model)
+    np.testing.assert_allclose(got[real], want[real], atol=2e-4, rtol=0)
+
+
+def test_a_peft_adapter_runs_in_jaxlora_as_in_peft(torch_minilm, tmp_path):
+    """An adapter made by PEFT itself (random B, rsLoRA, a rank pattern, the
+    embedding adapted) read with load_peft: jaxlora's hidden states are PEFT's."""
+    torch, peft, torch_model, torch_hidden, jax_hidden, template, real = torch_minilm
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        use_rslora=True,
+        target_modules=["query", "value", "intermediate.dense", "word_embeddings"],
+        rank_pattern={"value": 2},
+        init_lora_weights=False,  # B random too: the adapter changes the output
+    )
+    model = peft.get_peft_model(torch_model(), config).eval()
+    with torch.no_grad():  # smaller updates, as after training
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.mul_(0.05)
+    want = torch_hidden(model)
+    model.save_pretrained(tmp_path / "peft")
+    lp = jaxlora.load_peft(tmp_path / "peft", template(3, rank=8), _names)
+    value = lp["params"]["encoder"]["layer_0"]["attention"]["value"]["kernel"]
+    query = lp["params"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    assert (value.rank, query.rank) == (2, 4)
+    assert query.scale == pytest.approx(6 / 2)  # rsLoRA: alpha / sqrt(r)
+    got = jax_hidden(lp)
+    base = jax_hidden(jaxlora.base(lp))
+    assert np.abs(want - base)[real].max() > 1e-2
+    np.testing.assert_allclose(got[real], want[real], atol=2e-4, rtol=0)
+
+
+# -- refusals ------------------------------------------------------------------------
+
+
+def _small():
+    params = {"enc": {"fc": {"kernel": jnp.ones((4, 3))}}}
+    return params, jaxlora.init(params, jax.random.key(0), scheme="both_random", rank=2)
+
+
+def test_residual_adapters_are_refused_with_the_fix(tmp_path):
+    params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (6, 5))}}
+    lp = jaxlora.init(params, jax.random.key(1), scheme="pissa", rank=2)
+    with pytest.raises(ValueError, match=r"'fc/kernel' \(pissa\).*to_plain_lora"):
+        jaxlora.save_peft(tmp_path / "x", lp, {"fc/kernel": "fc"})
+    assert not (tmp_path / "x").exists()
+    plain = jaxlora.to_plain_lora(lp, params)
+    jaxlora.save_peft(tmp_path / "x", plain, {"fc/kernel": "fc"})
+
+
+def test_names_must_be_given_and_distinct(tmp_path):
+    params, lp = _small()
+    lp = {**lp, "dec": {"fc": lp["enc"]["fc"]}}
+    with pytest.raises(ValueError, match=r"'dec/fc/kernel': not in module_names"):
+        jaxlora.save_peft(tmp_path / "x", lp, {"enc/fc/kernel": "fc"})
+    with pytest.raises(ValueError, match=r"gave 'fc' to both"):
+        jaxlora.save_peft(tmp_path / "x", lp, lambda p, layer: "fc")
+    with pytest.raises(ValueError, match=r"gave '' for '(enc|dec)/fc/kernel'"):
+        jaxlora.save_peft(tmp_path / "x", lp, lambda p, layer: "")
+    assert not (tmp_path / "x").exists()
+
+
+def test_stacked_names_from_a_mapping(stacked, tmp_path):
+    """A mapping gives a stacked weight one name per layer, or is refused."""
+    _, _, adapted = stacked
+    lp = adapted(1, rank=2)
+    names = {p: dotted(p, ()) for p in _flat_paths(lp)}
+    with pytest.raises(ValueError, match=r"holds 3 stacked layers \(3,\)"):
+        jaxlora.save_peft(tmp_path / "x", lp, names)
+    for p in names:
+        if p.startswith("params/blocks"):
+            names[p] = [dotted(p, (i,)) for i in range(3)]
+    jaxlora.save_peft(tmp_path / "x", lp, names)
+    back = jaxlora.load_peft(tmp_path / "x", adapted(2, rank=2), dotted)
+    np.testing.assert_array_equal(
+        back["params"]["blocks"]["fc"]["kernel"].a,
+        lp["params"]["blocks"]["fc"]["kernel"].a,
+    )
+
+
+def _flat_paths(tree):
+    return [
+        "/".join(str(getattr(k, "key", k)) for k in kp)
+        for kp, x in jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=jaxlora.is_lora
+        )[0]
+        if jaxlora.is_lora(x)
+    ]
+
+
+def test_existing_directories_are_kept(tmp_path):
+    params, lp = _small()
+    names = {"enc/fc/kernel": "enc.fc"}
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        jaxlora.save_peft(other, lp, names)
+    with pytest.raises(ValueError, match=r"holds \['todo.txt'\]"):
+        jaxlora.save_peft(other, lp, names, overwrite=True)
+    assert (other / "todo.txt").read_text() == "mine"
+    d = jaxlora.save_peft(tmp_path / "a", lp, names)
+    jaxlora.save_peft(d, lp, names, overwrite=True)  # a PEFT adapter: replaced
+
+
+def test_load_names_every_mismatch(tmp_path):
+    """Missing modules, a linear/embedding mix-up, shapes that do not fit, tensors
+    nobody reads, configs plain LoRA cannot hold, corrupt files: each named."""
+    params, lp = _small()
+    d = jaxlora.save_peft(tmp_path / "a", lp, {"enc/fc/kernel": "enc.fc"})
+    with pytest.raises(ValueError, match=r"'enc/fc/kernel' layer \(\): "):
+        jaxlora.load_peft(d, lp, {"enc/fc/kernel": "dec.fc"})
+    wide = {"enc": {"fc": {"kernel": jnp.ones((5, 3))}}}
+    wide = jaxlora.init(wide, jax.random.key(0), rank=2)
+    with pytest.raises(ValueError, match=r"A \[2, 4\] and B \[3, 2\] do not fit"):
+        jaxlora.load_peft(d, wide, {"enc/fc/kernel": "enc.fc"})
+    both = {**lp, "dec": {"fc": lp["enc"]["fc"]}}
+    d2 = jaxlora.save_peft(
+        tmp_path / "b", both, {"enc/fc/kernel": "enc.fc", "dec/fc/kernel": "dec.fc"}
+    )
+    with pytest.raises(ValueError, match=r"tensors no target reads: \['base_model"):
+        jaxlora.load_peft(d2, lp, {"enc/fc/kernel": "enc.fc"})
+    config = json.loads((tmp_path / "a" / _peft.CONFIG).read_text())
+    for field, value in (("use_dora", True), ("bias", "all"), ("peft_type", "IA3")):
+        (tmp_path / "a" / _peft.CONFIG).write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=field if field != "peft_type" else "IA3"):
+            jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})
+    (tmp_path / "a" / _peft.CONFIG).write_text(json.dumps(config))
+    weights = tmp_path / "a" / _peft.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        jaxlora.load_peft(tmp_path / "nothing", lp, {"enc/fc/kernel": "enc.fc"})
