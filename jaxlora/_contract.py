@@ -24,6 +24,7 @@ from jax.lax import GatherScatterMode
 from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
 from jaxlora._symbolic import Unsupported
+from jaxlora._symbolic import factor_fill
 from jaxlora._symbolic import fresh_letters
 
 # True while the interpreter runs a call that forward-mode differentiation (jax.jvp,
@@ -107,7 +108,7 @@ def _one_buffer_sum(base, lora):
     both summands alive as backward residuals; a reduction output is one buffer.
     """
     lora = _like(lora, base)  # explicit mesh axes: laid out as the model's product
-    if _explicitly_split(lora):  # no flat slice of a split array: a plain add
+    if _explicitly_split(lora) or not lora.size:  # no flat slice: a plain add
         return _sum(base, lora)
     one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
     pair = jnp.stack([base, lora.astype(base.dtype)], axis=-1)
@@ -521,7 +522,9 @@ def gather(eqn, operand, indices):
         fac.shape[k] if lab == R else sizes[lab] for k, lab in enumerate(fac_lab)
     )
     g = eqn.primitive.bind(
-        fac, indices, **{**p, "dimension_numbers": fdn, "slice_sizes": f_sizes}
+        fac,
+        indices,
+        **{**factor_fill(p), "dimension_numbers": fdn, "slice_sizes": f_sizes},
     )
     g = g * jnp.asarray(operand.scale, g.dtype)
     letters = fresh_letters(base.ndim + operand.ndim + 1)

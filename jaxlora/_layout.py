@@ -188,6 +188,7 @@ _IDENTITY = {
     "slice",
     "dynamic_slice",
     "rev",
+    "pad",
     "mul",
     "div",
     "neg",

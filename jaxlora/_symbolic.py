@@ -19,8 +19,18 @@ import string
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.lax import GatherScatterMode
 
 R = -1  # the label of the rank axis
+
+
+def factor_fill(params: dict) -> dict:
+    """A gather's params for a factor: an out-of-range row of a factor is 0, so the
+    update adds nothing and the base's fill (NaN, or the value asked for) is the
+    result, as for the merged weight, and no NaN reaches the factor gradients."""
+    if params["mode"] != GatherScatterMode.FILL_OR_DROP:
+        return params
+    return {**params, "fill_value": 0}
 
 
 class Unsupported(Exception):
@@ -154,6 +164,7 @@ class Sym:
         batch_pos = tuple(k for k in range(w.ndim) if k not in dn.offset_dims)
         kept = [i for i in range(self.ndim) if i not in dn.collapsed_slice_dims]
         out_pos = dict(zip(kept, dn.offset_dims, strict=True))
+        fill = factor_fill(params)  # an out-of-range layer: no update, the base's fill
 
         def fn(f, lab):
             pos = {i: k for k, i in enumerate(lab)}
@@ -171,7 +182,7 @@ class Sym:
             return lax.gather_p.bind(
                 f,
                 indices,
-                **{**params, "dimension_numbers": fdn, "slice_sizes": f_sizes},
+                **{**fill, "dimension_numbers": fdn, "slice_sizes": f_sizes},
             )
 
         rel = lambda lab: (
@@ -183,6 +194,16 @@ class Sym:
             )
         )
         return self.map_factors(w, fn, rel(self.a_lab), rel(self.b_lab))
+
+    def pad(self, w, config):
+        """``lax.pad``: each factor padded (or cropped) along the weight axes it
+        holds, with zeros, so the padding is the base's alone."""
+
+        def fn(f, lab):
+            cfg = [(0, 0, 0) if i == R else tuple(config[i]) for i in lab]
+            return lax.pad(f, jnp.zeros((), f.dtype), cfg)
+
+        return self.map_factors(w, fn)
 
     def rev(self, w, dims):
         def fn(f, lab):

@@ -891,3 +891,54 @@ def test_precision_is_kept():
     lp = adapt(plain_params(), {"w1": Layout.dense(2)})
     jaxpr = jax.make_jaxpr(lambda t: _factored.call(fn, (t, rand((5, 4))), {}))(lp)
     assert "HIGHEST" in str(jaxpr)
+
+
+@pytest.mark.parametrize("fill", [-1.0, None], ids=["fill-value", "nan-fill-masked"])
+def test_out_of_range_ids_get_the_base_fill(fill):
+    """``jnp.take``'s fill mode (``nn.Embed``'s): an out-of-range id's row is the
+    fill, as with the merged table (the factor rows are 0, not filled), and a
+    masked-out padding id leaves the factor gradients finite."""
+    table = {"e": rand((11, 6), seed=4)}
+    ids = jnp.array([[0, 3, 12], [11, 5, 1]])
+
+    def lookup(p, ids):
+        h = jnp.take(p["e"], ids, axis=0, mode="fill", fill_value=fill)
+        return jnp.where((ids < 11)[..., None], h, 0.0) if fill is None else h
+
+    check(lookup, adapt(table, {"e": Layout.dense(2)}), ids)
+
+
+def test_padded_weights_run_factored():
+    """``jnp.pad`` of a weight (a vocabulary padded to a multiple, output features
+    padded, an axis cropped or interior-padded): the factors are zero-padded."""
+    p = {"e": rand((11, 6), seed=4), "k": rand((6, 5), seed=5)}
+    lp = adapt(p, {"e": Layout.dense(2), "k": Layout.dense(2)})
+    ids = jnp.array([[0, 3, 10], [15, 5, 1]])
+
+    def fn(p, ids):
+        h = jnp.pad(p["e"], ((0, 5), (0, 0)))[ids]  # rows 11..15 are padding
+        k = jax.lax.pad(p["k"], 0.5, ((0, 0, 0), (-1, 2, 1)))  # crop, interior
+        return h @ k
+
+    check(fn, lp, ids)
+
+
+@pytest.mark.parametrize(
+    "model,x",
+    [
+        (nn.Dense(5), jnp.ones((0, 6))),
+        (nn.DenseGeneral(5, batch_dims=(0,)), jnp.ones((3, 0, 6))),
+        (nn.Conv(5, (3,)), jnp.ones((0, 7, 4))),
+    ],
+    ids=["dense", "dense-general", "conv"],
+)
+def test_an_empty_batch_runs(model, x):
+    """A zero-size batch gives the empty output and zero gradients (it crashed)."""
+    init_x = jnp.ones(tuple(n or 2 for n in x.shape))
+    p = model.init(jax.random.key(0), init_x)
+    lp = jaxlora.init(p, jax.random.key(1), scheme="both_random", rank=2)
+    apply = jaxlora.lora_apply(model.apply)
+    assert apply(lp, x).shape == model.apply(merged(lp), x).shape
+    g = jax.grad(lambda t: jnp.sum(apply(t, x)))(lp)
+    grads = jax.tree.leaves(factors(g))
+    assert len(grads) == 2 and all(float(jnp.abs(f).max()) == 0.0 for f in grads)

@@ -212,7 +212,7 @@ def test_peft_runs_a_jaxlora_adapter_as_jaxlora_does(torch_minilm, tmp_path):
     d = jaxlora.save_peft(tmp_path / "minilm", lp, _names)
     bert = torch_model()
     modules = dict(bert.named_modules())
-    for p, leaf in jax.tree_util.tree_flatten_with_path(lp["params"])[0]:
+    for p, _ in jax.tree_util.tree_flatten_with_path(lp["params"])[0]:
         path = "params/" + "/".join(k.key for k in p if hasattr(k, "key"))
         if path.endswith(("kernel", "embedding")):  # every weight's module exists
             assert minilm.torch_module_name(path) in modules, path
