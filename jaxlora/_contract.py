@@ -548,8 +548,70 @@ def gather(eqn, operand, indices):
     return _one_buffer_sum(base, lora), "in" if fac is operand.a else "out"
 
 
+def ragged_dot(eqn, lhs, rhs, group_sizes):
+    """``ragged_dot_general`` (a mixture of experts: row groups of ``lhs`` each meet
+    one expert of ``rhs``) with stacked expert weights: the same grouped product
+    through ``a``, then ``b``. The weight is frozen by `Sym`'s stop-gradient; JAX's
+    own ragged-dot transposes give the factors' per-expert gradients."""
+    if isinstance(lhs, Sym) or isinstance(group_sizes, Sym):
+        raise Unsupported("the adapted weight is the ragged (row-grouped) operand")
+    p = eqn.params
+    dn = p["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    (g,) = dn.rhs_group_dimensions or (None,)
+    if lb or rb or g is None or g not in rhs.stack_axes:
+        raise Unsupported("a ragged dot other than experts stacked on a weight axis")
+    if set(rc) != set(rhs.in_axes) or set(rhs.stack_axes) != {g}:
+        raise Unsupported(
+            f"contracts axes {tuple(rc)} of the weight, not its input axes "
+            f"{rhs.in_axes} (stacked: {rhs.stack_axes})"
+        )
+    kind = type(dn)
+    base = eqn.primitive.bind(lhs, rhs.w, group_sizes, **p)
+    a_pos = {i: k for k, i in enumerate(rhs.a_lab)}
+    b_pos = {i: k for k, i in enumerate(rhs.b_lab)}
+    acc = _acc(base.dtype)
+    t = eqn.primitive.bind(
+        lhs,
+        rhs.a.astype(lhs.dtype),
+        group_sizes,
+        **{
+            **p,
+            "preferred_element_type": acc,
+            "ragged_dot_dimension_numbers": kind(
+                dot_dimension_numbers=((lc, tuple(a_pos[i] for i in rc)), ((), ())),
+                lhs_ragged_dimensions=dn.lhs_ragged_dimensions,
+                rhs_group_dimensions=(a_pos[g],),
+            ),
+        },
+    )
+    t = t * jnp.asarray(rhs.scale, acc)
+    free = [i for i in range(lhs.ndim) if i not in lc]  # t: (*free, r)
+    (m,) = dn.lhs_ragged_dimensions
+    lora = eqn.primitive.bind(
+        t,
+        rhs.b.astype(acc),
+        group_sizes,
+        **{
+            **p,
+            "preferred_element_type": acc,
+            "ragged_dot_dimension_numbers": kind(
+                dot_dimension_numbers=(((t.ndim - 1,), (b_pos[R],)), ((), ())),
+                lhs_ragged_dimensions=(free.index(m),),
+                rhs_group_dimensions=(b_pos[g],),
+            ),
+        },
+    )
+    # lora's axes: lhs free, then b's output axes in b's order; base's: rhs order
+    outs = [i for i in rhs.b_lab if i not in (R, g)]
+    order = sorted(range(len(outs)), key=lambda k: outs[k])
+    lora = jnp.transpose(lora, [*range(len(free)), *(len(free) + k for k in order)])
+    return _one_buffer_sum(base, lora), "in"
+
+
 RULES = {
     "dot_general": dot_general,
+    "ragged_dot_general": ragged_dot,
     "conv_general_dilated": conv_general_dilated,
     "gather": gather,
 }

@@ -368,7 +368,19 @@ def _remat(ctx, eqn, invals):
         prevent_cse=p["prevent_cse"],
         policy=p["policy"],
     )
-    return body(*invals)
+    return _passed_through(p["jaxpr"], invals, body(*invals))
+
+
+def _passed_through(jaxpr, invals, outs) -> list:
+    """``outs`` with each output that is an input adapted weight returned as is
+    (NNX returns a block's state from its ``remat`` body) being that input's
+    `Sym` itself, which a transform's own outputs are not."""
+    pos = {v: i for i, v in enumerate(jaxpr.invars)}
+    src = [None if isinstance(v, Literal) else pos.get(v) for v in jaxpr.outvars]
+    return [
+        invals[i] if i is not None and isinstance(invals[i], Sym) else o
+        for o, i in zip(outs, src, strict=True)
+    ]
 
 
 def _custom(ctx, eqn, invals):
@@ -426,7 +438,7 @@ def _scan(ctx, eqn, invals):
     # capturing EVA's inputs at the top level: the body's captured rows (and their
     # tags: which layer of a scanned stack) leave the loop as outputs
     capturing = ctx.captured is not None and not ctx.inside
-    reasons = {}
+    reasons, through = {}, {}  # through: ys k is xs j, stacked back as it was
 
     def body(c, xs_step):
         xs_vals = [b(v) if b else v for b, v in zip(builders, xs_step, strict=True)]
@@ -442,7 +454,12 @@ def _scan(ctx, eqn, invals):
             with ctx.within("a loop (scan)"):
                 outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *c, *xs_vals])
             got = {}
-        outs = _concrete(ctx, outs, "scan", "returned from the loop body")
+        ys = outs[nk:]
+        for k, y in enumerate(ys):  # a layer's weight returned as it came in
+            j = next((j for j, x in enumerate(xs_vals) if x is y), None)
+            if isinstance(y, Sym) and j is not None:
+                through[k], ys[k] = j, None
+        outs = _concrete(ctx, [*outs[:nk], *ys], "scan", "returned from the loop body")
         return outs[:nk], (outs[nk:], got)
 
     c, (ys, got) = lax.scan(
@@ -462,6 +479,7 @@ def _scan(ctx, eqn, invals):
             )
     if ctx.captured is not None:
         ctx.captured.update(reasons)
+    ys = [xs[through[k]] if k in through else y for k, y in enumerate(ys)]
     return [*c, *ys]
 
 
@@ -637,8 +655,19 @@ def _run(ctx, fn, args, kwargs):
         outs = _eval(ctx, closed.jaxpr, closed.consts, invals)
     finally:
         _contract.FORWARD_MODE.reset(token)
-    outs = _concrete(ctx, outs, "output", "returned by the function")
+    given = {id(s): values[i] for s, i in zip(invals, dyn, strict=True)}
+    outs = [_returned(ctx, x, given) for x in outs]
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def _returned(ctx, x, given: dict):
+    """An output: an adapted weight returned unchanged (an NNX step returning
+    ``nnx.state(model)``) is its `LoraWeight`, so state threaded to the next step
+    keeps its adapters; anything else derived from one is materialized."""
+    if isinstance(x, Sym) and id(x) in given:
+        ctx.record(x.path, "output", "factored", "returned unchanged: its LoraWeight")
+        return given[id(x)]
+    return ctx.materialize(x, "output", "returned by the function")
 
 
 def call(fn: Callable, args: tuple, kwargs: dict) -> PyTree:

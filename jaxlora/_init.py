@@ -6,6 +6,7 @@ import functools
 import itertools
 import math
 import numbers
+import warnings
 import zlib
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -80,7 +81,7 @@ def _plan(
     alphas = _targets.resolve_pattern(alpha_pattern, paths, "alpha_pattern")
     user_layouts = _targets.resolve_pattern(layouts, paths, "layouts")
     base_alpha = rank if alpha is None else alpha
-    plan, problems = [], []
+    plan, problems, uninferred = [], [], []
     for p in paths:
         leaf = leaves[p]
         shape = tuple(getattr(leaf, "shape", ()))
@@ -93,10 +94,12 @@ def _plan(
             continue
         if p in user_layouts:
             layout = _targets.as_layout(user_layouts[p], p, shape)
-        elif p in inferred:
+        elif p in (inferred or {}):
             layout = inferred[p]
         else:
             layout = _targets.default_layout(p, shape)
+            if inferred is not None:
+                uninferred.append(f"{p!r} {shape}: {layout}")
         r = ranks.get(p, rank)
         if not _is_int(r):
             problems.append(
@@ -128,6 +131,16 @@ def _plan(
             + "\n  - ".join(problems)
             + "\nFix the rank (rank=, rank_pattern=), the alpha (alpha_pattern=), "
             "the scheme, or exclude them with targets=..."
+        )
+    if uninferred:
+        warnings.warn(
+            "jaxlora.init: the model does not contract these targets in a way "
+            "layout inference recognizes (unused, or used only elementwise or "
+            "through an operation it does not follow), so they get the default "
+            "layouts:\n  - " + "\n  - ".join(uninferred) + "\nPass layouts="
+            "{pattern: jaxlora.Layout(...)} to set them, or leave them out of "
+            "targets.",
+            stacklevel=3,
         )
     return plan
 
@@ -256,7 +269,7 @@ def init(
             raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
         batches = itertools.chain([first], batches)
         example_args = (first,)
-    inferred = {}
+    inferred = None  # no model to infer from: default layouts, silently
     if apply_fn is not None and (example_args or example_kwargs):
         from jaxlora import _layout  # the layout tracer is only needed here
 

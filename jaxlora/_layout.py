@@ -17,6 +17,7 @@ operations (casts, transposes, reshapes, slices) and into nested ``jit``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,11 @@ class _Walker:
         t = next(x for x in ins if isinstance(x, _T))
         if name in _IDENTITY:
             return [t]
+        if name in ("mul", "div"):  # a weight scaled (w * gate), not x * norm scale
+            k = 0 if ins[0] is t else 1
+            other, var = ins[1 - k], eqn.invars[1 - k]
+            scalar = math.prod(var.aval.shape) == 1 and not isinstance(other, _T)
+            return [t if scalar and (k == 0 or name == "mul") else None]
         if name == "transpose":
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "split":
@@ -140,6 +146,9 @@ class _Walker:
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             c, b = (lc, lb) if ins[0] is t else (rc, rb)
             self.note(t, "dot", c, b)
+        elif name == "ragged_dot_general" and ins[1] is t:  # experts stacked
+            dn = p["ragged_dot_dimension_numbers"]
+            self.note(t, "dot", dn.dot_dimension_numbers[0][1], dn.rhs_group_dimensions)
         elif name == "conv_general_dilated" and ins[1] is t:
             self.note(t, "conv", p["dimension_numbers"].rhs_spec[1:])
         elif name == "gather" and ins[0] is t:
@@ -189,8 +198,6 @@ _IDENTITY = {
     "dynamic_slice",
     "rev",
     "pad",
-    "mul",
-    "div",
     "neg",
     "reduce_precision",
     "sharding_constraint",

@@ -379,6 +379,71 @@ def test_nnx_split_merge():
     check(fn, adapt(state, lays), rand((5, 4)))
 
 
+def test_nnx_step_returning_its_state_keeps_the_adapters():
+    """The usual NNX step returns ``nnx.state(model)`` (RNG, caches): the adapted
+    weights come back as their LoraWeights (they were materialized, so the next
+    step lost its adapters), and the next step compiles nothing new."""
+
+    class Dropped(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1))
+
+        def __call__(self, x):
+            return self.drop(self.fc(x))
+
+    graphdef, state = nnx.split(Dropped())
+
+    def step(state, x):
+        model = nnx.merge(graphdef, state)
+        return model(x), nnx.state(model)
+
+    lp = adapt(state, {"fc/kernel": Layout.dense(2)})
+    run = jax.jit(jaxlora.lora_apply(step))
+    x = rand((8, 4))
+    y1, state1 = run(lp, x)
+    y2, state2 = run(state1, x)
+    assert run._cache_size() == 1
+    assert not np.array_equal(y1, y2)  # the dropout key moved on
+    assert set(jaxlora.adapters(state2)) == {"fc/kernel"}
+    chex.assert_trees_all_equal(jaxlora.adapters(state2), jaxlora.adapters(lp))
+    report = _factored.explain(step, (lp, x), {})
+    assert report.status("fc/kernel") == "factored", str(report)
+
+
+class RematBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(4, 8, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(8, 4, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jnp.tanh(self.up(x)))
+
+
+class RematStack(nnx.Module):  # NNX's documented scanned-layers pattern, with remat
+    def __init__(self):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return RematBlock(rngs)
+
+        self.blocks = create(nnx.Rngs(0))
+
+    def __call__(self, x):
+        fwd = nnx.remat(lambda block, x: block(x))
+        return nnx.scan(fwd, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+
+
+def test_nnx_remat_inside_scan_runs_factored():
+    """``nnx.remat`` in ``nnx.scan`` returns each block's state from the loop body:
+    weights passed through unchanged are stacked back as they were, not
+    materialized."""
+    graphdef, state = nnx.split(RematStack())
+    per_layer = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    lp = adapt(state, {f"blocks/{n}/kernel": per_layer for n in ("up", "down")})
+    check(lambda st, x: nnx.merge(graphdef, st)(x), lp, rand((5, 4)))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PytreeMLP:
@@ -942,3 +1007,31 @@ def test_an_empty_batch_runs(model, x):
     g = jax.grad(lambda t: jnp.sum(apply(t, x)))(lp)
     grads = jax.tree.leaves(factors(g))
     assert len(grads) == 2 and all(float(jnp.abs(f).max()) == 0.0 for f in grads)
+
+
+def _experts(p, x):  # a mixture of experts: row groups, one expert each
+    sizes = jnp.array([4, 1, 5], jnp.int32)
+    h = jax.nn.gelu(jax.lax.ragged_dot(x, p["up"], sizes))
+    return jax.lax.ragged_dot(h, p["down"], sizes)
+
+
+def test_ragged_dot_experts_run_factored():
+    """``lax.ragged_dot`` over stacked expert weights (MoE): layouts are inferred
+    with the expert axis stacked (each expert its own factors), and the grouped
+    products run through ``a`` then ``b``, values and factor gradients as merged."""
+    p = {"up": rand((3, 8, 6), seed=3) * 0.4, "down": rand((3, 6, 8), seed=4) * 0.4}
+    x = rand((10, 8), seed=9)
+    lp = jaxlora.init(
+        p,
+        jax.random.key(0),
+        rank=2,
+        targets=["up", "down"],
+        apply_fn=_experts,
+        example_args=(x,),
+    )
+    per_expert = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    assert {k: v.spec.layout for k, v in lp.items()} == {
+        "up": per_expert,
+        "down": per_expert,
+    }
+    check(_experts, adapt(p, {"up": per_expert, "down": per_expert}), x)

@@ -1,13 +1,17 @@
 """infer_layouts reads input / output / stacked axes off the model's contractions."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import linen as nn
 from flax import nnx
 from test_factored import RematMLP
 from test_factored import ScanMLP
 from test_factored import TiedLM
 
+import jaxlora
 from jaxlora._layout import infer_layouts
 from jaxlora._node import Layout
 
@@ -131,3 +135,53 @@ def test_nnx_state_and_paths_filter_and_omissions():
     x3 = jnp.ones((2, 3))
     got = infer_layouts(lambda p, x: x @ p["w"] + jnp.sin(p["v"])[:1], params, (x3,))
     assert got == {"w": D2}
+
+
+class NormedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(8, use_bias=False, name="fc")(nn.RMSNorm()(x)), None
+
+
+class NormedStack(nn.Module):  # a Llama-style stack: RMSNorm scales are (layers, d)
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(
+            NormedBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return blocks(name="layers")(x, None)[0]
+
+
+def test_a_stacked_norm_scale_does_not_hide_the_kernels_after_it():
+    """``x * scale`` with a stacked (2-D) norm scale is an activation, not a view
+    of the scale: the kernel it feeds is still inferred (it got no layout, so the
+    default made its layer axis the input), in Linen and in plain JAX."""
+    per_layer = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    got = infer(NormedStack(), jnp.ones((2, 4, 8)))
+    assert got == {"params/layers/fc/kernel": per_layer}
+
+    def plain(p, x):  # the scale picked per layer, a scalar gate on the kernel
+        def body(i, h):
+            return jnp.tanh((h * p["scale"][i][None]) @ (p["w"][i] * 0.5))
+
+        return jax.lax.fori_loop(0, 3, body, x)
+
+    stack = {"w": jnp.ones((3, 4, 4)), "scale": jnp.ones((3, 4))}
+    assert infer_layouts(plain, stack, (jnp.ones((2, 4)),)) == {"w": per_layer}
+
+
+def test_targets_the_model_does_not_contract_are_named():
+    """With ``apply_fn``, a target that inference cannot place gets the default
+    layout with a warning naming it; without a model, defaults are silent."""
+    p = {"used": jnp.ones((4, 3)), "unused": jnp.ones((3, 3, 2))}
+    used = lambda p, x: x @ p["used"]  # noqa: E731
+    kw = {"rank": 2, "targets": ["used", "unused"]}
+    x = jnp.ones((2, 4))
+    with pytest.warns(UserWarning, match=r"'unused' \(3, 3, 2\): Layout\(in_axes"):
+        jaxlora.init(p, jax.random.key(0), apply_fn=used, example_args=(x,), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxlora.init(p, jax.random.key(0), **kw)
