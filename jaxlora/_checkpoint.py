@@ -156,6 +156,15 @@ def staged(path: str):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    # mkdtemp's 0o700 would hide the result from other users: the mode of the
+    # directory it replaces, else what the umask gives a new directory
+    if os.path.isdir(path):
+        mode = os.stat(path).st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o777 & ~umask
+    os.chmod(tmp, mode)
     try:
         yield tmp
         _replace(tmp, path)

@@ -556,6 +556,8 @@ def ragged_dot(eqn, lhs, rhs, group_sizes):
     if isinstance(lhs, Sym) or isinstance(group_sizes, Sym):
         raise Unsupported("the adapted weight is the ragged (row-grouped) operand")
     p = eqn.params
+    if p.get("out_sharding") is not None:
+        raise Unsupported("a ragged dot with an output sharding")
     dn = p["ragged_dot_dimension_numbers"]
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
     (g,) = dn.rhs_group_dimensions or (None,)

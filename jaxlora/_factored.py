@@ -206,12 +206,13 @@ def _picks_layers(eqn, invals) -> bool:
     """Whether a gather indexes only stacked axes of an adapted weight (a layer
     loop's ``jnp.take(w, i, 0)``), not an embedding table's rows."""
     x, dn = invals[0], eqn.params["dimension_numbers"]
+    if not isinstance(x, Sym) or isinstance(invals[1], Sym):
+        return False
+    indexed = _contract.gather_indexed_axes(eqn.params, x.shape)
     return (
-        isinstance(x, Sym)
-        and not isinstance(invals[1], Sym)
-        and not dn.operand_batching_dims
-        and bool(dn.start_index_map)
-        and set(dn.start_index_map) <= set(x.stack_axes)
+        not dn.operand_batching_dims
+        and bool(indexed)
+        and set(indexed) <= set(x.stack_axes)
     )
 
 
@@ -246,18 +247,28 @@ def _unstack(eqn, x: Sym) -> list:
     return outs
 
 
+def _as_scalar(x: Sym, y):
+    """``y`` as a 0-d array when it is one number scaling all of ``x`` (a (1, 1)
+    gate broadcasts like a scalar), else None."""
+    if isinstance(y, Sym) or np.size(y) != 1 or np.ndim(y) > x.ndim:
+        return None
+    return jnp.reshape(y, ())
+
+
 def _scalar_mul(eqn, x, y):
     if isinstance(y, Sym):
         x, y = y, x
-    if isinstance(y, Sym) or np.ndim(y) != 0:
+    c = _as_scalar(x, y)
+    if c is None:
         raise Unsupported("multiplied by a non-scalar")
-    return x.scalar_mul(eqn.primitive.bind(x.w, y, **eqn.params), y)
+    return x.scalar_mul(eqn.primitive.bind(x.w, y, **eqn.params), c)
 
 
 def _scalar_div(eqn, x, y):
-    if not isinstance(x, Sym) or isinstance(y, Sym) or np.ndim(y) != 0:
+    c = _as_scalar(x, y) if isinstance(x, Sym) else None
+    if c is None:
         raise Unsupported("divided by a non-scalar or used as a divisor")
-    return x.scalar_mul(eqn.primitive.bind(x.w, y, **eqn.params), 1 / jnp.asarray(y))
+    return x.scalar_mul(eqn.primitive.bind(x.w, y, **eqn.params), 1 / c)
 
 
 def _reshape(s, w, p, _):
@@ -656,15 +667,22 @@ def _run(ctx, fn, args, kwargs):
     finally:
         _contract.FORWARD_MODE.reset(token)
     given = {id(s): values[i] for s, i in zip(invals, dyn, strict=True)}
-    outs = [_returned(ctx, x, given) for x in outs]
+    paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(out_shape)[0]]
+    outs = [_returned(ctx, x, p, given) for x, p in zip(outs, paths, strict=True)]
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
-def _returned(ctx, x, given: dict):
-    """An output: an adapted weight returned unchanged (an NNX step returning
-    ``nnx.state(model)``) is its `LoraWeight`, so state threaded to the next step
-    keeps its adapters; anything else derived from one is materialized."""
-    if isinstance(x, Sym) and id(x) in given:
+def _returned(ctx, x, out_path: str, given: dict):
+    """An output: an adapted weight returned unchanged where the output tree holds
+    it at its own path (an NNX step returning ``nnx.state(model)``, Linen's
+    updated variables) is its `LoraWeight`, so state threaded to the next step
+    keeps its adapters; anything else derived from one (the weight returned as a
+    value) is materialized."""
+    if (
+        isinstance(x, Sym)
+        and id(x) in given
+        and (out_path == x.path or out_path.endswith(f"/{x.path}"))
+    ):
         ctx.record(x.path, "output", "factored", "returned unchanged: its LoraWeight")
         return given[id(x)]
     return ctx.materialize(x, "output", "returned by the function")

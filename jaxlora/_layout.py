@@ -96,12 +96,11 @@ class _Walker:
     def eqn(self, eqn, ins):
         name, p = eqn.primitive.name, eqn.params
         t = next(x for x in ins if isinstance(x, _T))
-        if name in _IDENTITY:
-            return [t]
+        if name in _IDENTITY:  # views of the first operand (not of an index or a pad)
+            return [t if ins[0] is t else None]
         if name in ("mul", "div"):  # a weight scaled (w * gate), not x * norm scale
             k = 0 if ins[0] is t else 1
-            other, var = ins[1 - k], eqn.invars[1 - k]
-            scalar = math.prod(var.aval.shape) == 1 and not isinstance(other, _T)
+            scalar = math.prod(eqn.invars[1 - k].aval.shape) == 1
             return [t if scalar and (k == 0 or name == "mul") else None]
         if name == "transpose":
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
@@ -209,14 +208,15 @@ _IDENTITY = {
 
 
 def _is_pick(eqn, ins, t) -> bool:
-    """A gather from ``t`` at one scalar index (``jnp.take(w, i, 0)``), a view like
-    ``w[i]``; a lookup of an array of ids is an embedding lookup."""
+    """A gather from ``t`` at one scalar index giving a matrix (``jnp.take(w, i,
+    0)`` of stacked layers), a view like ``w[i]``; a lookup of an array of ids, or
+    of one row, is an embedding lookup."""
     if eqn.primitive.name != "gather" or ins[0] is not t:
         return False
     dn = eqn.params["dimension_numbers"]
-    return eqn.outvars[0].aval.ndim == len(dn.offset_dims) and not (
-        dn.operand_batching_dims
-    )
+    out = eqn.outvars[0].aval.ndim
+    # one index, and a matrix out (a layer): one row of a table is a lookup
+    return out == len(dn.offset_dims) and out >= 2 and not dn.operand_batching_dims
 
 
 def _reshape_axes(old, new, axes):

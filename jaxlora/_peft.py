@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -99,13 +100,23 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
     (n,) = struct.unpack("<Q", blob[:8])
     if 8 + n > len(blob):
         raise bad(f"the header claims {n} bytes but the file has {len(blob) - 8}")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) < len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise bad(f"the header names {dup} more than once")
+        return dict(pairs)
+
     try:
-        header = json.loads(blob[8 : 8 + n])
+        header = json.loads(blob[8 : 8 + n], object_pairs_hook=unique)
     except ValueError as e:
+        if str(e).startswith(f"{file!r}"):
+            raise
         raise bad(f"unreadable header ({e})") from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
-    data, out = memoryview(blob)[8 + n :], {}
+    data, out, spans = memoryview(blob)[8 + n :], {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -123,6 +134,14 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
                 f"[{lo}, {hi}) of {len(data)}"
             )
         out[name] = np.frombuffer(data[lo:hi], dtype.newbyteorder("<")).reshape(shape)
+        spans.append((lo, hi, name))
+    end = 0  # the tensors tile the data exactly: no overlap, gap or trailing bytes
+    for lo, hi, name in sorted(spans):
+        if lo != end:
+            raise bad(f"tensor {name!r} starts at byte {lo}, not {end}")
+        end = hi
+    if end != len(data):
+        raise bad(f"{len(data) - end} bytes after the last tensor")
     return out
 
 
@@ -282,9 +301,12 @@ def save_peft(
             modules[name] = spec
     config = _config(modules)
     with staged(path) as tmp:
+        card = os.path.join(path, "README.md")  # PEFT's model card: kept
+        if os.path.isfile(card):
+            shutil.copy2(card, os.path.join(tmp, "README.md"))
         blob = _safetensors_bytes(tensors, {"format": "pt"})
         write_synced(os.path.join(tmp, WEIGHTS), blob)
-        text = json.dumps(config, indent=2, sort_keys=True).encode()
+        text = json.dumps(config, indent=2).encode()  # pattern order matters
         write_synced(os.path.join(tmp, CONFIG), text)
     return path
 
@@ -317,8 +339,8 @@ def _config(modules: dict[str, LoraSpec]) -> dict:
         for n, s in modules.items()
     }
     common = lambda xs: collections.Counter(xs).most_common(1)[0][0]  # noqa: E731
-    r = common(s.rank for s in modules.values())
-    lora_alpha = common(alpha.values())
+    ranks = {n: s.rank for n, s in modules.items()}
+    r, lora_alpha = common(ranks.values()), common(alpha.values())
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -327,12 +349,8 @@ def _config(modules: dict[str, LoraSpec]) -> dict:
         "r": r,
         "lora_alpha": lora_alpha,
         "use_rslora": rslora,
-        "rank_pattern": {
-            re.escape(n): s.rank for n, s in sorted(modules.items()) if s.rank != r
-        },
-        "alpha_pattern": {
-            re.escape(n): v for n, v in sorted(alpha.items()) if v != lora_alpha
-        },
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": _patterns(alpha, lora_alpha),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -343,18 +361,33 @@ def _config(modules: dict[str, LoraSpec]) -> dict:
     }
 
 
+def _patterns(values: dict[str, Any], default) -> dict[str, Any]:
+    r"""A PEFT pattern dict giving each module its value. PEFT takes the first key
+    ``k`` with ``(.*\.)?(k)$`` matching a module name, so a key also catches every
+    module whose name ends in ``.k`` (and a torch model wrapped under a prefix
+    still matches): such modules get keys of their own, and longer keys come
+    first."""
+    keys = {n for n, v in values.items() if v != default}
+    keys |= {m for m in values if any(m.endswith(f".{k}") for k in keys)}
+    order = sorted(keys, key=lambda n: (-len(n), n))
+    return {re.escape(n): values[n] for n in order}
+
+
 # -- load ------------------------------------------------------------------------------
 
-_UNSUPPORTED = {  # config field -> the value plain LoRA factors can represent
-    "use_dora": False,
-    "bias": "none",
-    "modules_to_save": None,
-    "layer_replication": None,
-    "lora_bias": False,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "alora_invocation_tokens": None,
-}
+# config fields that do not change what the factors compute (or that are read here)
+_NEUTRAL = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "revision",
+    "base_model_name_or_path", "inference_mode", "r", "lora_alpha", "lora_dropout",
+    "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "fan_in_fan_out", "init_lora_weights", "megatron_config",
+    "megatron_core", "eva_config", "loftq_config", "corda_config", "lora_ga_config",
+    "use_qalora", "qalora_group_size", "ensure_weight_tying", "layers_pattern",
+}  # fmt: skip
+# (not {}: an empty ``*_config`` may switch a variant on with its defaults)
+_NEUTRAL_VALUES = (None, False, "none", [], "")
+#: init_lora_weights that leave a residual in the base weights the adapter needs
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -384,17 +417,71 @@ def _read_config(path: str) -> dict:
             f"{file!r} has peft_type {got!r}; only LoRA adapters ('LORA') load."
         )
     bad = [
-        f"{k}={config[k]!r}"
-        for k, ok in _UNSUPPORTED.items()
-        if config.get(k, ok) not in (ok, None, [], {})
+        f"{k}={v!r}"
+        for k, v in config.items()
+        if k not in _NEUTRAL and not any(v == n for n in _NEUTRAL_VALUES)
     ]
     if bad:
         raise ValueError(
-            f"{file!r} uses {', '.join(bad)}, which plain LoRA factors cannot hold "
-            "(jaxlora loads LoRA without DoRA, trained biases, saved whole modules, "
-            "replicated layers, parameter targets, trainable tokens or aLoRA)."
+            f"{file!r} sets {', '.join(bad)}: plain LoRA factors cannot hold that "
+            "(DoRA, trained biases, modules_to_save, layers_to_transform, layer "
+            "replication, parameter targets, trainable tokens and the LoRA variants "
+            "load only in PEFT)."
         )
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_RESIDUAL_INITS):
+        raise ValueError(
+            f"{file!r} was initialized with {config['init_lora_weights']!r}, which "
+            "rewrites the base weights: the adapter applies to that residual base, "
+            "not to the model's weights. Save it from PEFT converted to plain LoRA "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
+    problems = []
+    r = config.get("r")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        problems.append(f"r={r!r} (a positive integer)")
+    alpha = config.get("lora_alpha")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)):
+        problems.append(f"lora_alpha={alpha!r} (a number)")
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            problems.append(f"{field}={pattern!r} (a dict)")
+            continue
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                problems.append(f"{field} key {key!r} ({e})")
+            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{field}[{key!r}]={value!r}")
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as e:
+                problems.append(f"{field}={value!r} ({e})")
+        elif value is not None and not all(isinstance(v, str) for v in value):
+            problems.append(f"{field}={value!r} (module names or one regex)")
+    if problems:
+        raise ValueError(f"{file!r} has invalid fields: {', '.join(problems)}.")
     return config
+
+
+def _targeted(config: dict, name: str) -> bool:
+    """Whether PEFT adapts module ``name`` under ``config`` (its matching rules:
+    a list matches a name or a dotted suffix, a string is a full regex match)."""
+
+    def matches(spec):
+        if isinstance(spec, str):
+            return spec == "all-linear" or re.fullmatch(spec, name) is not None
+        return any(name == k or name.endswith(f".{k}") for k in spec)
+
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    return (targets is None or matches(targets)) and not (
+        excluded and matches(excluded)
+    )
 
 
 def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> PyTree:
@@ -431,15 +518,18 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             "targets=..., apply_fn=..., example_args=...) for the adapter's "
             "targets; it gives each weight's layout."
         )
-    problems, used, new = [], set(), {}
+    problems, used, new, owners = [], set(), {}, {}
     for p, node in nodes:
         if node.spec.residual:
             problems.append(f"{p!r}: its base is a residual ({node.spec.scheme})")
             continue
         try:
-            new[p] = _read_target(p, node, config, tensors, module_names, used)
+            new[p] = _read_target(p, node, config, tensors, module_names, owners)
         except ValueError as e:
             problems.append(str(e))
+    for _, _, keys in owners.values():
+        used.update(keys)
+    problems += _check_extras(config, tensors, owners, used)
     unused = sorted(k for k in tensors if k not in used)
     if unused:
         problems.append(
@@ -459,7 +549,56 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
     return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
 
 
-def _read_target(p, node, config, tensors, module_names, used) -> LoraWeight:
+_BASE = ".base_layer.weight"
+
+
+def _check_extras(config, tensors, owners, used) -> list[str]:
+    """Reads what PEFT stores besides the factors: the base table of a targeted
+    embedding (``save_embedding_layers``), accepted only if it is the base weight
+    here, and a head tied to an adapted embedding (``ensure_weight_tying``), whose
+    factors must be the embedding's (jaxlora's ``attend`` uses the adapted table).
+    Marks what it accepts as ``used``; returns the problems."""
+    problems = []
+    for key in tensors:
+        if not (key.startswith(PREFIX) and key.endswith(_BASE)):
+            continue
+        name = key[len(PREFIX) : -len(_BASE)]
+        if name not in owners:
+            continue  # left unread: reported with the rest
+        node, layer, _ = owners[name]
+        lay, w = node.spec.layout, np.asarray(node.w)
+        stack = sorted(lay.stack_axes)
+        rest = [i for i in range(w.ndim) if i not in stack]
+        w = np.transpose(w, [*stack, *rest])[layer]  # this layer, axes as `rest`
+        order = [rest.index(i) for i in (*sorted(lay.in_axes), *sorted(lay.out_axes))]
+        flat = np.transpose(w, order).reshape(
+            math.prod(node.shape[i] for i in lay.in_axes), -1
+        )
+        want = flat if node.spec.embedding else flat.T  # torch: (vocab, dim), (out, in)
+        got = tensors[key]
+        if got.shape != want.shape or not np.array_equal(got, want.astype(got.dtype)):
+            problems.append(
+                f"{key!r}: the adapter stores a base weight for {name!r} that is "
+                "not the one in params (a resized vocabulary?)"
+            )
+        else:
+            used.add(key)
+    if config.get("ensure_weight_tying"):
+        tables = [(n, k) for n, (nd, _, k) in owners.items() if nd.spec.embedding]
+        for key in tensors:
+            if key in used or not key.endswith(".lora_A.weight"):
+                continue
+            key_b = key[: -len("lora_A.weight")] + "lora_B.weight"
+            A, B = tensors[key], tensors.get(key_b)
+            for _, (ka, kb) in tables:
+                EA, EB = tensors[ka], tensors[kb]
+                if B is not None and A.shape == EB.T.shape and B.shape == EA.T.shape:
+                    if np.array_equal(A, EB.T) and np.array_equal(B, EA.T):
+                        used.update((key, key_b))
+    return problems
+
+
+def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
     spec, lay = node.spec, node.spec.layout
     stack_shape = tuple(node.shape[i] for i in sorted(lay.stack_axes))
     _, in_shape, out_shape = lay.split_shape(node.shape)
@@ -468,6 +607,19 @@ def _read_target(p, node, config, tensors, module_names, used) -> LoraWeight:
     for layer in np.ndindex(*stack_shape):
         name = _name_of(module_names, p, layer, stack_shape)
         ka, kb = _keys(name, spec.embedding)
+        if name in owners:
+            raise ValueError(
+                f"{p!r} layer {layer}: module_names gives {name!r}, which is "
+                "already another target's: every layer needs its own torch module"
+            )
+        owners[name] = (node, layer, (ka, kb))
+        if not _targeted(config, name):
+            raise ValueError(
+                f"{p!r} layer {layer}: the adapter's config does not target "
+                f"{name!r} (target_modules={config.get('target_modules')!r}, "
+                f"exclude_modules={config.get('exclude_modules')!r}): PEFT leaves "
+                "it unadapted"
+            )
         if ka not in tensors or kb not in tensors:
             other = _keys(name, not spec.embedding)
             kind = "an embedding" if spec.embedding else "a linear layer"
@@ -499,7 +651,6 @@ def _read_target(p, node, config, tensors, module_names, used) -> LoraWeight:
         )
         layers.add((r, alpha))
         scales.add(alpha / (math.sqrt(r) if rslora else r))
-        used.update((ka, kb))
         factors.append(_from_torch(A, B, lay, in_shape, out_shape))
     if len(scales) > 1:
         raise ValueError(

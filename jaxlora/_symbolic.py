@@ -169,19 +169,25 @@ class Sym:
         def fn(f, lab):
             pos = {i: k for k, i in enumerate(lab)}
             collapsed = tuple(pos[i] for i in dn.collapsed_slice_dims)
+            # start indices of axes this factor lacks (taken whole, clamped to 0
+            # under vmap) are dropped
+            keep = [k for k, i in enumerate(dn.start_index_map) if i in pos]
             fdn = type(dn)(
                 offset_dims=tuple(range(n_batch, n_batch + f.ndim - len(collapsed))),
                 collapsed_slice_dims=collapsed,
-                start_index_map=tuple(pos[i] for i in dn.start_index_map),
+                start_index_map=tuple(pos[dn.start_index_map[k]] for k in keep),
                 operand_batching_dims=(),
                 start_indices_batching_dims=(),
             )
             f_sizes = tuple(
                 f.shape[k] if i == R else sizes[i] for k, i in enumerate(lab)
             )
+            idx = indices
+            if len(keep) < len(dn.start_index_map):
+                idx = jnp.take(indices, jnp.asarray(keep), axis=indices.ndim - 1)
             return lax.gather_p.bind(
                 f,
-                indices,
+                idx,
                 **{**fill, "dimension_numbers": fdn, "slice_sizes": f_sizes},
             )
 

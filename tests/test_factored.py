@@ -434,6 +434,16 @@ class RematStack(nnx.Module):  # NNX's documented scanned-layers pattern, with r
         return nnx.scan(fwd, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
 
 
+def test_a_weight_returned_as_a_value_is_an_array():
+    """Returned where no tree holds it (a regulariser reading the weight, a Flax
+    ``method`` returning a table), an adapted weight is its merged array."""
+    lp = adapt({"k": rand((4, 5), seed=2)}, {"k": Layout.dense(2)})
+    with pytest.warns(UserWarning, match="'k' is used by 'output'"):
+        got = jaxlora.lora_apply(lambda p: (p["k"], {"w": p["k"]}))(lp)
+    np.testing.assert_array_equal(got[0], lp["k"].merged())
+    np.testing.assert_array_equal(got[1]["w"], lp["k"].merged())
+
+
 def test_nnx_remat_inside_scan_runs_factored():
     """``nnx.remat`` in ``nnx.scan`` returns each block's state from the loop body:
     weights passed through unchanged are stacked back as they were, not
@@ -741,15 +751,24 @@ def test_split_and_unstack_of_a_weight_run_factored(fn, shape, want):
     check(fn, adapt(p, {"w": want}), x)
 
 
-def test_layers_gathered_by_an_index_array_run_factored():
-    """``jnp.take(w, ids, 0)`` on a stacked axis gathers the same layers from each
-    factor: the index axis is a new stacked axis, scanned over, factored."""
+def _picked_under_vmap(p, x):  # vmap(w[i]): a gather starting at (i, 0, 0)
+    ws = jax.vmap(lambda i: p["w"][i])(jnp.array([1, 2]))
+    return jnp.einsum("bi,kio->bko", x, ws, precision="highest")
+
+
+@pytest.mark.parametrize(
+    "fn", [_taken_twice, _picked_under_vmap], ids=["take-ids", "vmap-pick"]
+)
+def test_layers_gathered_by_an_index_array_run_factored(fn):
+    """``jnp.take(w, ids, 0)`` or ``vmap(lambda i: w[i])`` on a stacked axis
+    gathers the same layers from each factor: the index axis is a new stacked
+    axis (scanned over, or a free axis of the product), factored."""
     p = {"w": rand((3, 4, 4), seed=3) * 0.5}
     lp = adapt(p, {"w": _PER_LAYER})
     x = rand((2, 4), seed=9)
-    report = _factored.explain(_taken_twice, (lp, x), {})
+    report = _factored.explain(fn, (lp, x), {})
     assert report.status("w") == "factored", str(report)
-    check(_taken_twice, lp, x)
+    check(fn, lp, x)
 
 
 def test_stack_with_a_plain_layer():

@@ -185,3 +185,22 @@ def test_targets_the_model_does_not_contract_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jaxlora.init(p, jax.random.key(0), **kw)
+
+
+def test_one_row_of_a_table_is_a_lookup_and_a_pad_value_is_not_a_view():
+    """``jnp.take(e, tok, 0)`` at one token picks a row (a lookup, not a layer);
+    a weight's entry used as another array's pad value is not that array; a
+    (1, 1) gate scales a weight like a scalar."""
+    p = {"e": jnp.ones((11, 6)), "h": jnp.ones((3, 6)), "k": jnp.ones((4, 5))}
+
+    def fn(p, tok, x):
+        row = p["h"] @ jnp.take(p["e"], tok, 0)
+        padded = jax.lax.pad(x, p["k"][0, 0], ((0, 0, 0), (0, 1, 0)))  # (2, 4)
+        return row.sum() + (padded @ (p["k"] * x[:1, :1])).sum()
+
+    got = infer_layouts(fn, p, (jnp.array(3), jnp.ones((2, 3))))
+    assert got == {
+        "e": Layout(in_axes=(0,), out_axes=(1,)),
+        "h": Layout(in_axes=(1,), out_axes=(0,)),
+        "k": Layout(in_axes=(0,), out_axes=(1,)),
+    }

@@ -354,3 +354,166 @@ def test_load_names_every_mismatch(tmp_path):
         jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})
     with pytest.raises(FileNotFoundError, match="no such directory"):
         jaxlora.load_peft(tmp_path / "nothing", lp, {"enc/fc/kernel": "enc.fc"})
+
+
+# -- what PEFT itself reads ------------------------------------------------------------
+
+
+def _torch_peft():
+    torch = require("torch", "pip install torch==2.13.0 transformers peft")
+    peft = require("peft", "pip install peft")
+    return torch, peft
+
+
+def test_names_that_end_other_names_keep_their_own_scales(tmp_path):
+    """PEFT gives a module the first pattern key matching its name *or a dotted
+    suffix of it*: ``fc`` would catch ``dec.fc``. Each module gets PEFT's scale
+    and rank as jaxlora's, in PEFT and back through load_peft."""
+    torch, peft = _torch_peft()
+
+    class Sub(torch.nn.Module):
+        def __init__(self, n_in):
+            super().__init__()
+            self.fc = torch.nn.Linear(n_in, 4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.dec, self.enc = torch.nn.Linear(4, 4), Sub(4), Sub(4)
+
+        def forward(self, x):
+            return self.enc.fc(self.dec.fc(self.fc(x)))
+
+    params = {k: {"kernel": jnp.ones((4, 4))} for k in ("fc", "dec.fc", "enc.fc")}
+    lp = jaxlora.init(
+        params,
+        jax.random.key(0),
+        rank=2,
+        alpha=8.0,
+        rank_pattern={r"^fc": 3},
+        alpha_pattern={r"^fc": 16.0},
+    )
+    names = lambda path, layer: path.rsplit("/", 1)[0]  # noqa: E731
+    d = jaxlora.save_peft(tmp_path / "a", lp, names)
+    model = peft.PeftModel.from_pretrained(Net(), d)
+    for name in ("fc", "dec.fc", "enc.fc"):
+        layer = model.base_model.model.get_submodule(name)
+        node = lp[name]["kernel"]
+        assert (layer.r["default"], layer.scaling["default"]) == (node.rank, node.scale)
+    back = jaxlora.load_peft(d, lp, names)
+    assert {n: (x.rank, x.scale) for n, x in _nodes(back).items()} == {
+        n: (x.rank, x.scale) for n, x in _nodes(lp).items()
+    }
+
+
+def test_peft_extras_are_read_or_refused(tmp_path):
+    """PEFT stores a targeted embedding's base table (accepted when it is the base
+    here) and a head tied to the embedding (accepted when its factors are the
+    embedding's); a config that does not target a module, PiSSA-initialized
+    adapters (a residual base) and unknown variants are refused by name."""
+    torch, peft = _torch_peft()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(10, 4)
+            self.lm_head = torch.nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight  # tied
+
+        def forward(self, ids):
+            return self.lm_head(self.embed_tokens(ids))
+
+    torch.manual_seed(0)
+    net = Net()
+    config = peft.LoraConfig(
+        r=2,
+        target_modules=["embed_tokens", "lm_head"],
+        init_lora_weights=False,
+        ensure_weight_tying=True,
+    )
+    model = peft.get_peft_model(net, config)
+    with torch.no_grad():  # tied as PEFT ties a transformers model's head
+        emb, head = model.base_model.model.embed_tokens, model.base_model.model.lm_head
+        head.lora_A["default"].weight.copy_(emb.lora_embedding_B["default"].T)
+        head.lora_B["default"].weight.copy_(emb.lora_embedding_A["default"].T)
+    model.save_pretrained(tmp_path / "tied")
+    ids = torch.tensor([[1, 2, 9]])
+    with torch.no_grad():
+        want = model(ids).numpy()
+    table = net.embed_tokens.weight.detach().numpy()
+    # what PEFT adds for a transformers model (save_embedding_layers="auto")
+    file = tmp_path / "tied" / _peft.WEIGHTS
+    tensors = _peft._read_safetensors(str(file))
+    tensors["base_model.model.embed_tokens.base_layer.weight"] = table
+    file.write_bytes(_peft._safetensors_bytes(tensors, {"format": "pt"}))
+    names = {"embed/embedding": "embed_tokens"}
+    params = {"embed": {"embedding": jnp.asarray(table)}}
+    tmpl = jaxlora.init(params, jax.random.key(0), rank=2, targets=["embed"])
+    back = jaxlora.load_peft(tmp_path / "tied", tmpl, names)
+
+    def tied(p, ids):  # lookup, then the tied read-out (attend)
+        e = p["embed"]["embedding"]
+        return e[ids] @ e.T
+
+    got = np.asarray(jaxlora.lora_apply(tied)(back, jnp.asarray(ids.numpy())))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-4)
+    other = {"embed": {"embedding": jnp.asarray(table) + 1}}
+    other = jaxlora.init(other, jax.random.key(0), rank=2, targets=["embed"])
+    with pytest.raises(ValueError, match=r"stores a base weight for 'embed_tokens'"):
+        jaxlora.load_peft(tmp_path / "tied", other, names)
+
+    cfg_file = tmp_path / "tied" / _peft.CONFIG
+    config = json.loads(cfg_file.read_text())
+    for edit, match in (
+        ({"target_modules": ["lm_head"]}, r"does not target 'embed_tokens'"),
+        ({"exclude_modules": ["embed_tokens"]}, r"does not target 'embed_tokens'"),
+        ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights"),
+        ({"kasa_config": {}}, r"sets kasa_config=\{\}"),
+        ({"layers_to_transform": [0]}, r"sets layers_to_transform=\[0\]"),
+    ):
+        cfg_file.write_text(json.dumps({**config, **edit}))
+        with pytest.raises(ValueError, match=match):
+            jaxlora.load_peft(tmp_path / "tied", tmpl, names)
+
+
+def test_saving_keeps_the_model_card_and_the_directory_readable(tmp_path):
+    params, lp = _small()
+    names = {"enc/fc/kernel": "enc.fc"}
+    d = jaxlora.save_peft(tmp_path / "a", lp, names)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0o700
+    (tmp_path / "a" / "README.md").write_text("my model card")
+    os.chmod(d, 0o750)
+    jaxlora.save_peft(d, lp, names, overwrite=True)
+    assert (tmp_path / "a" / "README.md").read_text() == "my model card"
+    assert os.stat(d).st_mode & 0o777 == 0o750
+
+
+def test_malformed_safetensors_are_refused(tmp_path):
+    """Trailing bytes, overlapping tensors and a repeated name (which the
+    reference reader refuses too) are errors, not silently read."""
+    good = _peft._safetensors_bytes(
+        {"x": np.arange(4, dtype=np.float32), "y": np.ones(2, np.float32)}, {}
+    )
+    (n,) = np.frombuffer(good[:8], "<u8")
+    header = json.loads(good[8 : 8 + n])
+    cases = {
+        "trailing": (header, good[8 + n :] + b"\0" * 8, r"8 bytes after"),
+        "overlap": (
+            {**header, "y": {**header["y"], "data_offsets": [0, 8]}},
+            good[8 + n :],
+            r"starts at byte",
+        ),
+    }
+    for name, (head, data, match) in cases.items():
+        text = json.dumps(head).encode()
+        text += b" " * (-len(text) % 8)
+        file = tmp_path / name
+        file.write_bytes(np.uint64(len(text)).tobytes() + text + data)
+        with pytest.raises(ValueError, match=match):
+            _peft._read_safetensors(str(file))
+    text = good[8 : 8 + n].decode().replace('"y":', '"x":', 1).encode()
+    (tmp_path / "dup").write_bytes(good[:8] + text + good[8 + n :])
+    with pytest.raises(ValueError, match=r"names \['x'\] more than once"):
+        _peft._read_safetensors(str(tmp_path / "dup"))
