@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -299,6 +300,7 @@ def save_peft(
             ka, kb = _keys(name, spec.embedding)
             tensors[ka], tensors[kb] = _to_torch(a, b, spec.layout)
             modules[name] = spec
+    _warn_tables([n for n, spec in modules.items() if spec.embedding], "save_peft")
     config = _config(modules)
     with staged(path) as tmp:
         card = os.path.join(path, "README.md")  # PEFT's model card: kept
@@ -309,6 +311,20 @@ def save_peft(
         text = json.dumps(config, indent=2).encode()  # pattern order matters
         write_synced(os.path.join(tmp, CONFIG), text)
     return path
+
+
+def _warn_tables(names: list[str], fn: str) -> None:
+    """PEFT's ``lora_embedding_*`` change lookups only; jaxlora's change the table,
+    so a read-out through it (``attend``, tied embeddings) changes too."""
+    if names:
+        warnings.warn(
+            f"jaxlora.{fn}: {sorted(names)[:4]} are embedding tables. In PEFT their "
+            "adapter changes lookups only; in jaxlora it changes the table, so a "
+            "model that also reads out through it (Embed.attend, tied embeddings) "
+            "computes differently unless PEFT ties the head to it "
+            "(ensure_weight_tying=True with the head targeted).",
+            stacklevel=3,
+        )
 
 
 def _check_target(path: str, overwrite: bool) -> None:
@@ -529,7 +545,9 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             problems.append(str(e))
     for _, _, keys in owners.values():
         used.update(keys)
-    problems += _check_extras(config, tensors, owners, used)
+    tied = _check_extras(config, tensors, owners, used, problems)
+    tables = [n for n, (node, _, _) in owners.items() if node.spec.embedding]
+    _warn_tables([n for n in tables if n not in tied], "load_peft")
     unused = sorted(k for k in tensors if k not in used)
     if unused:
         problems.append(
@@ -552,50 +570,90 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
 _BASE = ".base_layer.weight"
 
 
-def _check_extras(config, tensors, owners, used) -> list[str]:
-    """Reads what PEFT stores besides the factors: the base table of a targeted
-    embedding (``save_embedding_layers``), accepted only if it is the base weight
-    here, and a head tied to an adapted embedding (``ensure_weight_tying``), whose
-    factors must be the embedding's (jaxlora's ``attend`` uses the adapted table).
-    Marks what it accepts as ``used``; returns the problems."""
-    problems = []
-    for key in tensors:
-        if not (key.startswith(PREFIX) and key.endswith(_BASE)):
-            continue
-        name = key[len(PREFIX) : -len(_BASE)]
-        if name not in owners:
-            continue  # left unread: reported with the rest
-        node, layer, _ = owners[name]
-        lay, w = node.spec.layout, np.asarray(node.w)
-        stack = sorted(lay.stack_axes)
-        rest = [i for i in range(w.ndim) if i not in stack]
-        w = np.transpose(w, [*stack, *rest])[layer]  # this layer, axes as `rest`
-        order = [rest.index(i) for i in (*sorted(lay.in_axes), *sorted(lay.out_axes))]
-        flat = np.transpose(w, order).reshape(
-            math.prod(node.shape[i] for i in lay.in_axes), -1
-        )
-        want = flat if node.spec.embedding else flat.T  # torch: (vocab, dim), (out, in)
-        got = tensors[key]
-        if got.shape != want.shape or not np.array_equal(got, want.astype(got.dtype)):
-            problems.append(
-                f"{key!r}: the adapter stores a base weight for {name!r} that is "
-                "not the one in params (a resized vocabulary?)"
-            )
-        else:
-            used.add(key)
+def _torch_base(node: LoraWeight, layer: tuple) -> np.ndarray:
+    """One layer's base weight as torch holds it: ``(vocab, dim)`` for a table,
+    ``(out, in)`` for a linear layer (axes flattened in the weight's order)."""
+    lay, w = node.spec.layout, np.asarray(node.w)
+    stack = sorted(lay.stack_axes)
+    rest = [i for i in range(w.ndim) if i not in stack]
+    w = np.transpose(w, [*stack, *rest])[layer]  # this layer, axes as `rest`
+    order = [rest.index(i) for i in (*sorted(lay.in_axes), *sorted(lay.out_axes))]
+    flat = np.transpose(w, order).reshape(
+        math.prod(node.shape[i] for i in lay.in_axes), -1
+    )
+    return flat if node.spec.embedding else flat.T
+
+
+def _same_base(got: np.ndarray, want: np.ndarray) -> str | None:
+    """None if the stored base is this one (compared in the coarser of the two
+    dtypes: a bf16 port of the fp32 weights matches); else how they differ."""
+    if got.shape != want.shape:
+        return f"shape {list(got.shape)} where params has {list(want.shape)}"
+    coarse = max(got.dtype, want.dtype, key=lambda d: jnp.finfo(d).eps)
+    if np.array_equal(got.astype(coarse), want.astype(coarse)):
+        return None
+    gap = np.abs(got.astype(np.float64) - want.astype(np.float64)).max()
+    return (
+        f"the same shape but other values (max |diff| {gap:.3g}; {got.dtype} in "
+        f"the adapter, {want.dtype} in params)"
+    )
+
+
+def _scale_of(config: dict, name: str, rank: int) -> float:
+    alpha = _pattern_value(
+        config.get("alpha_pattern") or {}, name, config["lora_alpha"]
+    )
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _check_extras(config, tensors, owners, used, problems) -> set[str]:
+    """Reads what PEFT stores besides the factors: a head tied to an adapted
+    embedding (``ensure_weight_tying``), whose factors and scale must be the
+    embedding's (jaxlora's ``attend`` uses the adapted table), and base weights
+    of targeted modules and tied heads (``save_embedding_layers``), accepted only
+    if they are the base weights here. Marks what it accepts (or reports) as
+    ``used``, appends to ``problems``; returns the tables a head is tied to."""
+    bases = {name: (nd, layer) for name, (nd, layer, _) in owners.items()}
+    tied = set()
     if config.get("ensure_weight_tying"):
-        tables = [(n, k) for n, (nd, _, k) in owners.items() if nd.spec.embedding]
+        tables = [(n, k) for n, (node, _, k) in owners.items() if node.spec.embedding]
         for key in tensors:
             if key in used or not key.endswith(".lora_A.weight"):
                 continue
             key_b = key[: -len("lora_A.weight")] + "lora_B.weight"
+            head = key[len(PREFIX) : -len(".lora_A.weight")]
             A, B = tensors[key], tensors.get(key_b)
-            for _, (ka, kb) in tables:
+            for table, (ka, kb) in tables:
                 EA, EB = tensors[ka], tensors[kb]
-                if B is not None and A.shape == EB.T.shape and B.shape == EA.T.shape:
-                    if np.array_equal(A, EB.T) and np.array_equal(B, EA.T):
-                        used.update((key, key_b))
-    return problems
+                if B is None or A.shape != EB.T.shape or B.shape != EA.T.shape:
+                    continue
+                if not (np.array_equal(A, EB.T) and np.array_equal(B, EA.T)):
+                    continue
+                used.update((key, key_b))
+                tied.add(table)
+                r = A.shape[0]
+                mine, its = _scale_of(config, table, r), _scale_of(config, head, r)
+                if mine != its:
+                    problems.append(
+                        f"{head!r} is tied to {table!r} but PEFT scales it by {its:g}, "
+                        f"the table by {mine:g}: jaxlora's read-out (attend) uses the "
+                        "table's adapter, with one scale"
+                    )
+                bases[head] = bases[table]  # its stored base is the table
+    for key in tensors:
+        if not (key.startswith(PREFIX) and key.endswith(_BASE)):
+            continue
+        name = key[len(PREFIX) : -len(_BASE)]
+        if name not in bases:
+            continue  # left unread: reported with the rest
+        used.add(key)
+        why = _same_base(tensors[key], _torch_base(*bases[name]))
+        if why is not None:
+            problems.append(
+                f"{key!r}: the adapter stores a base weight for {name!r} with {why}: "
+                "it was trained on other weights (a resized vocabulary?)"
+            )
+    return tied
 
 
 def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples import minilm  # noqa: E402
 
 TARGETS = r".*(kernel|embedding)$"
+# asserted where it matters (test_peft_extras_are_read_or_refused)
+pytestmark = pytest.mark.filterwarnings("ignore:jaxlora.(save|load)_peft.*embedding")
 
 
 class Block(nn.Module):
@@ -445,11 +448,20 @@ def test_peft_extras_are_read_or_refused(tmp_path):
     file = tmp_path / "tied" / _peft.WEIGHTS
     tensors = _peft._read_safetensors(str(file))
     tensors["base_model.model.embed_tokens.base_layer.weight"] = table
+    tensors["base_model.model.lm_head.base_layer.weight"] = table  # the tied head's
     file.write_bytes(_peft._safetensors_bytes(tensors, {"format": "pt"}))
     names = {"embed/embedding": "embed_tokens"}
     params = {"embed": {"embedding": jnp.asarray(table)}}
     tmpl = jaxlora.init(params, jax.random.key(0), rank=2, targets=["embed"])
-    back = jaxlora.load_peft(tmp_path / "tied", tmpl, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tied: no warning about the read-out
+        back = jaxlora.load_peft(tmp_path / "tied", tmpl, names)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # a bf16 port
+    jaxlora.load_peft(
+        tmp_path / "tied",
+        jaxlora.init(bf16, jax.random.key(0), rank=2, targets=["embed"]),
+        names,
+    )
 
     def tied(p, ids):  # lookup, then the tied read-out (attend)
         e = p["embed"]["embedding"]
@@ -470,10 +482,21 @@ def test_peft_extras_are_read_or_refused(tmp_path):
         ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights"),
         ({"kasa_config": {}}, r"sets kasa_config=\{\}"),
         ({"layers_to_transform": [0]}, r"sets layers_to_transform=\[0\]"),
+        ({"alpha_pattern": {"lm_head": 1}}, r"'lm_head' is tied to 'embed_tokens'"),
+        ({"ensure_weight_tying": False}, r"tensors no target reads: \['base_model"),
     ):
         cfg_file.write_text(json.dumps({**config, **edit}))
         with pytest.raises(ValueError, match=match):
             jaxlora.load_peft(tmp_path / "tied", tmpl, names)
+
+
+def test_tables_warn_that_peft_adapts_lookups_only(stacked, tmp_path):
+    _, _, adapted = stacked
+    lp = adapted(1, rank=2)
+    with pytest.warns(UserWarning, match=r"save_peft: \['embed'\] are embedding"):
+        jaxlora.save_peft(tmp_path / "a", lp, dotted)
+    with pytest.warns(UserWarning, match=r"load_peft: \['embed'\] are embedding"):
+        jaxlora.load_peft(tmp_path / "a", lp, dotted)
 
 
 def test_saving_keeps_the_model_card_and_the_directory_readable(tmp_path):
