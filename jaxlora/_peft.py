@@ -20,13 +20,10 @@ caller's ``module_names(path, layer)``: the model's naming is not in the weights
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
-import re
 import shutil
-import struct
 import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -36,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _peft_config
+from jaxlora import _safetensors
 from jaxlora._checkpoint import staged
 from jaxlora._checkpoint import write_synced
 from jaxlora._node import Layout
@@ -44,108 +43,13 @@ from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._node import placed_like_weight
 from jaxlora._paths import path_str
+from jaxlora._peft_config import CONFIG
 
 PyTree = Any
 Names = Callable[[str, tuple], str] | Mapping[str, Any]
 
-CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(jnp.bfloat16),
-}
-_CODES = {v: k for k, v in _DTYPES.items()}
-
-
-# -- safetensors ----------------------------------------------------------------------
-
-
-def _safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict) -> bytes:
-    """The safetensors encoding: an 8-byte little-endian header size, a JSON header
-    (dtype, shape, byte offsets per tensor; padded to 8 bytes), then the data."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        x = tensors[name]
-        if x.dtype not in _CODES:
-            raise ValueError(
-                f"{name}: factors of dtype {x.dtype} have no PEFT encoding here "
-                f"(one of {sorted(map(str, _CODES))}); cast the adapter first."
-            )
-        data = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
-        header[name] = {
-            "dtype": _CODES[x.dtype],
-            "shape": list(x.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
-
-
-def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file; a malformed file is named, never guessed."""
-
-    def bad(why):
-        return ValueError(f"{file!r} is not a valid safetensors file: {why}.")
-
-    with open(file, "rb") as f:
-        blob = f.read()
-    if len(blob) < 8:
-        raise bad(f"{len(blob)} bytes, shorter than the header size field")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if 8 + n > len(blob):
-        raise bad(f"the header claims {n} bytes but the file has {len(blob) - 8}")
-
-    def unique(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) < len(keys):
-            dup = sorted({k for k in keys if keys.count(k) > 1})
-            raise bad(f"the header names {dup} more than once")
-        return dict(pairs)
-
-    try:
-        header = json.loads(blob[8 : 8 + n], object_pairs_hook=unique)
-    except ValueError as e:
-        if str(e).startswith(f"{file!r}"):
-            raise
-        raise bad(f"unreadable header ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    data, out, spans = memoryview(blob)[8 + n :], {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} has the entry {info!r}") from None
-        if not 0 <= lo <= hi <= len(data) or hi - lo != math.prod(shape) * (
-            dtype.itemsize
-        ):
-            raise bad(
-                f"tensor {name!r} ({info['dtype']} {list(shape)}) has bytes "
-                f"[{lo}, {hi}) of {len(data)}"
-            )
-        out[name] = np.frombuffer(data[lo:hi], dtype.newbyteorder("<")).reshape(shape)
-        spans.append((lo, hi, name))
-    end = 0  # the tensors tile the data exactly: no overlap, gap or trailing bytes
-    for lo, hi, name in sorted(spans):
-        if lo != end:
-            raise bad(f"tensor {name!r} starts at byte {lo}, not {end}")
-        end = hi
-    if end != len(data):
-        raise bad(f"{len(data) - end} bytes after the last tensor")
-    return out
-
-
 # -- names and orientation ------------------------------------------------------------
 
 
@@ -301,12 +205,12 @@ def save_peft(
             tensors[ka], tensors[kb] = _to_torch(a, b, spec.layout)
             modules[name] = spec
     _warn_tables([n for n, spec in modules.items() if spec.embedding], "save_peft")
-    config = _config(modules)
+    config = _peft_config.write(modules)
     with staged(path) as tmp:
         card = os.path.join(path, "README.md")  # PEFT's model card: kept
         if os.path.isfile(card):
             shutil.copy2(card, os.path.join(tmp, "README.md"))
-        blob = _safetensors_bytes(tensors, {"format": "pt"})
+        blob = _safetensors.encode(tensors, {"format": "pt"})
         write_synced(os.path.join(tmp, WEIGHTS), blob)
         text = json.dumps(config, indent=2).encode()  # pattern order matters
         write_synced(os.path.join(tmp, CONFIG), text)
@@ -345,159 +249,7 @@ def _check_target(path: str, overwrite: bool) -> None:
         )
 
 
-def _config(modules: dict[str, LoraSpec]) -> dict:
-    """PEFT's LoraConfig for these modules: the most common rank and alpha, the
-    others by exact-name patterns; scales are kept exactly (an rsLoRA module among
-    plain ones gets the alpha that gives its scale at ``alpha / r``)."""
-    rslora = all(s.rslora for s in modules.values())
-    alpha = {
-        n: s.alpha if s.rslora == rslora else s.scale * s.rank
-        for n, s in modules.items()
-    }
-    common = lambda xs: collections.Counter(xs).most_common(1)[0][0]  # noqa: E731
-    ranks = {n: s.rank for n, s in modules.items()}
-    r, lora_alpha = common(ranks.values()), common(alpha.values())
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "target_modules": sorted(modules),
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "use_rslora": rslora,
-        "rank_pattern": _patterns(ranks, r),
-        "alpha_pattern": _patterns(alpha, lora_alpha),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_dora": False,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-
-
-def _patterns(values: dict[str, Any], default) -> dict[str, Any]:
-    r"""A PEFT pattern dict giving each module its value. PEFT takes the first key
-    ``k`` with ``(.*\.)?(k)$`` matching a module name, so a key also catches every
-    module whose name ends in ``.k`` (and a torch model wrapped under a prefix
-    still matches): such modules get keys of their own, and longer keys come
-    first."""
-    keys = {n for n, v in values.items() if v != default}
-    keys |= {m for m in values if any(m.endswith(f".{k}") for k in keys)}
-    order = sorted(keys, key=lambda n: (-len(n), n))
-    return {re.escape(n): values[n] for n in order}
-
-
 # -- load ------------------------------------------------------------------------------
-
-# config fields that do not change what the factors compute (or that are read here)
-_NEUTRAL = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "revision",
-    "base_model_name_or_path", "inference_mode", "r", "lora_alpha", "lora_dropout",
-    "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
-    "exclude_modules", "fan_in_fan_out", "init_lora_weights", "megatron_config",
-    "megatron_core", "eva_config", "loftq_config", "corda_config", "lora_ga_config",
-    "use_qalora", "qalora_group_size", "ensure_weight_tying", "layers_pattern",
-}  # fmt: skip
-# (not {}: an empty ``*_config`` may switch a variant on with its defaults)
-_NEUTRAL_VALUES = (None, False, "none", [], "")
-#: init_lora_weights that leave a residual in the base weights the adapter needs
-_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _read_config(path: str) -> dict:
-    file = os.path.join(path, CONFIG)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(
-            f"No PEFT adapter at {path!r}: {CONFIG} is missing."
-            if os.path.isdir(path)
-            else f"No PEFT adapter at {path!r}: no such directory."
-        )
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{file!r} is not valid JSON ({e}).") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        got = config.get("peft_type") if isinstance(config, dict) else config
-        raise ValueError(
-            f"{file!r} has peft_type {got!r}; only LoRA adapters ('LORA') load."
-        )
-    bad = [
-        f"{k}={v!r}"
-        for k, v in config.items()
-        if k not in _NEUTRAL and not any(v == n for n in _NEUTRAL_VALUES)
-    ]
-    if bad:
-        raise ValueError(
-            f"{file!r} sets {', '.join(bad)}: plain LoRA factors cannot hold that "
-            "(DoRA, trained biases, modules_to_save, layers_to_transform, layer "
-            "replication, parameter targets, trainable tokens and the LoRA variants "
-            "load only in PEFT)."
-        )
-    init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(_RESIDUAL_INITS):
-        raise ValueError(
-            f"{file!r} was initialized with {config['init_lora_weights']!r}, which "
-            "rewrites the base weights: the adapter applies to that residual base, "
-            "not to the model's weights. Save it from PEFT converted to plain LoRA "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))."
-        )
-    problems = []
-    r = config.get("r")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        problems.append(f"r={r!r} (a positive integer)")
-    alpha = config.get("lora_alpha")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)):
-        problems.append(f"lora_alpha={alpha!r} (a number)")
-    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
-        pattern = config.get(field) or {}
-        if not isinstance(pattern, dict):
-            problems.append(f"{field}={pattern!r} (a dict)")
-            continue
-        for key, value in pattern.items():
-            try:
-                re.compile(key)
-            except re.error as e:
-                problems.append(f"{field} key {key!r} ({e})")
-            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{field}[{key!r}]={value!r}")
-    for field in ("target_modules", "exclude_modules"):
-        value = config.get(field)
-        if isinstance(value, str):
-            try:
-                re.compile(value)
-            except re.error as e:
-                problems.append(f"{field}={value!r} ({e})")
-        elif value is not None and not all(isinstance(v, str) for v in value):
-            problems.append(f"{field}={value!r} (module names or one regex)")
-    if problems:
-        raise ValueError(f"{file!r} has invalid fields: {', '.join(problems)}.")
-    return config
-
-
-def _targeted(config: dict, name: str) -> bool:
-    """Whether PEFT adapts module ``name`` under ``config`` (its matching rules:
-    a list matches a name or a dotted suffix, a string is a full regex match)."""
-
-    def matches(spec):
-        if isinstance(spec, str):
-            return spec == "all-linear" or re.fullmatch(spec, name) is not None
-        return any(name == k or name.endswith(f".{k}") for k in spec)
-
-    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
-    return (targets is None or matches(targets)) and not (
-        excluded and matches(excluded)
-    )
 
 
 def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> PyTree:
@@ -525,8 +277,8 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             modules in the adapter that no target names.
     """
     path = os.path.abspath(os.fspath(path))
-    config = _read_config(path)
-    tensors = _read_safetensors(os.path.join(path, WEIGHTS))
+    config = _peft_config.read(path)
+    tensors = _safetensors.read(os.path.join(path, WEIGHTS))
     nodes = _adapted(params)
     if not nodes:
         raise ValueError(
@@ -599,13 +351,6 @@ def _same_base(got: np.ndarray, want: np.ndarray) -> str | None:
     )
 
 
-def _scale_of(config: dict, name: str, rank: int) -> float:
-    alpha = _pattern_value(
-        config.get("alpha_pattern") or {}, name, config["lora_alpha"]
-    )
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
 def _check_extras(config, tensors, owners, used, problems) -> set[str]:
     """Reads what PEFT stores besides the factors: a head tied to an adapted
     embedding (``ensure_weight_tying``), whose factors and scale must be the
@@ -632,7 +377,10 @@ def _check_extras(config, tensors, owners, used, problems) -> set[str]:
                 used.update((key, key_b))
                 tied.add(table)
                 r = A.shape[0]
-                mine, its = _scale_of(config, table, r), _scale_of(config, head, r)
+                mine, its = (
+                    _peft_config.scale_of(config, table, r),
+                    _peft_config.scale_of(config, head, r),
+                )
                 if mine != its:
                     problems.append(
                         f"{head!r} is tied to {table!r} but PEFT scales it by {its:g}, "
@@ -671,7 +419,7 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
                 "already another target's: every layer needs its own torch module"
             )
         owners[name] = (node, layer, (ka, kb))
-        if not _targeted(config, name):
+        if not _peft_config.targeted(config, name):
             raise ValueError(
                 f"{p!r} layer {layer}: the adapter's config does not target "
                 f"{name!r} (target_modules={config.get('target_modules')!r}, "
@@ -699,12 +447,14 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
         r = A.shape[0]
         if B.shape[1] != r:
             raise ValueError(f"{p!r} ({name}): A has rank {r} but B {B.shape[1]}")
-        want_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        want_r = _peft_config.pattern_value(
+            config.get("rank_pattern") or {}, name, config["r"]
+        )
         if want_r != r:
             raise ValueError(
                 f"{p!r} ({name}): the config gives rank {want_r}, the tensors {r}"
             )
-        alpha = _pattern_value(
+        alpha = _peft_config.pattern_value(
             config.get("alpha_pattern") or {}, name, config["lora_alpha"]
         )
         layers.add((r, alpha))

@@ -15,6 +15,7 @@ from conftest import require
 
 import jaxlora
 from jaxlora import _peft
+from jaxlora import _safetensors
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples import minilm  # noqa: E402
@@ -446,10 +447,10 @@ def test_peft_extras_are_read_or_refused(tmp_path):
     table = net.embed_tokens.weight.detach().numpy()
     # what PEFT adds for a transformers model (save_embedding_layers="auto")
     file = tmp_path / "tied" / _peft.WEIGHTS
-    tensors = _peft._read_safetensors(str(file))
+    tensors = _safetensors.read(str(file))
     tensors["base_model.model.embed_tokens.base_layer.weight"] = table
     tensors["base_model.model.lm_head.base_layer.weight"] = table  # the tied head's
-    file.write_bytes(_peft._safetensors_bytes(tensors, {"format": "pt"}))
+    file.write_bytes(_safetensors.encode(tensors, {"format": "pt"}))
     names = {"embed/embedding": "embed_tokens"}
     params = {"embed": {"embedding": jnp.asarray(table)}}
     tmpl = jaxlora.init(params, jax.random.key(0), rank=2, targets=["embed"])
@@ -516,7 +517,7 @@ def test_saving_keeps_the_model_card_and_the_directory_readable(tmp_path):
 def test_malformed_safetensors_are_refused(tmp_path):
     """Trailing bytes, overlapping tensors and a repeated name (which the
     reference reader refuses too) are errors, not silently read."""
-    good = _peft._safetensors_bytes(
+    good = _safetensors.encode(
         {"x": np.arange(4, dtype=np.float32), "y": np.ones(2, np.float32)}, {}
     )
     (n,) = np.frombuffer(good[:8], "<u8")
@@ -535,11 +536,11 @@ def test_malformed_safetensors_are_refused(tmp_path):
         file = tmp_path / name
         file.write_bytes(np.uint64(len(text)).tobytes() + text + data)
         with pytest.raises(ValueError, match=match):
-            _peft._read_safetensors(str(file))
+            _safetensors.read(str(file))
     text = good[8 : 8 + n].decode().replace('"y":', '"x":', 1).encode()
     (tmp_path / "dup").write_bytes(good[:8] + text + good[8 + n :])
     with pytest.raises(ValueError, match=r"names \['x'\] more than once"):
-        _peft._read_safetensors(str(tmp_path / "dup"))
+        _safetensors.read(str(tmp_path / "dup"))
 
 
 def test_the_export_example_runs_a_saved_adapter_in_peft(torch_minilm, tmp_path):
