@@ -331,6 +331,7 @@ _VIEWS = {
     ),
     "dynamic_slice": _view(lambda s, w, p, r: s.dynamic_slice(w, r, p["slice_sizes"])),
     "rev": _view(lambda s, w, p, _: s.rev(w, p["dimensions"])),
+    "tile": _view(lambda s, w, p, _: s.tile(w, p["reps"])),
     "pad": _view(lambda s, w, p, _: s.pad(w, p["padding_config"])),
     "split": _split,
     "unstack": _unstack,

@@ -196,6 +196,7 @@ _IDENTITY = {
     "slice",
     "dynamic_slice",
     "rev",
+    "tile",
     "pad",
     "neg",
     "reduce_precision",

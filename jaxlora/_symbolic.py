@@ -229,25 +229,53 @@ class Sym:
         return self.map_factors(w, fn, rel(self.a_lab), rel(self.b_lab))
 
     def broadcast(self, w, shape, bdims):
-        """``broadcast_in_dim``: new axes join ``a`` only (an input-side broadcast)."""
+        """``broadcast_in_dim``: a new axis joins ``b`` when the nearest old axis
+        before it is an output axis (a GQA-style ``jnp.repeat`` of a kernel's heads,
+        merged into them by the next reshape), else ``a`` (an input-side broadcast).
+        The factor is constant along it, so either side is the same update."""
         new_axes = [k for k in range(len(shape)) if k not in bdims]
+        old_of = {new: old for old, new in enumerate(bdims)}
 
-        def grow(f, lab):
-            return jnp.broadcast_to(
-                f,
-                tuple(
-                    f.shape[k] if i == R else shape[bdims[i]] for k, i in enumerate(lab)
-                ),
+        def side(k, out):
+            before = [old_of[j] for j in range(k) if j in old_of]
+            return "b" if shape[k] != 1 and before and before[-1] in out else "a"
+
+        # a size-1 axis grown to more (``w[:, :, None]`` broadcast to g copies)
+        # sits where a new axis at its place would
+        grown_units = {
+            i for i, n in enumerate(self.shape) if n == 1 and shape[bdims[i]] != 1
+        }
+        want_in = (set(self.in_axes) - grown_units) | {
+            i for i in grown_units if side(bdims[i], set(self.out_axes)) == "a"
+        }
+        sym = self.regroup_units(want_in) if self.can_regroup(want_in) else self
+        out = set(sym.out_axes)
+        grown = {"a": [k for k in new_axes if side(k, out) == "a"]}
+        grown["b"] = [k for k in new_axes if side(k, out) == "b"]
+
+        def grow(f, lab, extra):
+            kept = tuple(
+                f.shape[k] if i == R else shape[bdims[i]] for k, i in enumerate(lab)
             )
+            f = jnp.broadcast_to(f, kept).reshape(kept + (1,) * len(extra))
+            return jnp.broadcast_to(f, kept + tuple(shape[k] for k in extra))
 
-        a, b = grow(self.a, self.a_lab), grow(self.b, self.b_lab)
-        a_lab = tuple(R if i == R else bdims[i] for i in self.a_lab) + tuple(new_axes)
-        b_lab = tuple(R if i == R else bdims[i] for i in self.b_lab)
-        a = jnp.broadcast_to(
-            a.reshape(a.shape + (1,) * len(new_axes)),
-            a.shape + tuple(shape[k] for k in new_axes),
+        rel = lambda lab, extra: (
+            tuple(R if i == R else bdims[i] for i in lab) + tuple(extra)
         )
-        return self._with(w, a, b, a_lab, b_lab)
+        a = grow(sym.a, sym.a_lab, grown["a"])
+        b = grow(sym.b, sym.b_lab, grown["b"])
+        a_lab, b_lab = rel(sym.a_lab, grown["a"]), rel(sym.b_lab, grown["b"])
+        return sym._with(w, a, b, a_lab, b_lab)
+
+    def tile(self, w, reps):
+        """``jnp.tile``: each factor tiled along its own axes of w (a stacked axis in
+        both); ΔW's blocks repeat as the factors' do."""
+
+        def fn(f, lab):
+            return jnp.tile(f, tuple(1 if i == R else reps[i] for i in lab))
+
+        return self.map_factors(w, fn)
 
     def scalar_mul(self, w, c):
         return self._with(

@@ -569,6 +569,54 @@ def test_weight_with_a_side_squeezed_away(shape, use):
     check(lambda p, x: use(p["w"], x), lp, rand((2, 3, 4)))
 
 
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda w, x: jnp.einsum("btd,dnh->btnh", x, jnp.repeat(w, 2, axis=1)),
+        lambda w, x: jnp.einsum("btd,dnh->btnh", x, jnp.tile(w, (1, 2, 1))),
+        lambda w, x: jnp.einsum(
+            "btd,dngh->btngh", x, jnp.broadcast_to(w[:, :, None], (4, 2, 3, 5))
+        ),
+        lambda w, x: jnp.einsum(
+            "btdg,dgnh->btnh", x[..., None].repeat(3, -1), jnp.repeat(w[:, None], 3, 1)
+        ),
+    ],
+    ids=["repeat-heads", "tile-heads", "group-axis", "input-side"],
+)
+def test_a_kernel_broadcast_along_its_heads_runs_factored(use):
+    """Grouped-query attention that repeats a k/v kernel's heads (``jnp.repeat``:
+    a broadcast to ``(d, kv_heads, groups, head_dim)`` merged into the heads): the
+    new axis joins the factor of the heads beside it, so the merge stays within
+    ``b``. A broadcast on the input side still joins ``a``."""
+    lp = adapt(
+        {"w": rand((4, 2, 5), seed=5)}, {"w": Layout(in_axes=(0,), out_axes=(1, 2))}
+    )
+    check(lambda p, x: use(p["w"], x), lp, rand((3, 6, 4)))
+
+
+@pytest.mark.parametrize(
+    "repeat", [jnp.repeat, lambda k, n, axis: jnp.tile(k, (1, n, 1))]
+)
+def test_layout_of_a_kernel_repeated_for_grouped_query_attention(repeat):
+    def attend(p, x):
+        return jnp.einsum("btd,dnh->btnh", x, repeat(p["kernel"], 4, axis=1))
+
+    params = {"kernel": rand((8, 2, 5), seed=5)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "layout inference cannot place it"
+        lp = jaxlora.init(
+            params,
+            jax.random.key(0),
+            rank=3,
+            apply_fn=attend,
+            example_args=(rand((2, 3, 8)),),
+        )
+    assert (lp["kernel"].a.shape, lp["kernel"].b.shape) == ((8, 3), (3, 2, 5))
+    assert jaxlora.explain(attend, lp, rand((2, 3, 8))).statuses == {
+        "kernel": "factored"
+    }
+
+
 def _fused_qkv(axis, names=("q", "k", "v")):
     """Separate kernels concatenated into one before a single matmul."""
 
