@@ -133,12 +133,21 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             f"{foreign}), and overwrite=True only replaces a directory written by "
             "jaxlora.save. Choose another path, or move its contents away first."
         )
+    entries = [_entry(p, node, f"t{i}") for i, (p, node) in enumerate(nodes)]
+    problems = _entry_problems(entries)
+    if problems:  # checked before the disk is touched: `load` would refuse it
+        raise ValueError(
+            "Cannot save: these LoraWeights' factors do not fit their base weight's "
+            "shape, layout and rank:\n  - " + "\n  - ".join(problems) + "\nA tree "
+            "batched by jax.vmap (e.g. jaxlora.init over several keys) holds one "
+            "adapter per batch entry: save each, e.g. jax.tree.map(lambda x: x[i], "
+            "tree)."
+        )
     with staged(path) as tmp:
-        entries, arrays = [], {}
-        for i, (p, node) in enumerate(nodes):
-            key = f"t{i}"
-            entries.append(_entry(p, node, key))
-            arrays[key] = {"a": jnp.asarray(node.a), "b": jnp.asarray(node.b)}
+        arrays = {
+            e["key"]: {"a": jnp.asarray(node.a), "b": jnp.asarray(node.b)}
+            for e, (_, node) in zip(entries, nodes, strict=True)
+        }
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, ARRAYS), arrays)
         checkpointer.wait_until_finished()
@@ -181,19 +190,20 @@ def write_synced(file: str, data: bytes) -> None:
 
 
 def _foreign_entries(path: str) -> list[str] | None:
-    """None if ``path`` may be replaced (a jaxlora checkpoint, complete or not, or
-    an empty directory); else what it holds that `save` did not write."""
+    """None if ``path`` may be replaced (a directory holding a metadata file written
+    by `save`, or an empty one); else what it holds that `save` did not write."""
     if os.path.islink(path) or not os.path.isdir(path):
         return ["a file" if os.path.isfile(path) else "not a directory"]
-    foreign = sorted(set(os.listdir(path)) - {METADATA, ARRAYS})
-    if not foreign and os.path.isfile(os.path.join(path, METADATA)):
+    held = set(os.listdir(path))
+    foreign = sorted(held - {METADATA, ARRAYS})
+    if not foreign and held:  # save writes both at once: the metadata must be ours
         try:
             with open(os.path.join(path, METADATA), encoding="utf-8") as f:
                 is_ours = json.load(f).get("format") == FORMAT
         except (OSError, ValueError, AttributeError):
             is_ours = False
         if not is_ours:
-            foreign = [f"a {METADATA} not written by jaxlora.save"]
+            foreign = [f"{sorted(held)} without a {METADATA} written by jaxlora.save"]
     return foreign[:8] or None
 
 
@@ -243,8 +253,8 @@ def _read_metadata(path: str) -> dict[str, Any]:
     return meta
 
 
-def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
-    """The metadata must agree with itself: rank, layout and factor shapes."""
+def _entry_problems(entries: list[dict[str, Any]]) -> list[str]:
+    """Where an entry's rank, layout and base shape do not give its factor shapes."""
     problems = []
     for e in entries:
         try:
@@ -257,8 +267,14 @@ def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
         if want != got:
             problems.append(
                 f"{e['path']!r}: rank {e['rank']} and base shape {e['base_shape']} "
-                f"need factors {want}, the metadata lists {got}"
+                f"need factors {want}, got {got}"
             )
+    return problems
+
+
+def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
+    """The metadata must agree with itself: rank, layout and factor shapes."""
+    problems = _entry_problems(entries)
     if problems:
         raise ValueError(
             f"Corrupted jaxlora checkpoint {path!r}: {METADATA} contradicts "
@@ -270,14 +286,18 @@ def _restore_arrays(
     path: str, entries: list[dict[str, Any]], targets: dict[str, tuple]
 ) -> dict[str, Any]:
     """The factors of ``entries``, each read straight into its sharding in
-    ``targets`` (key -> (a, b) shardings), or onto this process's first device."""
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(  # noqa: E731
-        tuple(shape), jnp.dtype(dtype), sharding=sharding
-    )
+    ``targets`` (key -> (a, b) shardings), else read to the host and placed as
+    `init` places them: on the default device, uncommitted, so a step jitted
+    before `load` does not compile again for arrays pinned to a device."""
+
+    def spec(shape, dtype, sharding):
+        if sharding is None:  # orbax reads a numpy target into host memory
+            return np.empty(tuple(shape), jnp.dtype(dtype))
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
     abstract = {}
     for e in entries:
-        sa, sb = targets.get(e["key"]) or (local, local)
+        sa, sb = targets.get(e["key"]) or (None, None)
         abstract[e["key"]] = {
             "a": spec(e["a_shape"], e["a_dtype"], sa),
             "b": spec(e["b_shape"], e["b_dtype"], sb),
@@ -290,7 +310,7 @@ def _restore_arrays(
         )
     checkpointer = ocp.StandardCheckpointer()
     try:
-        return checkpointer.restore(arrays_dir, abstract)
+        restored = checkpointer.restore(arrays_dir, abstract)
     except Exception as e:  # orbax/tensorstore raise many types for broken files
         raise ValueError(
             f"Could not read the factors of jaxlora checkpoint {path!r} (truncated or "
@@ -298,6 +318,8 @@ def _restore_arrays(
         ) from e
     finally:
         checkpointer.close()
+    on_host = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+    return jax.tree.map(on_host, restored)
 
 
 def _check(entries, leaves) -> list[str]:

@@ -193,13 +193,19 @@ def test_overwrite_never_replaces_what_save_did_not_write(mixed, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / _checkpoint.METADATA).write_text('{"format": "something else"}')
-    with pytest.raises(ValueError, match="a jaxlora.json not written by jaxlora"):
+    with pytest.raises(ValueError, match="without a jaxlora.json written by jaxlora"):
         jaxlora.save(other, params, overwrite=True)
     assert (other / _checkpoint.METADATA).exists()
+    results = tmp_path / "results"  # only a folder named like the factors' one
+    (results / "arrays").mkdir(parents=True)
+    (results / "arrays" / "run.csv").write_text("precious")
+    with pytest.raises(ValueError, match=r"\['arrays'\] without a jaxlora.json"):
+        jaxlora.save(results, params, overwrite=True)
+    assert (results / "arrays" / "run.csv").read_text() == "precious"
     (tmp_path / "empty").mkdir()  # an empty directory may be replaced
     jaxlora.save(tmp_path / "empty", params, overwrite=True)
     chex.assert_trees_all_equal(jaxlora.load(tmp_path / "empty", variables), params)
-    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "other", "project"]
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "other", "project", "results"]
 
 
 def test_save_without_adapters(mixed, tmp_path):
@@ -372,3 +378,35 @@ def test_fingerprint_tells_residual_from_original(mixed):
     assert _checkpoint._same_fingerprint(_checkpoint._fingerprint(w), fp)
     assert not _checkpoint._same_fingerprint(_checkpoint._fingerprint(w[::-1]), fp)
     assert not _checkpoint._same_fingerprint(_checkpoint._fingerprint(w + 1e-6), fp)
+
+
+def test_save_refuses_factors_that_do_not_fit_and_keeps_the_old_checkpoint(
+    mixed, tmp_path
+):
+    """A tree batched by ``jax.vmap`` over keys (w batched, the layout not) used to
+    save, and ``overwrite=True`` replaced a good checkpoint with one `load` refuses."""
+    _, variables, _, _ = mixed
+    params = _trained(variables)
+    path = str(tmp_path / "adapter")
+    jaxlora.save(path, params)
+    batched = jax.vmap(lambda k: jaxlora.init(variables, k, rank=2, layouts=LAYOUTS))(
+        jax.random.split(jax.random.key(3), 2)
+    )
+    with pytest.raises(ValueError, match="Cannot save: these LoraWeights' factors") as e:
+        jaxlora.save(path, batched, overwrite=True)
+    assert "save each, e.g. jax.tree.map(lambda x: x[i], tree)" in str(e.value)
+    chex.assert_trees_all_equal(jaxlora.load(path, variables), params)
+
+
+def test_a_step_jitted_before_load_does_not_compile_again(mixed, tmp_path):
+    """Loaded factors are placed as `init` places them (uncommitted), so neither
+    the first step on them nor the next one compiles anything new."""
+    _, variables, _, _ = mixed
+    params = _trained(variables)
+    step = jax.jit(lambda p: jax.tree.map(lambda x: x * 0.5, p))
+    params = step(step(params))
+    jaxlora.save(tmp_path / "adapter", params)
+    before = step._cache_size()
+    loaded = step(step(jaxlora.load(tmp_path / "adapter", jaxlora.base(params))))
+    assert step._cache_size() == before
+    chex.assert_trees_all_equal(loaded, step(step(params)))
