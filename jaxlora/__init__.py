@@ -15,6 +15,7 @@ from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._nnx import NnxOptimizer
 from jaxlora._optax import freeze_base
 from jaxlora._optax import lora_plus
 from jaxlora._optax import param_labels
@@ -34,6 +35,7 @@ __all__ = [
     "Layout",
     "LoraSpec",
     "LoraWeight",
+    "NnxOptimizer",
     "OrthogonalScheme",
     "Scheme",
     "adapters",

@@ -272,8 +272,9 @@ def _scalar_div(eqn, x, y):
 
 
 def _reshape(s, w, p, _):
-    if p.get("dimensions") is not None:
-        raise Unsupported("reshape with a dimension permutation")
+    perm = p.get("dimensions")
+    if perm is not None:  # the operand transposed first (vmap of a conv kernel)
+        s = s.transpose(jax.lax.transpose(s.w, perm), perm)
     return s.reshape(w, p["new_sizes"])
 
 

@@ -139,8 +139,13 @@ class _Walker:
             ]
             return [_T(part for x in parts for part in x.parts)]
         if name == "reshape" and ins[0] is t:
-            old = eqn.invars[0].aval.shape
-            return [t.map(lambda ax: _reshape_axes(old, p["new_sizes"], ax))]
+            perm = p.get("dimensions") or tuple(range(t.ndim))  # transposed first
+            old = tuple(eqn.invars[0].aval.shape[i] for i in perm)
+            return [
+                t.map(
+                    lambda ax: _reshape_axes(old, p["new_sizes"], [ax[i] for i in perm])
+                )
+            ]
         if name == "dot_general" and len([x for x in ins if isinstance(x, _T)]) == 1:
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             c, b = (lc, lb) if ins[0] is t else (rc, rb)

@@ -163,7 +163,31 @@ class LoraWeight:
 
     @property
     def layout(self) -> Layout:
-        return self.spec.layout
+        """The layout of ``w`` as it is here: inside ``jax.vmap`` over the leading
+        stacked axes (one ensemble member or layer at a time) those axes are gone
+        from ``w``, ``a`` and ``b`` alike, and from the layout too."""
+        lay = self.spec.layout
+        k = lay.ndim - getattr(self.w, "ndim", lay.ndim)
+        if k == 0:
+            return lay
+        n_a, n_b = len(lay.stack_axes) + len(lay.in_axes), len(lay.stack_axes)
+        n_b += len(lay.out_axes)
+        if (
+            0 < k <= len(lay.stack_axes)
+            and lay.stack_axes[:k] == tuple(range(k))
+            and (self.a.ndim, self.b.ndim) == (n_a + 1 - k, n_b + 1 - k)
+        ):
+            drop = lambda axes: tuple(i - k for i in axes)  # noqa: E731
+            return Layout(
+                drop(lay.in_axes), drop(lay.out_axes), drop(lay.stack_axes[k:])
+            )
+        raise ValueError(
+            f"A LoraWeight's arrays (w {self.w.shape}, a {self.a.shape}, b "
+            f"{self.b.shape}) do not have the {lay.ndim} axes of its layout {lay}. "
+            "Under jax.vmap, map w, a and b over their leading stacked axes together "
+            "(in_axes=0 for the whole LoraWeight, with stack_axes starting at 0), or "
+            "vmap inside: jaxlora.lora_apply(jax.vmap(apply_fn))."
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:

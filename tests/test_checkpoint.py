@@ -205,7 +205,13 @@ def test_overwrite_never_replaces_what_save_did_not_write(mixed, tmp_path):
     (tmp_path / "empty").mkdir()  # an empty directory may be replaced
     jaxlora.save(tmp_path / "empty", params, overwrite=True)
     chex.assert_trees_all_equal(jaxlora.load(tmp_path / "empty", variables), params)
-    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "other", "project", "results"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "empty",
+        "file",
+        "other",
+        "project",
+        "results",
+    ]
 
 
 def test_save_without_adapters(mixed, tmp_path):
@@ -392,7 +398,9 @@ def test_save_refuses_factors_that_do_not_fit_and_keeps_the_old_checkpoint(
     batched = jax.vmap(lambda k: jaxlora.init(variables, k, rank=2, layouts=LAYOUTS))(
         jax.random.split(jax.random.key(3), 2)
     )
-    with pytest.raises(ValueError, match="Cannot save: these LoraWeights' factors") as e:
+    with pytest.raises(
+        ValueError, match="Cannot save: these LoraWeights' factors"
+    ) as e:
         jaxlora.save(path, batched, overwrite=True)
     assert "save each, e.g. jax.tree.map(lambda x: x[i], tree)" in str(e.value)
     chex.assert_trees_all_equal(jaxlora.load(path, variables), params)

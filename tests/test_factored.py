@@ -1102,3 +1102,75 @@ def test_ragged_dot_experts_run_factored():
         "down": per_expert,
     }
     check(_experts, adapt(p, {"up": per_expert, "down": per_expert}), x)
+
+
+@pytest.mark.parametrize(
+    "layer,x",
+    [(nn.Dense(3), (2, 4)), (nn.Conv(3, (3,)), (2, 8, 4))],
+    ids=["dense", "conv"],
+)
+def test_vmap_over_the_stacked_axis_of_an_ensemble(layer, x):
+    """``jax.vmap(lora_apply(apply))`` over per-member factors (stacked axis 0):
+    inside the vmap each LoraWeight is one member's, and so is its layout. Used to
+    crash in the engine and in `merge` (the layout still had the stacked axis)."""
+    x = rand(x)
+    members = jax.vmap(lambda k: layer.init(k, x))(
+        jax.random.split(jax.random.key(0), 5)
+    )
+    nd = members["params"]["kernel"].ndim
+    lay = Layout(in_axes=tuple(range(1, nd - 1)), out_axes=(nd - 1,), stack_axes=(0,))
+    lp = adapt(members, {"params/kernel": lay})
+    want = jax.vmap(layer.apply, in_axes=(0, None))(merged(lp), x)
+    got = jax.vmap(jaxlora.lora_apply(layer.apply), in_axes=(0, None))(lp, x)
+    assert rel_err(got, want) < 1e-5
+    chex.assert_trees_all_close(jax.vmap(jaxlora.merge)(lp), merged(lp), rtol=1e-6)
+    grads = jax.grad(
+        lambda p: _loss(jax.vmap(jaxlora.lora_apply(layer.apply), (0, None))(p, x))
+    )(lp)
+    want_grads = jax.grad(
+        lambda p: _loss(jax.vmap(layer.apply, (0, None))(merged(p), x))
+    )(lp)
+    for u, v in zip(
+        factors(grads)["params/kernel"],
+        factors(want_grads)["params/kernel"],
+        strict=True,
+    ):
+        assert rel_err(u, v) < 1e-5
+
+
+def test_vmap_over_an_axis_that_is_not_stacked_is_a_clear_error():
+    """The stacked axis is w's axis 1: mapping axis 0 of w, a and b takes an input
+    row of w but a layer of the factors."""
+    lay = Layout(in_axes=(0,), out_axes=(2,), stack_axes=(1,))
+    lp = adapt({"kernel": rand((5, 5, 3))}, {"kernel": lay})
+    with pytest.raises(ValueError, match=r"do not have the 3 axes of its layout"):
+        jax.vmap(jaxlora.merge)(lp)
+
+
+def test_ensemble_of_convs_by_vmap_runs_factored():
+    """``nn.vmap`` of a conv with a shared input: JAX permutes the member axis next
+    to the output channels (a reshape with ``dimensions``). Layout inference used
+    to ignore the permutation (member axis as input, Cin as output) and the engine
+    materialized it. The member axis is an output axis, as for a shared-input Dense."""
+
+    class Ensemble(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.vmap(
+                nn.Conv,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=None,
+                axis_size=5,
+            )
+            return conv(4, (3, 3), name="conv")(x)
+
+    model, x = Ensemble(), rand((2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    lp = jaxlora.init(
+        variables, jax.random.key(1), rank=2, apply_fn=model.apply, example_args=(x,)
+    )
+    lw = lp["params"]["conv"]["kernel"]
+    assert lw.layout == Layout(in_axes=(1, 2, 3), out_axes=(0, 4))
+    lp = adapt(variables, {"params/conv/kernel": lw.layout})
+    check(model.apply, lp, x)

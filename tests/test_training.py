@@ -4,6 +4,7 @@ import re
 
 import chex
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +241,48 @@ def test_trainable_that_selects_nothing_is_an_error():
         jaxlora.freeze_base(optax.adam(1e-3), trainable=never).init(params)
     with pytest.raises(ValueError, match=r"name 'haed' matches no parameter"):
         jaxlora.lora_plus(optax.sgd, 0.1, trainable=["haed"]).init(params)
+
+
+class _NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: jaxlora.freeze_base(optax.adam(3e-2)),
+        lambda: jaxlora.lora_plus(optax.adam, 3e-2, ratio=4),
+    ],
+    ids=["freeze_base", "lora_plus"],
+)
+def test_nnx_optimizer_trains_the_factors_step_after_step(make_tx):
+    """The NNX training loop: ``nnx.Optimizer``'s own update turns the moments of a
+    LoraWeight into an ``nnx.State`` and its second step fails; `NnxOptimizer`'s
+    keeps them, over many steps under ``nnx.jit``, compiling once."""
+    graphdef, state = nnx.split(_NnxNet(nnx.Rngs(0)))
+    lora = jaxlora.init(state, jax.random.key(1), scheme="both_random", rank=2)
+    model = nnx.merge(graphdef, lora)
+    opt = jaxlora.NnxOptimizer(model, make_tx(), wrt=nnx.Param)
+    apply = jaxlora.lora_apply(lambda m, x: m(x))
+    x = jax.random.normal(jax.random.key(2), (16, 8))
+    y = jax.random.normal(jax.random.key(3), (16, 4))
+
+    @nnx.jit
+    def step(model, opt):
+        loss = lambda m: jnp.mean((apply(m, x) - y) ** 2)  # noqa: E731
+        value, grads = nnx.value_and_grad(loss)(model)
+        opt.update(model, grads)
+        return value
+
+    base = jaxlora.base(nnx.state(model))
+    losses = [float(step(model, opt)) for _ in range(30)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert step._cache_size() == 1 if hasattr(step, "_cache_size") else True
+    chex.assert_trees_all_equal(jaxlora.base(nnx.state(model)), base)
+    moments = jax.tree.leaves(nnx.as_pure(opt.opt_state), is_leaf=jaxlora.is_lora)
+    assert any(jaxlora.is_lora(m) for m in moments)
