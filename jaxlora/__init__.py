@@ -11,11 +11,11 @@ from jaxlora._merge import adapters
 from jaxlora._merge import base
 from jaxlora._merge import combine
 from jaxlora._merge import merge
+from jaxlora._nnx import NnxOptimizer
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
-from jaxlora._nnx import NnxOptimizer
 from jaxlora._optax import freeze_base
 from jaxlora._optax import lora_plus
 from jaxlora._optax import param_labels

@@ -4,12 +4,12 @@ import re
 
 import chex
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxlora
 
@@ -280,9 +280,16 @@ def test_nnx_optimizer_trains_the_factors_step_after_step(make_tx):
         return value
 
     base = jaxlora.base(nnx.state(model))
-    losses = [float(step(model, opt)) for _ in range(30)]
+    losses = [float(step(model, opt))]
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        losses += [float(step(model, opt)) for _ in range(29)]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/backend_compile_duration" not in compiles
     assert losses[-1] < 0.7 * losses[0], losses
-    assert step._cache_size() == 1 if hasattr(step, "_cache_size") else True
     chex.assert_trees_all_equal(jaxlora.base(nnx.state(model)), base)
     moments = jax.tree.leaves(nnx.as_pure(opt.opt_state), is_leaf=jaxlora.is_lora)
     assert any(jaxlora.is_lora(m) for m in moments)
