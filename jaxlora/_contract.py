@@ -349,11 +349,14 @@ def dot_general(eqn, lhs, rhs):
     if not set(sb) <= set(sym.stack_axes):
         raise Unsupported("a batch dimension of the weight is not a stacked axis")
     free = set(range(sym.ndim)) - set(sym.stack_axes)
-    if sc and sym.can_regroup(sc):
-        sym = sym.regroup_units(sc)
+    # stacked axes contracted too (the top-k experts of a token, summed with their
+    # gates) are kept through the first factor and summed with the second
+    own = [i for i in sc if i in free]
+    if own and sym.can_regroup(own):
+        sym = sym.regroup_units(own)
         first, second, route = "a", "b", "in"
-    elif sc and sym.can_regroup(free - set(sc)):
-        sym = sym.regroup_units(free - set(sc))
+    elif own and sym.can_regroup(free - set(own)):
+        sym = sym.regroup_units(free - set(own))
         first, second, route = "b", "a", "out"
     else:
         raise Unsupported(

@@ -117,6 +117,17 @@ class _Walker:
                 picked = _union(axes[d] for d in dims)
                 sized = {a for a in picked if self.shapes[leaf][a] > 1}
                 self.picked.setdefault(leaf, set()).update(sized)
+            if name == "gather":  # index batch axes (an array of ids) hold no w axis
+                offset, n_out = p["dimension_numbers"].offset_dims, eqn.outvars[0].aval.ndim
+
+                def kept(ax):
+                    new = [frozenset()] * n_out
+                    rest = [a for i, a in enumerate(ax) if i not in dims]
+                    for k, a in zip(offset, rest, strict=True):
+                        new[k] = a
+                    return new
+
+                return [t.map(kept)]
             out = t.map(lambda ax: [a for i, a in enumerate(ax) if i not in dims])
             return [out] * len(eqn.outvars)
         if name == "broadcast_in_dim":
@@ -214,15 +225,16 @@ _IDENTITY = {
 
 
 def _is_pick(eqn, ins, t) -> bool:
-    """A gather from ``t`` at one scalar index giving a matrix (``jnp.take(w, i,
-    0)`` of stacked layers), a view like ``w[i]``; a lookup of an array of ids, or
-    of one row, is an embedding lookup."""
+    """A gather from ``t`` whose slices are matrices: a layer or expert picked
+    (``jnp.take(w, i, 0)`` of stacked layers, ``w[i]``, the top-k experts of each
+    token ``w[topk_ids]``). A gather of rows (one id or an array of them) is an
+    embedding lookup."""
     if eqn.primitive.name != "gather" or ins[0] is not t:
         return False
     dn = eqn.params["dimension_numbers"]
-    out = eqn.outvars[0].aval.ndim
-    # one index, and a matrix out (a layer): one row of a table is a lookup
-    return out == len(dn.offset_dims) and out >= 2 and not dn.operand_batching_dims
+    sizes = eqn.params["slice_sizes"]
+    kept = [i for i in range(len(sizes)) if i not in dn.collapsed_slice_dims]
+    return sum(sizes[i] > 1 for i in kept) >= 2 and not dn.operand_batching_dims
 
 
 def _reshape_axes(old, new, axes):

@@ -10,6 +10,8 @@ from flax import nnx
 from test_factored import RematMLP
 from test_factored import ScanMLP
 from test_factored import TiedLM
+from test_factored import adapt
+from test_factored import check
 
 import jaxlora
 from jaxlora._layout import infer_layouts
@@ -96,6 +98,28 @@ def test_a_layer_picked_by_index_is_a_layer_axis():
 
     for fn in (fori, unrolled, taken):
         assert infer_layouts(fn, stack, (x,)) == {"w": per_layer, "u": unit}
+
+
+@pytest.mark.parametrize(
+    "pick",
+    [lambda w, ids: w[ids], lambda w, ids: jnp.take(w, ids, axis=0)],
+    ids=["index", "take"],
+)
+def test_experts_picked_per_token_are_stacked(pick):
+    """A top-k MoE that gathers each token's expert matrices (``w[topk_ids]``) gets
+    per-expert factors. It used to be read as an embedding lookup: the expert axis
+    as ``a``'s input side and one ``b`` of full (D, F) size shared by all experts,
+    as many factor entries as the experts' own and no low-rank update per expert."""
+    params = {"w": jnp.ones((4, 8, 6)), "router": jnp.ones((8, 4))}
+
+    def moe(p, x):
+        top, ids = jax.lax.top_k(x @ p["router"], 2)
+        return jnp.einsum("td,tkdf,tk->tf", x, pick(p["w"], ids), jax.nn.softmax(top))
+
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    per_expert = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    assert infer_layouts(moe, params, (x,)) == {"w": per_expert, "router": D2}
+    check(moe, adapt(params, {"w": per_expert}), x)  # outputs and factor gradients
 
 
 def test_an_out_in_head_used_one_row_at_a_time_keeps_its_output_axis():
