@@ -118,7 +118,10 @@ class _Walker:
                 sized = {a for a in picked if self.shapes[leaf][a] > 1}
                 self.picked.setdefault(leaf, set()).update(sized)
             if name == "gather":  # index batch axes (an array of ids) hold no w axis
-                offset, n_out = p["dimension_numbers"].offset_dims, eqn.outvars[0].aval.ndim
+                offset, n_out = (
+                    p["dimension_numbers"].offset_dims,
+                    eqn.outvars[0].aval.ndim,
+                )
 
                 def kept(ax):
                     new = [frozenset()] * n_out

@@ -162,6 +162,26 @@ def test_to_plain_lora_needs_originals_of_the_same_dtype():
     assert "Pass the plain tree you gave jaxlora.init" in msg
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_to_plain_lora_refuses_other_weights_of_the_same_shape(dtype):
+    """Another checkpoint of the same model (same shapes and dtypes) used to give a
+    silently wrong adapter: W − W_res is then not of the adapter's rank."""
+    w = jax.random.normal(jax.random.key(0), (3, 32, 16)).astype(dtype)
+    layouts = {"d/kernel": jaxlora.Layout((1,), (2,), (0,))}
+    params = jaxlora.init(
+        {"d": {"kernel": w}}, jax.random.key(1), scheme="pissa", rank=2, layouts=layouts
+    )
+    plain = jaxlora.to_plain_lora(params, {"d": {"kernel": w}})  # the right one
+    assert not plain["d"]["kernel"].spec.residual
+    other = w + (0.03 * jax.random.normal(jax.random.key(2), w.shape)).astype(dtype)
+    with pytest.raises(ValueError) as e:
+        jaxlora.to_plain_lora(params, {"d": {"kernel": other}})
+    assert "'d/kernel': the original weight minus the residual base is not of the " in (
+        str(e.value)
+    )
+    assert "Pass the plain tree you gave jaxlora.init" in str(e.value)
+
+
 def test_residual_base_is_explicit(mixed):
     _, variables, _, _ = mixed
     params = init(variables, "olora")
