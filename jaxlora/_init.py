@@ -44,12 +44,28 @@ def _draw(key, scheme, n_stack, fan_in, fan_out, rank, dtype):
     return jax.vmap(lambda k: scheme.factors(k, fan_in, fan_out, rank, dtype))(keys)
 
 
+class _ById:
+    """A scheme whose initializers cannot be hashed (a plain dataclass instance, a
+    lambda over a list), made a static jit argument by identity."""
+
+    def __init__(self, scheme):
+        self.factors = scheme.factors
+
+
+def _static(scheme):
+    try:
+        hash(scheme)
+    except TypeError:
+        return _ById(scheme)
+    return scheme
+
+
 def _factors(key, scheme, target, dtype):
     """``(a, b)`` of one target: ``(*stack, *in, r)`` and ``(*stack, r, *out)``."""
     stack, _, _ = target.layout.split_shape(target.shape)
     fan_in, fan_out = target.layout.fans(target.shape)
     n_stack = math.prod(stack) if stack else 0
-    a, b = _draw(key, scheme, n_stack, fan_in, fan_out, target.rank, dtype)
+    a, b = _draw(key, _static(scheme), n_stack, fan_in, fan_out, target.rank, dtype)
     a_shape, b_shape = target.layout.factor_shapes(target.shape, target.rank)
     return a.reshape(a_shape), b.reshape(b_shape)
 
@@ -248,6 +264,16 @@ def init(
     if alpha is not None and (msg := _alpha_problem(alpha)) is not None:
         raise ValueError(f"alpha {msg}.")
     _check_key(rng)
+    for name, flag in (("rslora", rslora), ("compensate", compensate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    try:
+        jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(
+            f"dtype is the dtype of the LoRA factors, got {dtype!r}, which is not a "
+            "dtype. Pass e.g. dtype=jnp.float32 (the default) or jnp.bfloat16."
+        ) from None
     if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise ValueError(
             f"dtype is the dtype of the LoRA factors and must be floating, got "
@@ -322,7 +348,7 @@ def init(
             key = path_key(rng, t.path)
             if isinstance(s, _residual.WeightAware):
                 nodes[t.path] = _residual.adapt(
-                    s, key, leaves[t.path], spec, dtype, grads.get(t.path)
+                    s, key, leaves[t.path], spec, dtype, grads.get(t.path), path=t.path
                 )
                 continue
             a, b = _factors(key, s, t, dtype)
@@ -361,6 +387,11 @@ def _alpha_problem(alpha: Any) -> str | None:
         return (
             "must not be 0: the scale alpha/r would be 0, the adapter would have "
             "no effect and get zero gradients"
+        )
+    if alpha < 0:
+        return (
+            f"must be > 0, got {alpha!r} (a negative alpha flips the sign of every "
+            "update; a scheme with a negated initializer does that explicitly)"
         )
     return None
 

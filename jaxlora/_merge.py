@@ -15,7 +15,15 @@ PyTree = Any
 Adapters = dict[str, LoraWeight]
 
 
-def _map_lora(fn, params: PyTree) -> PyTree:
+def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    baseless = [path_str(p) for p, x in flat if is_lora(x) and x.w is None]
+    if baseless:
+        raise ValueError(
+            f"{caller}: {baseless[:8]} hold adapters without a base weight (w=None, "
+            "as jaxlora.adapters returns them). Put them on the base weights first: "
+            "jaxlora.combine(base_params, adapters)."
+        )
     return jax.tree.map(lambda x: fn(x) if is_lora(x) else x, params, is_leaf=is_lora)
 
 
@@ -31,7 +39,7 @@ def merge(params: PyTree) -> PyTree:
         >>> jaxlora.merge(p)["kernel"].shape
         (4, 3)
     """
-    return _map_lora(LoraWeight.merged, params)
+    return _map_lora(LoraWeight.merged, params, "merge")
 
 
 def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
@@ -62,7 +70,7 @@ def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
                 "adapter, or base(params, allow_residual=True) if you mean the "
                 "residual."
             )
-    return _map_lora(lambda x: x.w, params)
+    return _map_lora(lambda x: x.w, params, "base")
 
 
 def _first_scheme(params: PyTree) -> str:

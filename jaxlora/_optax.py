@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ import optax
 
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import check_regex
 from jaxlora._targets import examples
 from jaxlora._targets import name_matches
 
@@ -27,6 +29,7 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
     if trainable is None:
         return []
     if isinstance(trainable, str):
+        check_regex(trainable, "trainable")
         match = lambda p, x: re.fullmatch(trainable, p) is not None  # noqa: E731
         return [(f"regex {trainable!r}", match)]
     if callable(trainable):
@@ -121,11 +124,30 @@ def freeze_base(
         >>> import optax, jaxlora
         >>> tx = jaxlora.freeze_base(optax.adam(1e-3))
     """
+    if not (
+        callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
+    ):
+        raise TypeError(
+            f"freeze_base wraps an optax transformation such as optax.adamw(1e-3), got "
+            f"{tx!r}. Call the optimizer factory first."
+        )
     labels = lambda params: jax.tree.map(  # noqa: E731
         lambda s: "frozen" if s == "frozen" else "train",
-        param_labels(params, trainable=trainable),
+        _trained_labels(params, trainable, "freeze_base"),
     )
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _trained_labels(params: PyTree, trainable: Trainable, caller: str) -> PyTree:
+    """`param_labels`, refusing a tree in which nothing would be trained."""
+    labels = param_labels(params, trainable=trainable)
+    if all(s == "frozen" for s in jax.tree.leaves(labels)):
+        raise ValueError(
+            f"{caller}: params hold no LoRA adapters (no LoraWeight) and trainable= "
+            "selects nothing, so every update would be zero. Pass the tree returned "
+            "by jaxlora.init (not jaxlora.merge or base of it) to tx.init."
+        )
+    return labels
 
 
 def lora_plus(
@@ -153,8 +175,14 @@ def lora_plus(
         >>> import optax, jaxlora
         >>> tx = jaxlora.lora_plus(optax.adamw, 2e-4, ratio=16, weight_decay=0.0)
     """
+    if isinstance(optimizer, optax.GradientTransformation) or not callable(optimizer):
+        raise TypeError(
+            f"lora_plus needs an optimizer factory such as optax.adamw (it makes one "
+            f"optimizer per learning rate), got {optimizer!r}. Pass optax.adamw, not "
+            "optax.adamw(1e-3)."
+        )
     if isinstance(ratio, bool) or not (
-        isinstance(ratio, (int, float)) and 0 < ratio < float("inf")
+        isinstance(ratio, numbers.Real) and 0 < ratio < float("inf")
     ):
         raise ValueError(
             f"ratio is eta_b / eta_a and must be a finite number > 0, got {ratio!r}"
@@ -172,5 +200,5 @@ def lora_plus(
             "full": make(learning_rate),
             "frozen": optax.set_to_zero(),
         },
-        lambda params: param_labels(params, trainable=trainable),
+        lambda params: _trained_labels(params, trainable, "lora_plus"),
     )

@@ -99,18 +99,19 @@ def _whole(x):
     return jax.device_put(x, whole), sharding
 
 
-def adapt(scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None) -> LoraWeight:
+def adapt(
+    scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None, *, path: str
+) -> LoraWeight:
     """One target's `LoraWeight` with factors from ``w`` and the residual as base
-    (laid out like ``w``; the factors are laid out by the caller)."""
+    (laid out like ``w``; the factors are laid out by the caller); errors name
+    ``path``."""
     layout, shape = spec.layout, tuple(w.shape)
     w, placed = _whole(w)
     grad = None if grad is None else _whole(grad)[0]
     k3 = to_3d(w, layout)
     g3 = None if grad is None else to_3d(grad, layout)
     keys = jax.random.split(key, k3.shape[0])
-    a, b, res = _factors_3d(
-        scheme, keys, k3, g3, spec.rank, spec.scale, dtype, spec.scheme
-    )
+    a, b, res = _factors_3d(scheme, keys, k3, g3, spec.rank, spec.scale, dtype, path)
     a_shape, b_shape = layout.factor_shapes(shape, spec.rank)
     res = from_3d(res, layout, shape)
     return LoraWeight(

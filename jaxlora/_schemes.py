@@ -51,10 +51,22 @@ class Scheme:
     def factors(self, key, fan_in: int, fan_out: int, rank: int, dtype):
         """Draws ``(a, b)`` with shapes ``(fan_in, rank)`` and ``(rank, fan_out)``."""
         ka, kb = jax.random.split(key)
-        return (
-            self.a_init(ka, (fan_in, rank), dtype),
-            self.b_init(kb, (rank, fan_out), dtype),
-        )
+        a = self.a_init(ka, (fan_in, rank), dtype)
+        b = self.b_init(kb, (rank, fan_out), dtype)
+        asked = (("a_init", a, (fan_in, rank)), ("b_init", b, (rank, fan_out)))
+        for name, x, shape in asked:
+            got, want = (
+                (tuple(jnp.shape(x)), jnp.dtype(x.dtype)),
+                (shape, jnp.dtype(dtype)),
+            )
+            if got != want:
+                raise ValueError(
+                    f"Scheme {self.name!r}: {name} was asked for shape {shape} and "
+                    f"dtype {want[1].name} and returned shape {got[0]} and dtype "
+                    f"{got[1].name}. An initializer must return exactly what it is "
+                    "asked for, as jax.nn.initializers do."
+                )
+        return a, b
 
     def check_rank(self, rank: int) -> str | None:
         """A problem with ``rank`` for this scheme, or None."""

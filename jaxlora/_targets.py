@@ -52,6 +52,23 @@ def name_matches(name: str, path: str, *, any_leaf: bool = False) -> bool:
     )
 
 
+def check_regex(pattern: Any, what: str) -> None:
+    """``pattern`` must compile as a Python regex (a glob like ``*query*`` does not).
+
+    Raises:
+        ValueError: naming ``what`` (the argument), the pattern and the fix.
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a regex string, got {pattern!r}.")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"{what} {pattern!r} is not a valid regular expression ({e}). Patterns "
+            "are Python regexes, not globs: write '.*query.*' for '*query*'."
+        ) from None
+
+
 def pattern_matches(pattern: str, path: str) -> bool:
     """A pattern key (rank/alpha/layout patterns) matches a path or its module path.
 
@@ -108,6 +125,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
         chosen = [p for p, leaf in arrays if _default_target(p, leaf)]
         what = "the default targets (floating 'kernel' leaves with ndim >= 2)"
     elif isinstance(targets, str):
+        check_regex(targets, "targets")
         chosen = [p for p, _ in arrays if re.fullmatch(targets, p)]
         what = f"targets={targets!r} (a regex fully matched against each path)"
     elif callable(targets):
@@ -147,6 +165,8 @@ def resolve_pattern(
     """
     if not patterns:
         return {}
+    for k in patterns:
+        check_regex(k, f"{name} key")
     unused = [k for k in patterns if not any(pattern_matches(k, p) for p in paths)]
     if unused:
         raise ValueError(
@@ -154,12 +174,20 @@ def resolve_pattern(
             f"against the end of a target's path or module path. Targets: "
             f"{examples(list(paths))}."
         )
-    out = {}
+    out, used = {}, set()
     for p in paths:
         for k, v in patterns.items():
             if pattern_matches(k, p):
                 out[p] = v
+                used.add(k)
                 break
+    shadowed = [k for k in patterns if k not in used]
+    if shadowed:
+        raise ValueError(
+            f"{name} keys {shadowed} are never used: every target they match is "
+            "matched first by an earlier key (the first matching key wins). Put the "
+            "more specific key first, or remove it."
+        )
     return out
 
 

@@ -1,5 +1,6 @@
 """Targeting, patterns, metadata and every error `jaxlora.init` raises."""
 
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -323,3 +324,73 @@ def test_model_apply_on_adapted_tree_fails_loudly(mixed):
         model.apply(p, tokens, image)
     with pytest.raises(TypeError, match=r"jaxlora.merge\(params\)"):
         jax.jit(model.apply)(p, tokens, image)
+
+
+def _mlp_params():
+    return {
+        f"layers_{i}": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}
+        for i in range(3)
+    }
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"targets": "*/kernel"}, r"targets '\*/kernel' is not a valid regular"),
+        ({"rank_pattern": {"layers_[": 4}}, r"rank_pattern key 'layers_\[' is not a"),
+        ({"layouts": {"*kernel": "dense"}}, r"layouts key '\*kernel' is not a valid"),
+        (
+            {"rank_pattern": {"layers_.": 4, "layers_2": 8}},
+            r"rank_pattern keys \['layers_2'\] are never used: every target they match",
+        ),
+        ({"alpha": -16}, r"alpha must be > 0, got -16"),
+        ({"alpha_pattern": {"layers_1": -2.0}}, r"must be > 0, got -2.0"),
+        ({"dtype": "foo"}, r"dtype is the dtype of the LoRA factors, got 'foo'"),
+    ],
+)
+def test_bad_patterns_and_values_are_named(kw, match):
+    """A glob or broken regex used to raise a bare re.error, a key shadowed by an
+    earlier one was silently unused, a negative alpha silently flipped the update."""
+    with pytest.raises(ValueError, match=match):
+        jaxlora.init(_mlp_params(), KEY, rank=2, **kw)
+
+
+@pytest.mark.parametrize("flag", ["rslora", "compensate"])
+def test_flags_must_be_booleans(flag):
+    """``rslora='no'`` used to turn rsLoRA on (and was saved in checkpoints)."""
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        jaxlora.init(_mlp_params(), KEY, rank=2, **{flag: "no"})
+
+
+def test_a_custom_initializer_must_return_what_it_is_asked_for():
+    """A transposed ``(r, fan_in)`` result used to be reshaped into ``(fan_in, r)``
+    (a scrambled factor), and an ignored ``dtype`` gave float32 factors for bf16."""
+    normal = jax.nn.initializers.normal(0.02)
+    transposed = jaxlora.Scheme(
+        lambda k, s, d: normal(k, s[::-1], d), jax.nn.initializers.zeros, "t"
+    )
+    with pytest.raises(
+        ValueError, match=r"a_init was asked for shape \(8, 2\) and dtype"
+    ):
+        jaxlora.init(_mlp_params(), KEY, scheme=transposed, rank=2)
+    f32 = jaxlora.Scheme(lambda k, s, d: normal(k, s), jax.nn.initializers.zeros, "f")
+    with pytest.raises(ValueError, match=r"returned shape \(8, 2\) and dtype float32"):
+        jaxlora.init(_mlp_params(), KEY, scheme=f32, rank=2, dtype=jnp.bfloat16)
+
+
+def test_a_custom_initializer_need_not_be_hashable():
+    """An initializer that is an ordinary (unhashable) dataclass instance used to
+    fail inside jit with "Non-hashable static arguments"."""
+
+    @dataclasses.dataclass
+    class Scaled:
+        std: float
+
+        def __call__(self, key, shape, dtype):
+            return self.std * jax.random.normal(key, shape, dtype)
+
+    scheme = jaxlora.Scheme(Scaled(0.5), jax.nn.initializers.zeros, "scaled")
+    one = jaxlora.init(_mlp_params(), KEY, scheme=scheme, rank=2)
+    two = jaxlora.init(_mlp_params(), KEY, scheme=scheme, rank=2)
+    a = one["layers_0"]["kernel"].a
+    assert float(jnp.std(a)) > 0.2 and bool((a == two["layers_0"]["kernel"].a).all())

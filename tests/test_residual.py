@@ -275,3 +275,27 @@ def test_lora_ga_in_gradient_groups_gives_the_same_factors():
     kw["batches"] = iter([x[:16], x[16:]])  # an iterator is read once per group
     per_target = jaxlora.init(variables, jax.random.key(2), grad_memory=1, **kw)
     chex.assert_trees_all_close(one_pass, per_target, atol=1e-6)
+
+
+def test_lora_ga_errors_name_the_parameter_path():
+    """Weight-aware schemes' errors used to name the scheme ('lora_ga') where the
+    user needs the target that failed."""
+    params = {
+        "body": {"kernel": jnp.ones((8, 8))},
+        "head": {"kernel": jnp.ones((4, 3))},
+    }
+    x, y = jnp.ones((2, 8)), jnp.zeros((2, 3))
+    loss = lambda p, b: jnp.mean(
+        (b[0] @ p["body"]["kernel"][:, :4] @ p["head"]["kernel"] - b[1]) ** 2
+    )  # noqa: E731
+    with pytest.raises(
+        ValueError, match=r"Cannot initialize LoRA-GA for 'head/kernel'"
+    ):
+        jaxlora.init(
+            params,
+            jax.random.key(1),
+            scheme="lora_ga",
+            rank=2,
+            loss_fn=loss,
+            batches=[(x, y)],
+        )

@@ -293,3 +293,34 @@ def test_nnx_optimizer_trains_the_factors_step_after_step(make_tx):
     chex.assert_trees_all_equal(jaxlora.base(nnx.state(model)), base)
     moments = jax.tree.leaves(nnx.as_pure(opt.opt_state), is_leaf=jaxlora.is_lora)
     assert any(jaxlora.is_lora(m) for m in moments)
+
+
+def test_optimizers_refuse_a_tree_without_adapters_and_wrong_arguments():
+    """A tree without LoraWeights (``init`` forgotten, or ``merge`` of it) used to be
+    'trained' with all-zero updates and no error."""
+    plain = {"kernel": jnp.ones((4, 3))}
+    for tx in (
+        jaxlora.freeze_base(optax.adam(1e-3)),
+        jaxlora.lora_plus(optax.adam, 1e-3),
+    ):
+        with pytest.raises(ValueError, match="params hold no LoRA adapters"):
+            tx.init(plain)
+    with pytest.raises(TypeError, match=r"Pass optax.adamw, not optax.adamw\(1e-3\)"):
+        jaxlora.lora_plus(optax.adamw(1e-3), 1e-3)
+    with pytest.raises(TypeError, match="Call the optimizer factory first"):
+        jaxlora.freeze_base(optax.adamw)
+    with pytest.raises(
+        ValueError, match=r"trainable '\*head\*' is not a valid regular"
+    ):
+        jaxlora.freeze_base(optax.adam(1e-3), trainable="*head*").init(plain)
+    lp = jaxlora.init(plain, jax.random.key(0), rank=2)
+    jaxlora.lora_plus(optax.adam, 1e-3, ratio=np.float32(16)).init(lp)  # a numpy ratio
+
+
+def test_merge_and_base_of_adapters_alone_say_combine():
+    lp = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+    for fn in (jaxlora.merge, jaxlora.base):
+        with pytest.raises(
+            ValueError, match=r"jaxlora.combine\(base_params, adapters\)"
+        ):
+            fn(jaxlora.adapters(lp))
