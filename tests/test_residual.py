@@ -285,9 +285,12 @@ def test_lora_ga_errors_name_the_parameter_path():
         "head": {"kernel": jnp.ones((4, 3))},
     }
     x, y = jnp.ones((2, 8)), jnp.zeros((2, 3))
-    loss = lambda p, b: jnp.mean(
-        (b[0] @ p["body"]["kernel"][:, :4] @ p["head"]["kernel"] - b[1]) ** 2
-    )  # noqa: E731
+
+    def loss(p, b):
+        return jnp.mean(
+            (b[0] @ p["body"]["kernel"][:, :4] @ p["head"]["kernel"] - b[1]) ** 2
+        )
+
     with pytest.raises(
         ValueError, match=r"Cannot initialize LoRA-GA for 'head/kernel'"
     ):
