@@ -20,6 +20,7 @@ from jaxlora import _eva_init
 from jaxlora import _residual
 from jaxlora import _schemes
 from jaxlora import _targets
+from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
@@ -97,7 +98,7 @@ def _plan(
     alphas = _targets.resolve_pattern(alpha_pattern, paths, "alpha_pattern")
     user_layouts = _targets.resolve_pattern(layouts, paths, "layouts")
     base_alpha = rank if alpha is None else alpha
-    plan, problems, uninferred = [], [], []
+    plan, problems, uninferred, guessed = [], [], [], []
     for p in paths:
         leaf = leaves[p]
         shape = tuple(getattr(leaf, "shape", ()))
@@ -116,6 +117,9 @@ def _plan(
             layout = _targets.default_layout(p, shape)
             if inferred is not None:
                 uninferred.append(f"{p!r} {shape}: {layout}")
+            elif len(shape) >= 3 and layout == Layout.dense(len(shape)):
+                if shape[0] < min(shape[1:]):  # a small first axis as the input side
+                    guessed.append(f"{p!r} {shape}: {layout}")
         r = ranks.get(p, rank)
         if not _is_int(r):
             problems.append(
@@ -126,10 +130,18 @@ def _plan(
         r = int(r)
         fan_in, fan_out = layout.fans(shape)
         if r < 1 or r > min(fan_in, fan_out):
+            guessed = p not in user_layouts and p not in (inferred or {})
             problems.append(
                 f"{p!r}: rank {r} is outside [1, min(fan_in, fan_out)] = "
                 f"[1, {min(fan_in, fan_out)}] for shape {shape} (fan_in={fan_in}, "
                 f"fan_out={fan_out})"
+                + (
+                    f" under the default layout {layout}: if an axis stacks layers "
+                    "(nn.scan) or experts, pass apply_fn= and example_args= to "
+                    "infer the layout, or layouts=..."
+                    if guessed and len(shape) >= 3
+                    else ""
+                )
             )
             continue
         if (msg := scheme.check_rank(r)) is not None:
@@ -147,6 +159,16 @@ def _plan(
             + "\n  - ".join(problems)
             + "\nFix the rank (rank=, rank_pattern=), the alpha (alpha_pattern=), "
             "the scheme, or exclude them with targets=..."
+        )
+    if guessed:
+        warnings.warn(
+            "jaxlora.init: these kernels get the default layout, which takes their "
+            "small first axis as the input side (one a row per entry, a b as large "
+            "as the rest of the kernel):\n  - " + "\n  - ".join(guessed) + "\nIf "
+            "that axis stacks layers (nn.scan), experts or heads, pass apply_fn= and "
+            "example_args= to infer each layout from the model, or layouts={pattern: "
+            "jaxlora.Layout(...)}.",
+            stacklevel=3,
         )
     if uninferred:
         warnings.warn(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -394,3 +395,17 @@ def test_a_custom_initializer_need_not_be_hashable():
     two = jaxlora.init(_mlp_params(), KEY, scheme=scheme, rank=2)
     a = one["layers_0"]["kernel"].a
     assert float(jnp.std(a)) > 0.2 and bool((a == two["layers_0"]["kernel"].a).all())
+
+
+def test_a_small_first_axis_taken_as_input_by_default_is_named():
+    """``nn.scan``-stacked ``(L, in, out)`` kernels adapted without ``apply_fn`` got
+    the default "first axis is input" layout silently (``a`` (L, r), ``b`` (r, in,
+    out)), and a rank above L blamed only the rank."""
+    stacked = {"layers": {"kernel": jnp.ones((4, 16, 16))}}
+    with pytest.warns(UserWarning, match=r"'layers/kernel' \(4, 16, 16\): Layout\("):
+        jaxlora.init(stacked, KEY, rank=2)
+    with pytest.raises(ValueError, match=r"pass apply_fn= and example_args= to infer"):
+        jaxlora.init(stacked, KEY, rank=8)
+    with warnings.catch_warnings():  # a DenseGeneral (embed, heads, head_dim) kernel
+        warnings.simplefilter("error")
+        jaxlora.init({"q": {"kernel": jnp.ones((32, 4, 8))}}, KEY, rank=2)
