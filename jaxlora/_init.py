@@ -147,6 +147,13 @@ def _plan(
         if (msg := scheme.check_rank(r)) is not None:
             problems.append(f"{p!r}: {msg}")
             continue
+        if getattr(scheme, "kind", None) == "lora_ga" and 2 * r > min(fan_in, fan_out):
+            problems.append(  # checked before any pass over the data
+                f"{p!r}: LoRA-GA uses the top 2·rank = {2 * r} singular vectors of the "
+                f"gradient, more than min(fan_in, fan_out) = {min(fan_in, fan_out)} "
+                f"for shape {shape}; use a rank of at most {min(fan_in, fan_out) // 2}"
+            )
+            continue
         embedding = leaf_name(p) == "embedding"
         if p in alphas and (msg := _alpha_problem(alphas[p])) is not None:
             problems.append(f"{p!r}: alpha_pattern gives an alpha that {msg}")
@@ -304,9 +311,15 @@ def init(
     _check_data(scheme, loss_fn=loss_fn, batches=batches, apply_fn=apply_fn)
     _check_tracing(scheme, apply_fn, example_args, example_kwargs)
     if compensate and isinstance(scheme, _residual.WeightAware):
+        why = (
+            "EVA starts with b = 0, so the output is unchanged already"
+            if scheme.kind == "eva"
+            else "weight-aware schemes already replace the base by the residual "
+            "W - s*a@b"
+        )
         raise ValueError(
-            f"compensate=True has no effect with {scheme.name!r}: weight-aware schemes "
-            "already replace the base by the residual W - s*a@b. Remove compensate."
+            f"compensate=True has no effect with {scheme.name!r}: {why}. Remove "
+            "compensate."
         )
     kind = getattr(scheme, "kind", None)
     if kind == "eva" and not example_args:

@@ -211,7 +211,12 @@ class LoraWeight:
         a, b = self.a, self.b
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
-        return jnp.einsum(self.layout.einsum_spec(), a, b) * self.scale
+        # full precision: GPUs default to TF32 matmuls, which would put a merged
+        # residual-init model ~1e-3 away from the original weights
+        delta = jnp.einsum(
+            self.layout.einsum_spec(), a, b, precision=jax.lax.Precision.HIGHEST
+        )
+        return delta * self.scale
 
     def merged(self) -> jax.Array:
         """``w + scale · a @ b`` in ``w``'s dtype (summed in float32 or wider)."""

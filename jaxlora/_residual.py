@@ -75,7 +75,14 @@ def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
         if scheme.kind == "olora":
             return _weight_aware.olora(key, k, rank, scale, dtype=dtype, path=path)
         return _weight_aware.lora_ga(
-            key, k, g, rank, scale, niter=scheme.niter or 4, dtype=dtype, path=path
+            key,
+            k,
+            g,
+            rank,
+            scale,
+            niter=4 if scheme.niter is None else scheme.niter,
+            dtype=dtype,
+            path=path,
         )
 
     if g3 is None:
@@ -270,7 +277,8 @@ def _plain(node: LoraWeight, orig: jax.Array, path: str) -> LoraWeight:
     # (up to rounding) for any sketch, so the fixed key does not change the result.
     keys = jax.random.split(jax.random.key(0), d3.shape[0])
     u, s, vt = jax.vmap(lambda k, d: svd_lowrank(k, d, r, niter=2))(keys, d3)
-    _check_low_rank(path, d3, u * s[:, None, :] @ vt, node.w, spec.scale, r)
+    rebuilt = jnp.matmul(u * s[:, None, :], vt, precision=jax.lax.Precision.HIGHEST)
+    _check_low_rank(path, d3, rebuilt, node.w, spec.scale, r)
     root = jnp.sqrt(s)
     a0 = (u * root[:, None, :]).astype(node.a.dtype)
     b0 = (root[:, :, None] * vt).astype(node.b.dtype)

@@ -182,7 +182,10 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
                 isinstance(niter, bool) or not isinstance(niter, int) or niter < 0
             ):
                 raise ValueError(f"niter must be an integer >= 0, got {niter!r}.")
-            label = f"pissa_niter_{niter}" if name == "pissa" and niter else name
+            fast = (
+                name == "pissa" and niter is not None
+            )  # niter=0: a sketch, no iteration
+            label = f"pissa_niter_{niter}" if fast else name
             return WeightAware(label, name, niter)
         if niter is not None:
             raise ValueError(

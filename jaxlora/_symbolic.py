@@ -109,7 +109,10 @@ class Sym:
         """The dense array ``w + scale · a @ b`` (as `LoraWeight.merged` forms it)."""
         w_let = string.ascii_letters[: self.ndim]
         sa, sb = self.letters(w_let, string.ascii_letters[self.ndim])
-        delta = jnp.einsum(f"{sa},{sb}->{w_let}", self.a, self.b) * self.scale
+        delta = jnp.einsum(
+            f"{sa},{sb}->{w_let}", self.a, self.b, precision=lax.Precision.HIGHEST
+        )
+        delta = delta * self.scale
         acc = jnp.promote_types(
             jnp.promote_types(self.w.dtype, self.a.dtype), "float32"
         )

@@ -277,28 +277,66 @@ def test_lora_ga_in_gradient_groups_gives_the_same_factors():
     chex.assert_trees_all_close(one_pass, per_target, atol=1e-6)
 
 
-def test_lora_ga_errors_name_the_parameter_path():
-    """Weight-aware schemes' errors used to name the scheme ('lora_ga') where the
-    user needs the target that failed."""
-    params = {
-        "body": {"kernel": jnp.ones((8, 8))},
-        "head": {"kernel": jnp.ones((4, 3))},
-    }
-    x, y = jnp.ones((2, 8)), jnp.zeros((2, 3))
+def test_weight_aware_errors_name_the_parameter_path():
+    """Errors raised while a weight-aware scheme decomposes a target used to name
+    the scheme ('lora_ga') where the user needs the target that failed (`init`
+    checks the rank limits first; this is the decomposition's own guard)."""
+    from jaxlora import _residual
+    from jaxlora import _schemes
 
-    def loss(p, b):
-        return jnp.mean(
-            (b[0] @ p["body"]["kernel"][:, :4] @ p["head"]["kernel"] - b[1]) ** 2
-        )
-
+    w, grad = jnp.ones((4, 3)), jnp.ones((4, 3))
+    spec = jaxlora.LoraSpec(jaxlora.Layout.dense(2), rank=2, alpha=2.0)
+    scheme = _schemes.resolve("lora_ga")
     with pytest.raises(
         ValueError, match=r"Cannot initialize LoRA-GA for 'head/kernel'"
     ):
+        _residual.adapt(
+            scheme, jax.random.key(0), w, spec, jnp.float32, grad, path="head/kernel"
+        )
+
+
+def test_niter_zero_is_honoured_and_labelled():
+    """``niter=0`` (a sketch without power iterations) used to run LoRA-GA with 4
+    iterations, and PiSSA with it was labelled exact "pissa" in checkpoints."""
+    w = {"d": {"kernel": jax.random.normal(jax.random.key(0), (16, 12))}}
+    pissa0 = jaxlora.init(w, jax.random.key(1), scheme="pissa", niter=0, rank=2)
+    assert pissa0["d"]["kernel"].spec.scheme == "pissa_niter_0"
+    x = jax.random.normal(jax.random.key(2), (64, 16))  # a full-rank gradient
+
+    def loss(p, batch):
+        return jnp.mean((batch @ p["d"]["kernel"]) ** 2)
+
+    ga = {
+        n: jaxlora.init(
+            w,
+            jax.random.key(1),
+            scheme="lora_ga",
+            niter=n,
+            rank=2,
+            loss_fn=loss,
+            batches=[x],
+        )["d"]["kernel"].a
+        for n in (0, 4)
+    }
+    assert float(jnp.abs(ga[0] - ga[4]).max()) > 1e-3
+
+
+def test_lora_ga_rank_limit_is_checked_for_every_target_before_the_data():
+    params = {"a": {"kernel": jnp.ones((6, 3))}, "b": {"kernel": jnp.ones((3, 6))}}
+
+    def loss(p, batch):
+        raise AssertionError("the data must not be read before the ranks are checked")
+
+    with pytest.raises(ValueError) as e:
         jaxlora.init(
             params,
-            jax.random.key(1),
+            jax.random.key(0),
             scheme="lora_ga",
             rank=2,
             loss_fn=loss,
-            batches=[(x, y)],
+            batches=[0],
+        )
+    for path in ("'a/kernel'", "'b/kernel'"):
+        assert f"{path}: LoRA-GA uses the top 2·rank = 4 singular vectors" in str(
+            e.value
         )
