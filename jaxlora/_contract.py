@@ -309,12 +309,23 @@ def _labelled_sharding(out_lab, operands):
 
 
 def _two_step(
-    first, first_lab, second, second_lab, x, x_lab, out_lab, scale, dtype, prec=None
+    first,
+    first_lab,
+    second,
+    second_lab,
+    x,
+    x_lab,
+    out_lab,
+    scale,
+    dtype,
+    prec=None,
+    out_sharding=None,
 ):
     """``einsum(einsum(x, first), second)`` keeping only the letters still needed.
 
     On a mesh with explicit axes the intermediate keeps the mesh axes of ``x`` and
-    the factor (`_one_buffer_sum` then lays the result out like the base term).
+    the factor, and the result takes ``out_sharding`` (the base term's: a mesh axis
+    that both the batch and ``second`` are split over would otherwise be used twice).
     """
     keep = set(second_lab) | set(out_lab)
     t_lab = "".join(dict.fromkeys(c for c in x_lab + first_lab if c in keep))
@@ -335,6 +346,7 @@ def _two_step(
         second,
         preferred_element_type=acc,
         precision=prec,
+        **({"out_sharding": out_sharding} if out_sharding is not None else {}),
     ).astype(dtype)
 
 
@@ -386,7 +398,10 @@ def dot_general(eqn, lhs, rhs):
     base = eqn.primitive.bind(*((sym.w, x) if sym_lhs else (x, sym.w)), **eqn.params)
     fa = (sym.a, a_lab) if first == "a" else (sym.b, b_lab)
     fb = (sym.b, b_lab) if second == "b" else (sym.a, a_lab)
-    lora = _two_step(*fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype, prec)
+    out_sharding = jax.typeof(base).sharding if explicit else None
+    lora = _two_step(
+        *fa, *fb, x, "".join(x_let), out_lab, sym.scale, dtype, prec, out_sharding
+    )
     return _one_buffer_sum(base, lora), route
 
 
@@ -444,11 +459,20 @@ def conv_general_dilated(eqn, lhs, rhs):
     b_dims = []
     for k, n in zip(rhs.b_lab, rhs.b.shape, strict=True):
         b_dims += [n] if k == R else [groups, n // groups]
+    out_sharding = None
+    if _explicit_mesh(base) is not None:  # the base's layout, channels split (g, o)
+        spec = tuple(jax.typeof(base).sharding.spec)
+        spec += (None,) * (base.ndim - len(spec))
+        out_sharding = jax.sharding.NamedSharding(
+            jax.typeof(base).sharding.mesh,
+            jax.sharding.PartitionSpec(*spec[:f], None, spec[f], *spec[f + 1 :]),
+        )
     lora = jnp.einsum(
         f"{t_lab},{b_lab}->{out_lab}",
         t,
         rhs.b.reshape(b_dims),
         preferred_element_type=base.dtype,
+        **({"out_sharding": out_sharding} if out_sharding is not None else {}),
     )
     return _one_buffer_sum(base, lora.reshape(base.shape)), "in"
 

@@ -516,6 +516,24 @@ EXPLICIT_SCRIPT = textwrap.dedent(
             out_sharding=P("data", None, None, "model"),
         )
         check(conv, adapt(k, conv, xc, rank=3), xc)
+        # FSDP: a weight's output axis split over the batch's mesh axis, which the
+        # model's out_sharding leaves whole (the rank-r term used 'data' twice)
+        down = {"down": put(rand(13, (16, 8)), P("model", "data"))}
+        h = put(rand(14, (8, 16)), P("data", "model"))
+        fsdp = lambda p, h: jnp.einsum(
+            "bf,fd->bd", h, p["down"], out_sharding=P("data")
+        )
+        check(fsdp, adapt(down), h)
+        kd = {"k": put(rand(15, (3, 3, 4, 8)) / 4, P(None, None, None, "data"))}
+        conv_fsdp = lambda p, x: jax.lax.conv_general_dilated(
+            x,
+            p["k"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            out_sharding=P("data", None, None, None),
+        )
+        check(conv_fsdp, adapt(kd, conv_fsdp, xc), xc)
         # a grouped one is materialized (JAX doubles the kernel gradient of a grouped
         # conv with a split batch, which the rank-r conv would inherit), correctly
         grouped = lambda p, x: jax.lax.conv_general_dilated(
