@@ -234,6 +234,17 @@ def _split(eqn, x: Sym) -> list:
     return outs
 
 
+def _device_put(eqn, *xs) -> list:
+    """``jax.device_put`` inside the model (a layout hint, or a base weight streamed
+    from host memory): the weights go where the model puts them; the (small)
+    factors stay where they are, as with a sharding constraint."""
+    outs = eqn.primitive.bind(*_bases(xs), **eqn.params)
+    return [
+        x.map_factors(out, lambda f, _: f) if isinstance(x, Sym) else out
+        for x, out in zip(xs, outs, strict=True)
+    ]
+
+
 def _unstack(eqn, x: Sym) -> list:
     """``jnp.unstack`` of a weight (``q, k, v = w``, a list of layers): each part
     the slice at one index of the axis, that axis squeezed away."""
@@ -335,6 +346,7 @@ _VIEWS = {
     "tile": _view(lambda s, w, p, _: s.tile(w, p["reps"])),
     "pad": _view(lambda s, w, p, _: s.pad(w, p["padding_config"])),
     "split": _split,
+    "device_put": _device_put,
     "unstack": _unstack,
     "copy": _PASS,
     "copy_p": _PASS,

@@ -223,7 +223,14 @@ class LoraWeight:
         acc = jnp.promote_types(
             jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32
         )
-        return (self.w.astype(acc) + self.delta(acc)).astype(self.w.dtype)
+        w, home = self.w, getattr(self.w, "sharding", None)
+        offloaded = not isinstance(w, jax.core.Tracer) and getattr(
+            home, "memory_kind", None
+        ) not in (None, "device")
+        if offloaded:  # a base kept in host memory: summed on the device, put back
+            w = jax.device_put(w, home.with_memory_kind("device"))
+        merged = (w.astype(acc) + self.delta(acc)).astype(self.w.dtype)
+        return jax.device_put(merged, home) if offloaded else merged
 
     def replace(self, **changes) -> LoraWeight:
         """A copy with some of ``w``, ``a``, ``b``, ``spec`` replaced."""
@@ -261,7 +268,9 @@ def is_lora(x: Any) -> bool:
 def factor_shardings(layout: Layout, weight: Any) -> tuple | None:
     """The shardings of the factors ``(a, b)`` of ``weight`` when it is an array laid
     out on a device mesh: a factor axis that is one of the weight's axes gets the
-    weight's mesh axes, the rank axis none. None for anything else."""
+    weight's mesh axes, the rank axis none. None for anything else. The factors are
+    trained, so they live in device memory even when the weight is offloaded to the
+    host (and streamed in by the model)."""
     sharding = getattr(weight, "sharding", None)
     if isinstance(weight, jax.core.Tracer) or not isinstance(
         sharding, jax.sharding.NamedSharding
@@ -272,7 +281,7 @@ def factor_shardings(layout: Layout, weight: Any) -> tuple | None:
     a_spec = (*stack, *(spec[i] for i in layout.in_axes), None)
     b_spec = (*stack, None, *(spec[i] for i in layout.out_axes))
     named = lambda fspec: jax.sharding.NamedSharding(  # noqa: E731
-        sharding.mesh, jax.sharding.PartitionSpec(*fspec), sharding.memory_kind
+        sharding.mesh, jax.sharding.PartitionSpec(*fspec)
     )
     return named(a_spec), named(b_spec)
 

@@ -128,6 +128,31 @@ SCRIPT = textwrap.dedent(
     # sharding propagation; the factors themselves are not constrained)
     assert spec2(g["params/up"].b) == (None, "model"), g["params/up"].b.sharding
     assert spec2(g["params/down"].a) == ("model", None), g["params/down"].a.sharding
+
+    # jax.device_put of a weight inside the model: a layout hint, or a base kept in
+    # host memory streamed to the device (the factors live in device memory)
+    def streamed(p, x):
+        return x @ jax.device_put(
+            p["up"], NamedSharding(mesh, P("data", "model"), memory_kind="device")
+        )
+
+    w = jax.random.normal(jax.random.key(5), (8, 16))
+    for home in ("device", "pinned_host"):
+        put = jax.device_put(
+            w, NamedSharding(mesh, P("data", "model"), memory_kind=home)
+        )
+        lp = jaxlora.init({"up": put}, jax.random.key(1), rank=2, targets=["up"])
+        lp = jax.tree.map(lambda t: t + 0.25, lp)
+        assert lp["up"].a.sharding.memory_kind == "device", lp["up"].a.sharding
+        fn = streamed
+        assert jaxlora.explain(fn, lp, x).statuses == {"up": "factored"}
+        np.testing.assert_allclose(
+            jax.jit(jaxlora.lora_apply(fn))(lp, x),
+            jax.jit(fn)(jaxlora.merge(lp), x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        assert jaxlora.merge(lp)["up"].sharding.memory_kind == home
     print("OK")
     """
 )
