@@ -271,10 +271,8 @@ def factor_shardings(layout: Layout, weight: Any) -> tuple | None:
     weight's mesh axes, the rank axis none. None for anything else. The factors are
     trained, so they live in device memory even when the weight is offloaded to the
     host (and streamed in by the model)."""
-    sharding = getattr(weight, "sharding", None)
-    if isinstance(weight, jax.core.Tracer) or not isinstance(
-        sharding, jax.sharding.NamedSharding
-    ):
+    sharding = sharding_of(weight)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
     spec = tuple(sharding.spec) + (None,) * (weight.ndim - len(sharding.spec))
     stack = [spec[i] for i in layout.stack_axes]
@@ -286,6 +284,25 @@ def factor_shardings(layout: Layout, weight: Any) -> tuple | None:
     return named(a_spec), named(b_spec)
 
 
+def sharding_of(weight: Any):
+    """The sharding of an array, or of a traced one whose type says it (explicit
+    mesh axes, e.g. `jaxlora.init` under ``jax.jit``); else None."""
+    if not isinstance(weight, jax.core.Tracer):
+        return getattr(weight, "sharding", None)
+    sharding = getattr(jax.typeof(weight), "sharding", None)
+    explicit = jax.sharding.AxisType.Explicit
+    mesh = getattr(sharding, "mesh", None)
+    return sharding if explicit in tuple(getattr(mesh, "axis_types", ())) else None
+
+
+def place(x: jax.Array, sharding) -> jax.Array:
+    """``x`` laid out as ``sharding``: ``device_put`` for an array, ``reshard`` for
+    a traced one (its layout is part of its type)."""
+    if isinstance(x, jax.core.Tracer):
+        return jax.sharding.reshard(x, sharding)
+    return jax.device_put(x, sharding)
+
+
 def placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
     """``node`` with its factors sharded like ``weight`` (`factor_shardings`) when
     that is an array laid out on a device mesh; anything else is left where it is."""
@@ -293,4 +310,4 @@ def placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
     if shardings is None:
         return node
     sa, sb = shardings
-    return node.replace(a=jax.device_put(node.a, sa), b=jax.device_put(node.b, sb))
+    return node.replace(a=place(node.a, sa), b=place(node.b, sb))

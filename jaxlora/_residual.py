@@ -25,6 +25,8 @@ from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._node import place
+from jaxlora._node import sharding_of
 from jaxlora._paths import path_str
 
 PyTree = Any
@@ -94,16 +96,14 @@ def _whole(x):
     """``x`` replicated when it is split over explicit mesh axes (an SVD or QR takes
     whole matrices there), with the sharding to put the result back to; else
     ``(x, None)``."""
-    sharding = getattr(x, "sharding", None)
+    sharding = sharding_of(x)
     explicit = jax.sharding.AxisType.Explicit
-    if (
-        isinstance(x, jax.core.Tracer)
-        or not isinstance(sharding, jax.sharding.NamedSharding)
-        or explicit not in tuple(sharding.mesh.axis_types)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or explicit not in tuple(
+        sharding.mesh.axis_types
     ):
         return x, None
     whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.device_put(x, whole), sharding
+    return place(x, whole), sharding
 
 
 def adapt(
@@ -122,7 +122,7 @@ def adapt(
     a_shape, b_shape = layout.factor_shapes(shape, spec.rank)
     res = from_3d(res, layout, shape)
     return LoraWeight(
-        res if placed is None else jax.device_put(res, placed),
+        res if placed is None else place(res, placed),
         a.reshape(a_shape),
         b.reshape(b_shape),
         dataclasses.replace(spec, residual=True),

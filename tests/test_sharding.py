@@ -575,6 +575,19 @@ EXPLICIT_SCRIPT = textwrap.dedent(
             warnings.simplefilter("ignore")  # the materialized use warns
             check(grouped, adapt(kg, grouped, xc), xc, status="materialized")
 
+        # init under jit: the weight's layout is in its type, and the factors (and a
+        # residual base) get the same layouts as eagerly (were replicated, and the
+        # SVD of a split weight raised)
+        wj = {"up": put(rand(16, (8, 16)), P("data", "model"))}
+        for scheme in ("normal", "pissa"):
+            make = lambda w: adapt(w, scheme=scheme)  # noqa: E731
+            eager, traced = make(wj)["up"], jax.jit(make)(wj)["up"]
+            for f in ("w", "a", "b"):
+                e, t = getattr(eager, f), getattr(traced, f)
+                assert e.sharding.spec == t.sharding.spec, (scheme, f, t.sharding)
+                np.testing.assert_allclose(e, t, rtol=1e-5, atol=1e-6)
+        assert eager.a.sharding.spec == P("data", None)
+
         # weight-aware schemes on a split weight: SVD/QR of the whole matrix, the
         # residual base keeps the weight's layout
         up = {"up": put(rand(10, (8, 16)), P(None, "model"))}
