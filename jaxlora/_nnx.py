@@ -5,14 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxlora._node import is_lora
 
 PyTree = Any
 
 
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def _opt_variable(x: Any) -> Any:
+    """Flax's ``to_opt_state`` for one leaf, except that a `LoraWeight` value keeps
+    the layout of its arrays: the kernel's sharding metadata would reshard ``a`` and
+    ``b`` to the kernel's axes (splitting the rank axis, or failing to)."""
+    if not isinstance(x, nnx.Variable):
+        return nnx.OptArray(x)
+    meta = x.get_metadata()
+    if any(is_lora(v) for v in jax.tree.leaves(x.get_value(), is_leaf=is_lora)):
+        for key in ("out_sharding", "sharding_names", "sharding", "optimizer_sharding"):
+            meta.pop(key, None)
+        meta["eager_sharding"] = False
+    elif "optimizer_sharding" in meta:
+        meta["out_sharding"] = meta.pop("optimizer_sharding")
+    return nnx.OptVariable(x.get_value(), **meta)
 
 
 class NnxOptimizer(nnx.Optimizer):
@@ -25,6 +44,10 @@ class NnxOptimizer(nnx.Optimizer):
     structure error. This class writes each variable's new value back whole; all
     else (``model``, ``tx``, ``wrt``, ``step``) is ``nnx.Optimizer``'s.
 
+    The optimizer state of an adapted kernel is laid out like its factors (as
+    ``tx.init`` makes it), not by the kernel's sharding metadata
+    (``nnx.with_partitioning``), which names the kernel's axes, not the factors'.
+
     Example:
         >>> import jax, jax.numpy as jnp, optax, jaxlora
         >>> from flax import nnx
@@ -36,6 +59,18 @@ class NnxOptimizer(nnx.Optimizer):
         >>> grads = nnx.grad(lambda m: apply(m, jnp.ones((3, 4))).sum())(model)
         >>> _ = opt.update(model, grads)
     """
+
+    def __init__(
+        self, model: Any, tx: optax.GradientTransformation, *, wrt, graph=None
+    ):
+        self.graph = graph
+        self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
+        self.tx = tx
+        state = tx.init(nnx.state(model, wrt, graph=graph))
+        self.opt_state = nnx.data(
+            jax.tree.map(_opt_variable, state, is_leaf=_is_variable)
+        )
+        self.wrt = wrt
 
     def update(self, model: Any, grads: PyTree, /, **kwargs) -> optax.Updates:
         """One step of ``tx`` on ``model``'s ``wrt`` parameters, in place."""

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import optax
     import orbax.checkpoint as ocp
     from flax import linen as nn
     from jax.ad_checkpoint import checkpoint_name
@@ -153,6 +154,41 @@ SCRIPT = textwrap.dedent(
             atol=1e-5,
         )
         assert jaxlora.merge(lp)["up"].sharding.memory_kind == home
+
+    # NNX with Flax's sharding metadata (nnx.with_partitioning): NnxOptimizer lays the
+    # moments out like the factors (the kernel's metadata split the rank axis, or
+    # failed to at a rank 'model' does not divide), and a step keeps the factors'
+    from flax import nnx
+
+    class Up(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(
+                nnx.initializers.lecun_normal(), ("data", "model")
+            )
+            self.up = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
+
+        def __call__(self, x):
+            return self.up(x)
+
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(nnx.jit(lambda: Up(nnx.Rngs(0)))())
+        model = nnx.merge(graphdef, jaxlora.init(state, jax.random.key(1), rank=3))
+        tx = jaxlora.freeze_base(optax.adam(1e-2))
+        opt = jaxlora.NnxOptimizer(model, tx, wrt=nnx.Param)
+        apply = jaxlora.lora_apply(lambda m, x: m(x))
+
+        @nnx.jit
+        def step(model, opt, x):
+            opt.update(model, nnx.grad(lambda m: jnp.sum(apply(m, x) ** 2))(model))
+
+        step(model, opt, x)
+        kernel = nnx.state(model)["up"]["kernel"].get_value()
+        states = jax.tree.leaves(nnx.as_pure(opt.opt_state), is_leaf=jaxlora.is_lora)
+        moments = [m for m in states if jaxlora.is_lora(m)]  # Adam's mu and nu
+        assert len(moments) == 2, states
+        for node in (kernel, *moments):
+            assert spec2(node.a) == ("data", None), node.a.sharding
+            assert spec2(node.b) == (None, "model"), node.b.sharding
     print("OK")
     """
 )
