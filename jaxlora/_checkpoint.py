@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlora._boxes import factored_boxes
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
@@ -416,4 +417,6 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
         spec = LoraSpec(layout(e), **{k: e[k] for k in _SPEC_FIELDS})
         return LoraWeight(base(leaf), f["a"], f["b"], spec)
 
-    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+    return factored_boxes(
+        jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+    )

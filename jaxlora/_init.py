@@ -20,6 +20,7 @@ from jaxlora import _eva_init
 from jaxlora import _residual
 from jaxlora import _schemes
 from jaxlora import _targets
+from jaxlora._boxes import factored_boxes
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
@@ -401,7 +402,8 @@ def _attach(params: PyTree, nodes: dict[str, LoraWeight]) -> PyTree:
         node = nodes.get(path_str(keypath))
         return leaf if node is None else placed_like_weight(node, leaf)
 
-    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+    out = jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+    return factored_boxes(out)
 
 
 def _is_int(r: Any) -> bool:

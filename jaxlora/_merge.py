@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 
+from jaxlora._boxes import factored_boxes
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
@@ -149,4 +150,4 @@ def combine(
             + "\n  - ".join(problems)
             + "\nCheck the adapters were trained for this model (same paths, shapes)."
         )
-    return out
+    return factored_boxes(out)

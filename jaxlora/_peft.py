@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxlora import _peft_config
 from jaxlora import _safetensors
+from jaxlora._boxes import factored_boxes
 from jaxlora._checkpoint import staged
 from jaxlora._checkpoint import write_synced
 from jaxlora._node import Layout
@@ -316,7 +317,9 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
     def attach(keypath, leaf):
         return new.get(path_str(keypath), leaf)
 
-    return jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+    return factored_boxes(
+        jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lora)
+    )
 
 
 _BASE = ".base_layer.weight"

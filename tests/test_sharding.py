@@ -189,6 +189,57 @@ SCRIPT = textwrap.dedent(
         for node in (kernel, *moments):
             assert spec2(node.a) == ("data", None), node.a.sharding
             assert spec2(node.b) == (None, "model"), node.b.sharding
+
+    # Linen boxes (nn.with_logical_partitioning, also under nn.scan): Flax's own
+    # recipe (get_partition_spec -> logical_to_mesh_sharding) gives each factor its
+    # own layout (it gave a and b the kernel's: the rank axis split, or an error)
+    rules = (("embed", "data"), ("mlp", "model"), ("layers", None))
+    init = nn.initializers.lecun_normal()
+    part = lambda names: nn.with_logical_partitioning(init, names)  # noqa: E731
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return jnp.tanh(nn.Dense(8, kernel_init=part(("embed", "mlp")))(h)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            scan = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=2,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return scan(name="blocks")(h, None)[0]
+
+    model, h = Stack(), jax.random.normal(jax.random.key(6), (4, 8))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), h)
+    boxed = jax.jit(
+        model.init,
+        out_shardings=nn.logical_to_mesh_sharding(
+            nn.get_partition_spec(abstract), mesh, rules
+        ),
+    )(jax.random.key(0), h)
+    lp = jaxlora.init(
+        boxed, jax.random.key(1), rank=3, apply_fn=model.apply, example_args=(h,)
+    )
+    lp = jax.tree.map(lambda t: t + 0.25, lp)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(lp), mesh, rules)
+    node = jax.jit(lambda t: t, out_shardings=shardings)(lp)["params"]["blocks"]
+    node = node["Dense_0"]["kernel"].value
+    assert node.w.sharding.spec == P(None, "data", "model"), node.w.sharding
+    assert node.a.sharding.spec == P(None, "data", None), node.a.sharding
+    assert node.b.sharding.spec == P(None, None, "model"), node.b.sharding
+    unboxed = nn.unbox(lp)["params"]["blocks"]["Dense_0"]["kernel"]
+    assert jaxlora.is_lora(unboxed) and unboxed.a.shape == (2, 8, 3)
+    np.testing.assert_allclose(
+        jax.jit(jaxlora.lora_apply(model.apply), in_shardings=(shardings, None))(lp, h),
+        model.apply(jaxlora.merge(lp), h),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     print("OK")
     """
 )
