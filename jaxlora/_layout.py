@@ -118,10 +118,13 @@ class _Walker:
                 sized = {a for a in picked if self.shapes[leaf][a] > 1}
                 self.picked.setdefault(leaf, set()).update(sized)
             if name == "gather":  # index batch axes (an array of ids) hold no w axis
-                offset, n_out = (
-                    p["dimension_numbers"].offset_dims,
-                    eqn.outvars[0].aval.ndim,
-                )
+                offset = p["dimension_numbers"].offset_dims
+                n_out = eqn.outvars[0].aval.ndim
+                if n_out > len(
+                    offset
+                ):  # an array of ids: a lookup if nothing contracts
+                    shape = eqn.invars[0].aval.shape
+                    self.note(t, "rows", gather_indexed_axes(p, shape))
 
                 def kept(ax):
                     new = [frozenset()] * n_out
@@ -262,6 +265,10 @@ def _decide(ndim, obs, stack, picked=frozenset()):
     (``w[i]``) that no use sees whole (an embedding row picked by a scalar id is
     still a vocabulary axis where the table is looked up or attended), unless that
     would leave no output axis (an ``(out, in)`` head used one row at a time)."""
+    # matrices gathered by an array of ids (the top-k experts of each token) that
+    # nothing contracts are rows of a table after all: a lookup
+    rows = [("gather", *o[1:]) for o in obs if o[0] == "rows"]
+    obs = [o for o in obs if o[0] != "rows"] or rows
     gathers = [o for o in obs if o[0] == "gather"]
     use = gathers[0] if gathers else (obs[0] if obs else None)
     if use is None:

@@ -122,6 +122,21 @@ def test_experts_picked_per_token_are_stacked(pick):
     check(moe, adapt(params, {"w": per_expert}), x)  # outputs and factor gradients
 
 
+def test_matrices_looked_up_by_id_and_not_contracted_are_table_rows():
+    """A (vocab, heads, dim) table looked up by an array of ids and only added to
+    activations: its slices are matrices, like the experts' above, but nothing
+    contracts them, so it stays an embedding lookup (vocab as the input side)."""
+    table = {"table": jax.random.normal(jax.random.key(0), (10, 4, 6))}
+
+    def embed(p, ids, h):
+        return h + p["table"][ids]
+
+    args = (jnp.array([1, 7, 3]), jnp.ones((3, 4, 6)))
+    lookup = Layout(in_axes=(0,), out_axes=(1, 2))
+    assert infer_layouts(embed, table, args) == {"table": lookup}
+    check(embed, adapt(table, {"table": lookup}), *args)
+
+
 def test_an_out_in_head_used_one_row_at_a_time_keeps_its_output_axis():
     """``x @ w[c]`` for each class ``c`` of an ``(out, in)`` head: the picked axis
     is the only output axis, so it stays the output, not a layer axis."""
