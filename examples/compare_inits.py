@@ -635,7 +635,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--widths",
         type=_ints,
         default=(64, 256, 1024),
-        help="width experiment widths (quick mode)",
+        help="widths of the width experiment (run with the default synthetic task)",
     )
     p.add_argument("--width-lrs", type=_floats, default=log_grid(1e-6, 1.0, 2))
     p.add_argument("--width-steps", type=int, default=100)

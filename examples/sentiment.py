@@ -263,6 +263,20 @@ def _evaluate_adapter(args, model, variables, data) -> dict[str, Any]:
     return {"validation": val, "test": test, "seconds": seconds}
 
 
+def _settings_of_run(args) -> None:
+    """``--max-len`` and ``--quick`` of the run that saved ``--adapter`` (its
+    ``metrics.json``), where not given: the same data as that run evaluated."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "metrics.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if args.max_len is None and saved.get("max_len") is not None:
+        args.max_len = int(saved["max_len"])
+    args.quick = args.quick or bool(saved.get("quick"))
+    print(f"settings of the saved run: max_len {args.max_len}, quick {args.quick}")
+
+
 def _fmt_time(s: float) -> str:
     return f"{int(s // 60)}m{s % 60:04.1f}s"
 
@@ -270,6 +284,8 @@ def _fmt_time(s: float) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the command line; returns the metrics it printed."""
     args = parse_args(argv)
+    if args.adapter:
+        _settings_of_run(args)
     if args.max_len is None:
         args.max_len = 32 if args.quick else 48
     t0 = time.perf_counter()

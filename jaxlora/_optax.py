@@ -29,7 +29,7 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
     if trainable is None:
         return []
     if isinstance(trainable, str):
-        check_regex(trainable, "trainable")
+        check_regex(trainable, "trainable", "'.*head.*' (or trainable=['head'])")
         match = lambda p, x: re.fullmatch(trainable, p) is not None  # noqa: E731
         return [(f"regex {trainable!r}", match)]
     if callable(trainable):

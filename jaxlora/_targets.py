@@ -52,7 +52,7 @@ def name_matches(name: str, path: str, *, any_leaf: bool = False) -> bool:
     )
 
 
-def check_regex(pattern: Any, what: str) -> None:
+def check_regex(pattern: Any, what: str, example: str = "'.*query.*'") -> None:
     """``pattern`` must compile as a Python regex (a glob like ``*query*`` does not).
 
     Raises:
@@ -65,7 +65,7 @@ def check_regex(pattern: Any, what: str) -> None:
     except re.error as e:
         raise ValueError(
             f"{what} {pattern!r} is not a valid regular expression ({e}). Patterns "
-            "are Python regexes, not globs: write '.*query.*' for '*query*'."
+            f"are Python regexes, not globs: write {example} for '*query*'."
         ) from None
 
 
@@ -125,7 +125,9 @@ def select(params: PyTree, targets: Targets) -> list[str]:
         chosen = [p for p, leaf in arrays if _default_target(p, leaf)]
         what = "the default targets (floating 'kernel' leaves with ndim >= 2)"
     elif isinstance(targets, str):
-        check_regex(targets, "targets")
+        check_regex(  # fully matched against whole paths: a bias would match too
+            targets, "targets", "'.*query.*/kernel' (or targets=['query'])"
+        )
         chosen = [p for p, _ in arrays if re.fullmatch(targets, p)]
         what = f"targets={targets!r} (a regex fully matched against each path)"
     elif callable(targets):
