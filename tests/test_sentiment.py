@@ -54,8 +54,10 @@ def test_quick_run_prints_a_summary(quick_run):
 def test_saved_adapter_reproduces_the_accuracy(quick_run, capsys):
     out, metrics, _ = quick_run
     capsys.readouterr()
-    again = sentiment.main(["--quick", "--adapter", os.path.join(out, "adapter")])
+    # without --quick: the saved run's settings (max_len, quick subset) are reused
+    again = sentiment.main(["--adapter", os.path.join(out, "adapter")])
     assert again["test"]["accuracy"] == metrics["test"]["accuracy"]
     assert again["test"]["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
     text = capsys.readouterr().out
+    assert "settings of the saved run: max_len 32, quick True" in text
     assert f"test accuracy {metrics['test']['accuracy']:.4f}" in text
