@@ -286,7 +286,33 @@ def _reshape(s, w, p, _):
     perm = p.get("dimensions")
     if perm is not None:  # the operand transposed first (vmap of a conv kernel)
         s = s.transpose(jax.lax.transpose(s.w, perm), perm)
-    return s.reshape(w, p["new_sizes"])
+    try:
+        return s.reshape(w, p["new_sizes"])
+    except Unsupported:
+        folded = _fold_stack_into_output(s)
+        if folded is None:
+            raise
+        return folded.reshape(w, p["new_sizes"])
+
+
+def _fold_stack_into_output(s: Sym) -> Sym | None:
+    """``s`` with a stacked axis merged into the output axis right after it (an
+    ensemble's members side by side in one output axis, as ``vmap`` of a conv with a
+    shared input makes them): the members' updates concatenated along that output
+    axis (`concatenate`: rank E·r, ``b`` block-diagonal). None if no such pair."""
+    k = next((k for k in s.stack_axes if k + 1 < s.ndim and k + 1 in s.out_axes), None)
+    if k is None:
+        return None
+    n = s.shape[k]
+    parts = []
+    for e in range(n):
+        lo, hi = [0] * s.ndim, list(s.shape)
+        lo[k], hi[k] = e, e + 1
+        part = jax.lax.slice(s.w, lo, hi)
+        one = s.slice(part, lo, hi, None)
+        parts.append(one.squeeze(jnp.squeeze(part, k), [k]))
+    merged = jnp.concatenate([x.w for x in parts], axis=k)
+    return _symbolic.concatenate(parts, k, merged)
 
 
 def _reshard(eqn, x: Sym) -> Sym:

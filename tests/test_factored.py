@@ -1174,3 +1174,28 @@ def test_ensemble_of_convs_by_vmap_runs_factored():
     assert lw.layout == Layout(in_axes=(1, 2, 3), out_axes=(0, 4))
     lp = adapt(variables, {"params/conv/kernel": lw.layout})
     check(model.apply, lp, x)
+
+
+@pytest.mark.parametrize("in_axes", [None, 0], ids=["shared-input", "own-input"])
+def test_conv_ensemble_with_per_member_factors_runs_factored(in_axes):
+    """Per-member factors (an explicit stacked layout) of a vmapped conv: JAX merges
+    the members into the output channels, which the engine now reads as the members'
+    updates side by side (rank E·r, ``b`` block-diagonal); it materialized them."""
+
+    class Ensemble(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.vmap(
+                nn.Conv,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=in_axes,
+                axis_size=3,
+            )
+            return conv(4, (3, 3), name="conv")(x)
+
+    model = Ensemble()
+    x = rand((2, 6, 6, 3) if in_axes is None else (3, 2, 6, 6, 3))
+    variables = model.init(jax.random.key(0), x)
+    per_member = Layout(in_axes=(1, 2, 3), out_axes=(4,), stack_axes=(0,))
+    check(model.apply, adapt(variables, {"params/conv/kernel": per_member}), x)
