@@ -14,11 +14,11 @@ of its stacked and output axes, the rank axis unnamed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 from flax.core import meta
+from flax.linen import spmd
 
 from jaxlora._node import Layout
 from jaxlora._node import LoraWeight
@@ -76,9 +76,18 @@ class _FactoredBox:
         return self._each("unbox", apply_constraint and arrays)
 
 
-@functools.cache
-def _factored_type(cls: type) -> type:
-    return type(f"Factored{cls.__name__}", (_FactoredBox, cls), {})
+class FactoredPartitioned(_FactoredBox, meta.Partitioned):
+    """``nn.Partitioned`` around a `LoraWeight` (see the module docstring)."""
+
+
+class FactoredLogicallyPartitioned(_FactoredBox, spmd.LogicallyPartitioned):
+    """``nn.LogicallyPartitioned`` around a `LoraWeight` (see the module docstring)."""
+
+
+_FACTORED = {
+    meta.Partitioned: FactoredPartitioned,
+    spmd.LogicallyPartitioned: FactoredLogicallyPartitioned,
+}
 
 
 def _base_class(cls: type) -> type:
@@ -90,13 +99,10 @@ def factored_boxes(tree: PyTree) -> PyTree:
     sharding recipes per array (see the module docstring); other leaves unchanged."""
 
     def fix(x):
-        if (
-            isinstance(x, meta.Partitioned)
-            and not isinstance(x, _FactoredBox)
-            and is_lora(x.value)
-        ):
+        factored = _FACTORED.get(type(x))  # (a box subclass of the user's: as is)
+        if factored is not None and is_lora(x.value):
             fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-            return _factored_type(type(x))(**fields)
+            return factored(**fields)
         return x
 
     return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))

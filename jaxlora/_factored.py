@@ -239,10 +239,16 @@ def _device_put(eqn, *xs) -> list:
     from host memory): the weights go where the model puts them; the (small)
     factors stay where they are, as with a sharding constraint."""
     outs = eqn.primitive.bind(*_bases(xs), **eqn.params)
-    return [
-        x.map_factors(out, lambda f, _: f) if isinstance(x, Sym) else out
-        for x, out in zip(xs, outs, strict=True)
-    ]
+    result = []
+    for x, out, dst in zip(xs, outs, eqn.params["devices"], strict=True):
+        if isinstance(x, Sym):
+            # to one device (a pipeline stage): the factors go along; a mesh
+            # layout or memory kind is the weight's alone
+            one = isinstance(dst, (jax.Device, jax.sharding.SingleDeviceSharding))
+            move = (lambda f, _, d=dst: jax.device_put(f, d)) if one else None
+            out = x.map_factors(out, move or (lambda f, _: f))
+        result.append(out)
+    return result
 
 
 def _unstack(eqn, x: Sym) -> list:

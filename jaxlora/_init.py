@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora import _eva_init
 from jaxlora import _residual
@@ -54,11 +55,20 @@ class _ById:
         self.factors = scheme.factors
 
 
+_BY_ID: dict[int, tuple[Any, _ById]] = {}
+
+
 def _static(scheme):
+    """``scheme`` as a static jit argument: itself, or one `_ById` wrapper per
+    unhashable scheme object (so its draws compile once, not once per target)."""
     try:
         hash(scheme)
     except TypeError:
-        return _ById(scheme)
+        held, wrapper = _BY_ID.get(id(scheme), (None, None))
+        if held is not scheme:
+            wrapper = _ById(scheme)
+            _BY_ID[id(scheme)] = (scheme, wrapper)
+        return wrapper
     return scheme
 
 
@@ -131,7 +141,7 @@ def _plan(
         r = int(r)
         fan_in, fan_out = layout.fans(shape)
         if r < 1 or r > min(fan_in, fan_out):
-            guessed = p not in user_layouts and p not in (inferred or {})
+            defaulted = p not in user_layouts and p not in (inferred or {})
             problems.append(
                 f"{p!r}: rank {r} is outside [1, min(fan_in, fan_out)] = "
                 f"[1, {min(fan_in, fan_out)}] for shape {shape} (fan_in={fan_in}, "
@@ -140,7 +150,7 @@ def _plan(
                     f" under the default layout {layout}: if an axis stacks layers "
                     "(nn.scan) or experts, pass apply_fn= and example_args= to "
                     "infer the layout, or layouts=..."
-                    if guessed and len(shape) >= 3
+                    if defaulted and len(shape) >= 3
                     else ""
                 )
             )
@@ -295,7 +305,7 @@ def init(
         raise ValueError(f"alpha {msg}.")
     _check_key(rng)
     for name, flag in (("rslora", rslora), ("compensate", compensate)):
-        if not isinstance(flag, bool):
+        if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {flag!r}.")
     try:
         jnp.dtype(dtype)

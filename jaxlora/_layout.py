@@ -265,10 +265,17 @@ def _decide(ndim, obs, stack, picked=frozenset()):
     (``w[i]``) that no use sees whole (an embedding row picked by a scalar id is
     still a vocabulary axis where the table is looked up or attended), unless that
     would leave no output axis (an ``(out, in)`` head used one row at a time)."""
-    # matrices gathered by an array of ids (the top-k experts of each token) that
-    # nothing contracts are rows of a table after all: a lookup
+    # matrices gathered by an array of ids are the top-k experts of each token when
+    # a contraction maps them to outputs of their own; else rows of a table after
+    # all (nothing contracts them, or only through the ids' axes and batch axes,
+    # as per-head relative-position keys): a lookup
     rows = [("gather", *o[1:]) for o in obs if o[0] == "rows"]
-    obs = [o for o in obs if o[0] != "rows"] or rows
+    main = [o for o in obs if o[0] != "rows"]
+    if rows:
+        layout = _decide(ndim, main, stack, picked) if main else None
+        if layout is None or set(layout.out_axes) <= set(picked):
+            return _decide(ndim, rows, stack)
+        return layout
     gathers = [o for o in obs if o[0] == "gather"]
     use = gathers[0] if gathers else (obs[0] if obs else None)
     if use is None:

@@ -223,10 +223,17 @@ class LoraWeight:
         acc = jnp.promote_types(
             jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32
         )
-        w, home = self.w, getattr(self.w, "sharding", None)
-        offloaded = not isinstance(w, jax.core.Tracer) and getattr(
-            home, "memory_kind", None
-        ) not in (None, "device")
+        w = self.w
+        if isinstance(w, jax.core.Tracer):  # under jit the memory space is typed
+            on_host = (
+                getattr(jax.typeof(w), "memory_space", None) == jax.memory.Space.Host
+            )
+            if on_host:  # a base kept in host memory: summed on the device
+                w = jax.device_put(w, jax.memory.Space.Device)
+            merged = (w.astype(acc) + self.delta(acc)).astype(self.w.dtype)
+            return jax.device_put(merged, jax.memory.Space.Host) if on_host else merged
+        home = getattr(w, "sharding", None)
+        offloaded = getattr(home, "memory_kind", None) not in (None, "device")
         if offloaded:  # a base kept in host memory: summed on the device, put back
             w = jax.device_put(w, home.with_memory_kind("device"))
         merged = (w.astype(acc) + self.delta(acc)).astype(self.w.dtype)

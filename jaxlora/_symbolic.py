@@ -248,8 +248,9 @@ class Sym:
         grown_units = {
             i for i, n in enumerate(self.shape) if n == 1 and shape[bdims[i]] != 1
         }
-        want_in = (set(self.in_axes) - grown_units) | {
-            i for i in grown_units if side(bdims[i], set(self.out_axes)) == "a"
+        # (only from a to b: a unit axis already on the output side stays there)
+        want_in = set(self.in_axes) - {
+            i for i in grown_units if side(bdims[i], set(self.out_axes)) == "b"
         }
         sym = self.regroup_units(want_in) if self.can_regroup(want_in) else self
         out = set(sym.out_axes)

@@ -594,6 +594,19 @@ def test_a_kernel_broadcast_along_its_heads_runs_factored(use):
     check(lambda p, x: use(p["w"], x), lp, rand((3, 6, 4)))
 
 
+def test_a_single_kv_head_broadcast_to_every_head_runs_factored():
+    """Multi-query attention: a ``(d, 1, head_dim)`` kernel broadcast to ``(d, H,
+    head_dim)``. Its unit heads axis is an output axis and stays one."""
+    lp = adapt(
+        {"w": rand((4, 1, 5), seed=5)}, {"w": Layout(in_axes=(0,), out_axes=(1, 2))}
+    )
+
+    def mqa(p, x):
+        return jnp.einsum("btd,dhk->bthk", x, jnp.broadcast_to(p["w"], (4, 3, 5)))
+
+    check(mqa, lp, rand((3, 6, 4)))
+
+
 @pytest.mark.parametrize(
     "repeat", [jnp.repeat, lambda k, n, axis: jnp.tile(k, (1, n, 1))]
 )

@@ -4,6 +4,7 @@ import dataclasses
 import re
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -409,3 +410,34 @@ def test_a_small_first_axis_taken_as_input_by_default_is_named():
     with warnings.catch_warnings():  # a DenseGeneral (embed, heads, head_dim) kernel
         warnings.simplefilter("error")
         jaxlora.init({"q": {"kernel": jnp.ones((32, 4, 8))}}, KEY, rank=2)
+
+
+def test_rank_errors_on_several_default_layouts_are_listed_together():
+    """A rank error on one kernel then a 3-D kernel with a small first axis used to
+    crash with an AttributeError (a list was overwritten by a flag)."""
+    params = {"a": {"kernel": jnp.ones((4, 2))}, "b": {"kernel": jnp.ones((2, 8, 8))}}
+    with pytest.raises(ValueError) as e:
+        jaxlora.init(params, KEY, rank=3)
+    assert "'a/kernel': rank 3" in str(e.value) and "'b/kernel': rank 3" in str(e.value)
+    lp = jaxlora.init({"k": {"kernel": jnp.ones((4, 3))}}, KEY, rank=2, rslora=np.True_)
+    assert lp["k"]["kernel"].spec.rslora
+
+
+def test_partitioned_trees_pickle_and_name_each_factors_axes():
+    """Boxes from nn.with_partitioning around adapted kernels: Flax's spec recipe
+    names ``a``'s and ``b``'s own axes, and the tree still pickles."""
+    import pickle
+
+    part = nn.with_partitioning(nn.initializers.lecun_normal(), ("data", "model"))
+    model = nn.Dense(6, kernel_init=part)
+    variables = model.init(KEY, jnp.ones((2, 4)))
+    lp = jaxlora.init(variables, KEY, rank=2)
+    specs = nn.get_partition_spec(lp)["params"]["kernel"].value
+    assert (specs.w, specs.a, specs.b) == (
+        jax.sharding.PartitionSpec("data", "model"),
+        jax.sharding.PartitionSpec("data", None),
+        jax.sharding.PartitionSpec(None, "model"),
+    )
+    back = pickle.loads(pickle.dumps(lp))
+    chex.assert_trees_all_equal(back, lp)
+    assert type(back["params"]["kernel"]) is type(lp["params"]["kernel"])

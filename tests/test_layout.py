@@ -136,6 +136,17 @@ def test_matrices_looked_up_by_id_and_not_contracted_are_table_rows():
     assert infer_layouts(embed, table, args) == {"table": lookup}
     check(embed, adapt(table, {"table": lookup}), *args)
 
+    # per-head relative-position keys: contracted, but only over the slices' own
+    # feature axis with the heads batched (no output axis of their own)
+    ids = jnp.clip(jnp.arange(5)[:, None] - jnp.arange(5)[None, :] + 4, 0, 9)
+
+    def rel_keys(p, q):
+        return jnp.einsum("bqhd,qkhd->bhqk", q, p["table"][ids])
+
+    q = jax.random.normal(jax.random.key(1), (2, 5, 4, 6))
+    assert infer_layouts(rel_keys, table, (q,)) == {"table": lookup}
+    check(rel_keys, adapt(table, {"table": lookup}), q)
+
 
 def test_an_out_in_head_used_one_row_at_a_time_keeps_its_output_axis():
     """``x @ w[c]`` for each class ``c`` of an ``(out, in)`` head: the picked axis

@@ -154,6 +154,25 @@ SCRIPT = textwrap.dedent(
             atol=1e-5,
         )
         assert jaxlora.merge(lp)["up"].sharding.memory_kind == home
+        merged = jax.jit(jaxlora.merge)(lp)["up"]  # under jit too
+        assert merged.sharding.memory_kind == home
+        np.testing.assert_allclose(merged, jaxlora.merge(lp)["up"], rtol=1e-6)
+
+    # a weight sent to another device inside the model (a pipeline stage): the
+    # factors go along (the committed factors on device 0 clashed with it)
+    dev = jax.devices()[1]
+
+    def stage(p, x):
+        return jax.device_put(x, dev) @ jax.device_put(p["w"], dev)
+
+    on_0 = {"w": jax.device_put(w, jax.devices()[0])}
+    lp = jaxlora.init(on_0, jax.random.key(1), rank=2, targets=["w"])
+    lp = jax.tree.map(lambda t: t + 0.25, lp)
+    for wrap in (lambda f: f, jax.jit):  # placed as the plain model places it
+        out = wrap(jaxlora.lora_apply(stage))(lp, x)
+        want = wrap(stage)(jaxlora.merge(lp), x)
+        assert out.sharding == want.sharding, (out.sharding, want.sharding)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
     # NNX with Flax's sharding metadata (nnx.with_partitioning): NnxOptimizer lays the
     # moments out like the factors (the kernel's metadata split the rank axis, or
