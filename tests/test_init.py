@@ -392,7 +392,11 @@ def test_a_custom_initializer_need_not_be_hashable():
             return self.std * jax.random.normal(key, shape, dtype)
 
     scheme = jaxlora.Scheme(Scaled(0.5), jax.nn.initializers.zeros, "scaled")
+    from jaxlora import _init
+
+    before = _init._draw._cache_size()
     one = jaxlora.init(_mlp_params(), KEY, scheme=scheme, rank=2)
+    assert _init._draw._cache_size() == before + 1  # three targets, one compilation
     two = jaxlora.init(_mlp_params(), KEY, scheme=scheme, rank=2)
     a = one["layers_0"]["kernel"].a
     assert float(jnp.std(a)) > 0.2 and bool((a == two["layers_0"]["kernel"].a).all())
