@@ -1160,25 +1160,31 @@ def test_vmap_over_an_axis_that_is_not_stacked_is_a_clear_error():
         jax.vmap(jaxlora.merge)(lp)
 
 
+class ConvEnsemble(nn.Module):
+    """``nn.vmap`` of a 3×3 conv over ``members`` (inputs shared if ``in_axes`` is
+    None)."""
+
+    members: int
+    in_axes: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.vmap(
+            nn.Conv,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=self.in_axes,
+            axis_size=self.members,
+        )
+        return conv(4, (3, 3), name="conv")(x)
+
+
 def test_ensemble_of_convs_by_vmap_runs_factored():
     """``nn.vmap`` of a conv with a shared input: JAX permutes the member axis next
     to the output channels (a reshape with ``dimensions``). Layout inference used
     to ignore the permutation (member axis as input, Cin as output) and the engine
     materialized it. The member axis is an output axis, as for a shared-input Dense."""
-
-    class Ensemble(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            conv = nn.vmap(
-                nn.Conv,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=None,
-                axis_size=5,
-            )
-            return conv(4, (3, 3), name="conv")(x)
-
-    model, x = Ensemble(), rand((2, 8, 8, 3))
+    model, x = ConvEnsemble(5), rand((2, 8, 8, 3))
     variables = model.init(jax.random.key(0), x)
     lp = jaxlora.init(
         variables, jax.random.key(1), rank=2, apply_fn=model.apply, example_args=(x,)
@@ -1194,20 +1200,7 @@ def test_conv_ensemble_with_per_member_factors_runs_factored(in_axes):
     """Per-member factors (an explicit stacked layout) of a vmapped conv: JAX merges
     the members into the output channels, which the engine now reads as the members'
     updates side by side (rank E·r, ``b`` block-diagonal); it materialized them."""
-
-    class Ensemble(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            conv = nn.vmap(
-                nn.Conv,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=in_axes,
-                axis_size=3,
-            )
-            return conv(4, (3, 3), name="conv")(x)
-
-    model = Ensemble()
+    model = ConvEnsemble(3, in_axes)
     x = rand((2, 6, 6, 3) if in_axes is None else (3, 2, 6, 6, 3))
     variables = model.init(jax.random.key(0), x)
     per_member = Layout(in_axes=(1, 2, 3), out_axes=(4,), stack_axes=(0,))
