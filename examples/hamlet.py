@@ -14,8 +14,9 @@ Act V, never seen in training) is the validation text. Every step draws 4 window
 of all 30 layers (stacked by ``nn.scan``; layouts inferred from the model), rank 8.
 
 Writes to ``--out`` (default ``runs/hamlet``): ``adapter/`` (``jaxlora.save``),
-``metrics.json`` (config, losses, validation perplexity before and after, timings,
-samples) and ``loss.png``.
+``peft/`` (a Hugging Face PEFT adapter for transformers' ``LlamaForCausalLM`` read
+from the same GGUF file; not for the residual schemes), ``metrics.json`` (config,
+losses, validation perplexity before and after, timings, samples) and ``loss.png``.
 
 Measured on a 2-core CPU (defaults: ``normal`` init, alpha 16, AdamW at 1e-3): see
 the README's "Decoder LM" section.
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, val = split(hamlet_tokens(tok), args.seq)
     steps = 8 if args.quick else args.steps
     val = val[:8] if args.quick else val
-    lora = adapt(model, params, args, train)
+    lora = lora_at_init = adapt(model, params, args, train)
     apply_fn = jaxlora.lora_apply(model.apply)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, max(1, steps // 10), steps
@@ -189,11 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sample_after = smollm2.generate(
         model, lora, tok, PROMPT, max_new=32, apply_fn=apply_fn, stop="<|endoftext|>"
     )
-    trained = sum(
-        n.a.size + n.b.size
-        for n in jax.tree.leaves(lora, is_leaf=jaxlora.is_lora)
-        if jaxlora.is_lora(n)
-    )
+    trained = adapter_size(lora_at_init)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     metrics = {
         "config": vars(args),
@@ -213,10 +210,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     os.makedirs(args.out, exist_ok=True)
     jaxlora.save(os.path.join(args.out, "adapter"), lora, overwrite=True)
+    if not any(n.spec.residual for n in _nodes(lora)):  # PEFT wants the original base
+        jaxlora.save_peft(
+            os.path.join(args.out, "peft"),
+            smollm2.reorder_qk(lora, to="transformers"),
+            smollm2.hf_module_name,
+            overwrite=True,
+        )
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
     plot(os.path.join(args.out, "loss.png"), losses, before, after)
     return metrics
+
+
+def adapter_size(params: PyTree) -> int:
+    """The weights the adapters train: per layer, ``fan_in + fan_out`` for each rank
+    column not zero in both ``a`` and ``b``. EVA gives each layer its own rank and
+    pads a stack to the largest with zero columns, which stay zero in training."""
+    total = 0
+    for n in _nodes(params):
+        fan_in, fan_out = n.layout.fans(n.shape)
+        a = np.abs(np.asarray(n.a, np.float32)).reshape(-1, fan_in, n.rank)
+        b = np.abs(np.asarray(n.b, np.float32)).reshape(-1, n.rank, fan_out)
+        used = (a.sum(1) > 0) | (b.sum(2) > 0)
+        total += int(used.sum()) * (fan_in + fan_out)
+    return total
+
+
+def _nodes(params: PyTree) -> list:
+    leaves = jax.tree.leaves(params, is_leaf=jaxlora.is_lora)
+    return [n for n in leaves if jaxlora.is_lora(n)]
 
 
 def plot(path: str, losses: list[float], before: float, after: float) -> None:

@@ -313,6 +313,66 @@ def load_smollm2(path: str | None = None) -> tuple[SmolLM2, PyTree, Any]:
     return SmolLM2(cfg), convert(arrays, cfg), tokenizer_from_gguf(reader)
 
 
+# -------------------------------------------------------- PyTorch / PEFT
+
+
+#: transformers' ``LlamaForCausalLM`` submodule of each adapted kernel, per layer
+HF_MODULES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def hf_module_name(path: str, layer: tuple[int, ...]) -> str:
+    """``module_names`` for `jaxlora.save_peft` / `jaxlora.load_peft`: the torch
+    module of layer ``layer`` of ``params/layers/<kind>/kernel``."""
+    kind = path.split("/")[-2]
+    if kind not in HF_MODULES or len(layer) != 1:
+        raise ValueError(f"{path!r} layer {layer} is not a SmolLM2 layer kernel")
+    return f"model.layers.{layer[0]}.{HF_MODULES[kind]}"
+
+
+def _rotary_rows(x, to: str):
+    """Reorders a q/k head_dim axis (last) between llama.cpp's rotary order (pairs
+    adjacent) and transformers' (pairs half a head apart)."""
+    half = x.shape[-1] // 2
+    split = (half, 2) if to == "transformers" else (2, half)
+    return x.reshape(*x.shape[:-1], *split).swapaxes(-1, -2).reshape(x.shape)
+
+
+def reorder_qk(params: PyTree, *, to: str) -> PyTree:
+    """The same model with the q and k output rows in ``to``'s order.
+
+    The GGUF file (and this port) keeps llama.cpp's row order, whose rotary
+    embedding turns adjacent pairs; transformers turns pairs half a head apart and
+    un-permutes the rows when it reads the file. Apply ``to="transformers"`` to an
+    adapted tree before `jaxlora.save_peft` (the q/k ``b`` factors change order),
+    and ``to="gguf"`` after `jaxlora.load_peft` onto a ``"transformers"`` tree.
+    Works on plain and adapted trees; every other weight is returned as is.
+
+    Raises:
+        ValueError: for another ``to``.
+    """
+    if to not in ("transformers", "gguf"):
+        raise ValueError(f"to must be 'transformers' or 'gguf', got {to!r}")
+    import jaxlora
+
+    def rows(node):
+        if jaxlora.is_lora(node):
+            return node.replace(w=_rotary_rows(node.w, to), b=_rotary_rows(node.b, to))
+        return _rotary_rows(node, to)
+
+    layers = dict(params["params"]["layers"])
+    for kind in ("q", "k"):
+        layers[kind] = {"kernel": rows(layers[kind]["kernel"])}
+    return {"params": {**params["params"], "layers": layers}}
+
+
 # ---------------------------------------------------------------- generation
 
 

@@ -49,14 +49,23 @@ def test_logits_and_tokens_match_transformers_gguf_loader():
     prompt = smollm2.chat_prompt("Hi")
     assert tok.encode(prompt).ids == ref_tok(prompt, add_special_tokens=False).input_ids
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    )
+    ref = reference_model()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits.numpy()
     got = np.asarray(model.apply(params, np.asarray([ids])))
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel < 1e-5, rel  # measured 1.9e-6
+
+
+@functools.cache
+def reference_model():
+    """transformers' own LlamaForCausalLM read from the same GGUF file."""
+    torch = require("torch", "pip install torch==2.13.0 transformers")
+    transformers = require("transformers", "pip install transformers")
+    folder, name = os.path.split(smollm2.gguf_path())
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    )
 
 
 @functools.cache
@@ -143,9 +152,62 @@ def grads_of(grads, kernel):
 def test_hamlet_quick_run_lowers_validation_loss_and_saves_the_adapter(tmp_path):
     m = hamlet.run(hamlet.parse_args(["--quick", "--out", str(tmp_path)]))
     assert m["val_loss_after"] < m["val_loss_before"] - 0.1, m  # measured 4.40 -> 4.13
+    assert m["trained_params"] == 30 * 8 * (1152 + 768 + 768 + 1152 + 3 * 2112)
     with open(tmp_path / "metrics.json", encoding="utf-8") as f:
         assert json.load(f)["val_loss_after"] == m["val_loss_after"]
     assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     _, params, _ = loaded()
     back = jaxlora.load(str(tmp_path / "adapter"), params)
     assert back["params"]["layers"]["q"]["kernel"].a.shape == (30, 576, 8)
+
+
+def test_adapter_saved_for_peft_runs_the_same_in_transformers(tmp_path):
+    """`save_peft` of the adapted port (q/k rows put in transformers' order), read by
+    PEFT onto transformers' model of the same file: the same logits; and
+    `load_peft` brings back the same factors."""
+    torch = require("torch", "pip install torch==2.13.0 transformers peft")
+    peft = require("peft", "pip install peft")
+    model, lora, ids = adapted()
+    hf_tree = smollm2.reorder_qk(lora, to="transformers")
+    jaxlora.save_peft(tmp_path / "peft", hf_tree, smollm2.hf_module_name)
+
+    adapted_ref = peft.PeftModel.from_pretrained(reference_model(), tmp_path / "peft")
+    try:
+        with torch.no_grad():
+            want = adapted_ref(torch.tensor(ids)).logits.numpy()
+    finally:
+        adapted_ref.unload()  # the cached reference model gets its own layers back
+    got = np.asarray(jaxlora.lora_apply(model.apply)(lora, ids))
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 1e-5, rel
+
+    blank = jax.tree.map(
+        lambda x: x.replace(a=0 * x.a, b=0 * x.b) if jaxlora.is_lora(x) else x,
+        hf_tree,
+        is_leaf=jaxlora.is_lora,
+    )
+    back = jaxlora.load_peft(tmp_path / "peft", blank, smollm2.hf_module_name)
+    back = smollm2.reorder_qk(back, to="gguf")
+    for k in ("q", "k", "o", "down"):
+        got_f, want_f = (
+            (t["params"]["layers"][k]["kernel"].a, t["params"]["layers"][k]["kernel"].b)
+            for t in (back, lora)
+        )
+        np.testing.assert_array_equal(got_f[0], want_f[0])
+        np.testing.assert_array_equal(got_f[1], want_f[1])
+
+
+def test_adapter_size_counts_rank_columns_used_per_layer():
+    """EVA pads a stack's low-rank layers with columns zero in both factors."""
+    stacked = jaxlora.Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    tree = {"params": {"layers": {"q": {"kernel": jnp.ones((2, 6, 4))}}}}
+    lora = jaxlora.init(tree, jax.random.key(0), rank=2, layouts={".*": stacked})
+    assert hamlet.adapter_size(lora) == 2 * 2 * (6 + 4)
+    node = lora["params"]["layers"]["q"]["kernel"]
+    padded = node.replace(a=node.a.at[1, :, 1].set(0.0))  # b = 0: column unused
+    lora["params"]["layers"]["q"]["kernel"] = padded
+    assert hamlet.adapter_size(lora) == 3 * (6 + 4)
+    reversed_ = padded.replace(a=0 * node.a, b=node.b.at[0, 0, 0].set(1.0))
+    lora["params"]["layers"]["q"]["kernel"] = reversed_  # init_b: a = 0, b random
+    assert hamlet.adapter_size(lora) == 1 * (6 + 4)
