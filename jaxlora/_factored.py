@@ -688,16 +688,36 @@ def _run(ctx, fn, args, kwargs):
     )
     values = [x for _, x in leaves]
     dyn = [i for i, x in enumerate(values) if _is_dynamic(x)]
+    changed_structure = []
 
     def flat_fn(*dyn_vals):
         full = list(values)
         for i, v in zip(dyn, dyn_vals, strict=True):
             full[i] = v
         a, kw = jax.tree.unflatten(treedef, full)
-        return fn(*a, **kw)
+        out = fn(*a, **kw)
+        # the arguments after the call: NNX Variables the model wrote in place
+        after, after_def = jax.tree.flatten((a, kw), is_leaf=is_lora)
+        if after_def != treedef:
+            changed_structure.append(after_def)
+            return out, []
+        return out, [after[i] for i in dyn]
 
     placeholders = [values[i].w if is_lora(values[i]) else values[i] for i in dyn]
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*placeholders)
+    closed, (out_shape, _) = jax.make_jaxpr(flat_fn, return_shape=True)(*placeholders)
+    if changed_structure:
+        raise ValueError(
+            "jaxlora.lora_apply: the function added or removed variables of its "
+            "arguments while it ran (e.g. an NNX module that creates a cache or "
+            "an attribute on first call). Changes of structure cannot be carried "
+            "out of the factored run: create them before the call (e.g. "
+            "model.init_cache(...)), outside lora_apply."
+        )
+    jaxpr = closed.jaxpr
+    n_out = len(jax.tree.leaves(out_shape))
+    written = [  # positions in dyn whose value the function replaced
+        k for k, var in enumerate(jaxpr.outvars[n_out:]) if var is not jaxpr.invars[k]
+    ]
     invals = [
         Sym.from_lora(values[i], _arg_path(leaves[i][0]))
         if is_lora(values[i])
@@ -709,28 +729,89 @@ def _run(ctx, fn, args, kwargs):
         or _contract.forward_mode([*jax.tree.leaves(invals), *closed.consts])
     )
     try:
-        outs = _eval(ctx, closed.jaxpr, closed.consts, invals)
+        outs = _eval(ctx, jaxpr, closed.consts, invals)
     finally:
         _contract.FORWARD_MODE.reset(token)
-    given = {id(s): values[i] for s, i in zip(invals, dyn, strict=True)}
+    outs, new_values = outs[:n_out], [outs[n_out + k] for k in written]
+    given = [
+        (sym, values[i])
+        for sym, i in zip(invals, dyn, strict=True)
+        if isinstance(sym, Sym)
+    ]
     paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(out_shape)[0]]
     outs = [_returned(ctx, x, p, given) for x, p in zip(outs, paths, strict=True)]
+    if written:
+        _write_back(
+            ctx,
+            (args, kwargs),
+            {dyn[k]: v for k, v in zip(written, new_values, strict=True)},
+            [leaves[dyn[k]][0] for k in written],
+            {dyn[k]: invals[k] for k in written},
+        )
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
-def _returned(ctx, x, out_path: str, given: dict):
+def _write_back(ctx, tree, new: dict, keys: list, before: dict) -> None:
+    """Stores in the caller's NNX Variables the values the function wrote to them
+    (BatchNorm statistics, a Dropout RNG count, a KV cache), as calling it directly
+    would have: the factored run worked on copies of the arguments. An adapted
+    weight written back as it was (``nnx.scan`` stacks each block's state back) is
+    left alone."""
+    from flax import nnx
+
+    new = {i: v for i, v in new.items() if not _same_weight(v, before[i])}
+    keys = [k for k, i in zip(keys, before, strict=True) if i in new]
+
+    owners = []  # per leaf of ``tree``: the Variable holding it alone, or None
+    for node in jax.tree.leaves(
+        tree, is_leaf=lambda x: is_lora(x) or isinstance(x, nnx.Variable)
+    ):
+        n = len(jax.tree.leaves(node, is_leaf=is_lora))
+        owner = node if isinstance(node, nnx.Variable) and n == 1 else None
+        owners += [owner] * n
+    problems = []
+    for i, key in zip(new, keys, strict=True):
+        if owners[i] is None or is_lora(owners[i].get_value()):
+            what = "an adapted weight" if owners[i] is not None else "not in a Variable"
+            problems.append(f"{path_str(key)!r} ({what})")
+    if problems:
+        raise ValueError(
+            "jaxlora.lora_apply: the function replaced argument values in place that "
+            f"cannot be stored back: {', '.join(problems[:8])}. Only NNX Variables "
+            "other than the adapted weights can be updated in place; return other "
+            "new values from the function instead."
+        )
+    for i, value in new.items():
+        value = ctx.materialize(value, "output", "stored by the function")
+        owners[i].set_value(value)
+
+
+def _same_weight(x, sym) -> bool:
+    """Whether ``x`` is the adapted weight ``sym`` itself, unchanged (maybe rebuilt
+    from the same arrays, as a scan stacks its slices back)."""
+    return (
+        isinstance(x, Sym)
+        and isinstance(sym, Sym)
+        and all(getattr(x, f) is getattr(sym, f) for f in ("w", "a", "b"))
+        and (x.a_lab, x.b_lab, x.scale) == (sym.a_lab, sym.b_lab, sym.scale)
+    )
+
+
+def _returned(ctx, x, out_path: str, given: list):
     """An output: an adapted weight returned unchanged where the output tree holds
     it at its own path (an NNX step returning ``nnx.state(model)``, Linen's
     updated variables) is its `LoraWeight`, so state threaded to the next step
     keeps its adapters; anything else derived from one (the weight returned as a
     value) is materialized."""
-    if (
-        isinstance(x, Sym)
-        and id(x) in given
-        and (out_path == x.path or out_path.endswith(f"/{x.path}"))
-    ):
-        ctx.record(x.path, "output", "factored", "returned unchanged: its LoraWeight")
-        return given[id(x)]
+    at_own_path = isinstance(x, Sym) and (
+        out_path == x.path or out_path.endswith(f"/{x.path}")
+    )
+    for sym, weight in given if at_own_path else ():
+        if _same_weight(x, sym):
+            ctx.record(
+                x.path, "output", "factored", "returned unchanged: its LoraWeight"
+            )
+            return weight
     return ctx.materialize(x, "output", "returned by the function")
 
 

@@ -1205,3 +1205,121 @@ def test_conv_ensemble_with_per_member_factors_runs_factored(in_axes):
     variables = model.init(jax.random.key(0), x)
     per_member = Layout(in_axes=(1, 2, 3), out_axes=(4,), stack_axes=(0,))
     check(model.apply, adapt(variables, {"params/conv/kernel": per_member}), x)
+
+
+# -- state a model writes in place -------------------------------------------------
+
+
+class BatchNormDropoutNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(self.bn(self.lin(x))))
+
+
+def _written_state(m):
+    return m.bn.mean[...], m.bn.var[...], m.drop.rngs.count[...]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_state_written_in_place_reaches_the_callers_module(jit):
+    """BatchNorm statistics and the Dropout RNG count, written by the model while it
+    runs, land in the module passed to the wrapped function, as they do for the
+    merged model (they were dropped: the engine ran on copies)."""
+    graphdef, state = nnx.split(BatchNormDropoutNet(nnx.Rngs(0)))
+    lp = adapt(state, {"lin/kernel": Layout.dense(2), "out/kernel": Layout.dense(2)})
+    x = rand((16, 4)) + 3.0
+    step = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+    adapted_step = jaxlora.lora_apply(lambda m, x: m(x))
+    if jit:
+        adapted_step = nnx.jit(adapted_step)
+    merged, adapted = nnx.merge(graphdef, jaxlora.merge(lp)), nnx.merge(graphdef, lp)
+    want = [step(merged, x) for _ in range(2)]
+    got = [adapted_step(adapted, x) for _ in range(2)]
+    for g, w in zip(got, want, strict=True):  # same dropout masks, step by step
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(got[0], got[1])  # the mask moved on
+    chex.assert_trees_all_close(
+        _written_state(adapted), _written_state(merged), rtol=1e-5, atol=1e-5
+    )
+    assert int(adapted.drop.rngs.count[...]) == 2
+    assert jaxlora.is_lora(adapted.lin.kernel.get_value())
+
+
+def test_nnx_kv_cache_decoding_matches_the_merged_model():
+    """``nnx.MultiHeadAttention(decode=True)`` writes its KV cache in place."""
+    b, t, d = 1, 4, 16
+    mha = nnx.MultiHeadAttention(
+        num_heads=2, in_features=d, decode=True, rngs=nnx.Rngs(0)
+    )
+    graphdef, state = nnx.split(mha)
+    paths = [f"{n}/kernel" for n in ("query", "key", "value", "out")]
+    layouts = {
+        p: jaxlora.Layout.dense(3, n_in=2 if p == "out/kernel" else 1) for p in paths
+    }
+    lp = adapt(state, layouts)
+    xs = rand((b, t, d))
+
+    def decode(m, step):
+        m.init_cache((b, t, d))
+        return jnp.concatenate([step(m, xs[:, i : i + 1]) for i in range(t)], 1)
+
+    merged, adapted = nnx.merge(graphdef, jaxlora.merge(lp)), nnx.merge(graphdef, lp)
+    want = decode(merged, lambda m, x: m(x))
+    got = decode(adapted, jaxlora.lora_apply(lambda m, x: m(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert int(adapted.cache_index[...]) == t
+
+
+def test_in_place_writes_that_cannot_be_stored_back_are_refused():
+    lp = adapt({"k": rand((4, 5), seed=2)}, {"k": Layout.dense(2)})
+
+    def counts_in_a_dict(p, x):
+        p["calls"] = p["calls"] + 1  # a plain dict: the caller's is not the one run
+        return x @ p["k"]
+
+    with pytest.raises(ValueError, match=r"'0/0/calls' \(not in a Variable\)"):
+        jaxlora.lora_apply(counts_in_a_dict)(
+            {**lp, "calls": jnp.zeros(())}, rand((2, 4))
+        )
+
+    model = nnx.Linear(4, 5, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    adapted = nnx.merge(graphdef, adapt(state, {"kernel": Layout.dense(2)}))
+
+    def overwrites_the_kernel(m, x):
+        m.kernel.set_value(m.kernel.get_value() * 2)
+        return m(x)
+
+    with pytest.raises(ValueError, match=r"'0/0/kernel' \(an adapted weight\)"):
+        jaxlora.lora_apply(overwrites_the_kernel)(adapted, rand((2, 4)))
+
+    def adds_a_variable(m, x):
+        m.seen = nnx.BatchStat(jnp.zeros(()))
+        return m(x)
+
+    with pytest.raises(ValueError, match="added or removed variables"):
+        jaxlora.lora_apply(adds_a_variable)(adapted, rand((2, 4)))
+
+
+def test_nnx_state_returned_from_a_scan_keeps_its_adapters():
+    """``nnx.scan`` stacks each block's state back: returned by the step, the
+    adapted kernels are their LoraWeights (they used to be materialized)."""
+    graphdef, state = nnx.split(RematStack())
+    per_layer = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    lp = adapt(state, {f"blocks/{n}/kernel": per_layer for n in ("up", "down")})
+
+    def step(st, x):
+        m = nnx.merge(graphdef, st)
+        return m(x), nnx.state(m)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing materialized
+        _, back = jaxlora.lora_apply(step)(lp, rand((5, 4)))
+    got, given = (t["blocks"]["up"]["kernel"].get_value() for t in (back, lp))
+    assert jaxlora.is_lora(got)
+    assert (got.w, got.a, got.b) == (given.w, given.a, given.b)  # the same arrays
