@@ -260,11 +260,14 @@ class LoraWeight:
             "The model was called with an adapted parameter tree: wrap its apply "
             "function with jaxlora.lora_apply(model.apply), or pass "
             "jaxlora.merge(params) (adapters folded in) or jaxlora.base(params) "
-            "(adapters dropped) to the unmodified function."
+            "(adapters dropped) to the unmodified function. Inside lora_apply, "
+            "pass the adapted tree or model as an argument of the wrapped function "
+            "rather than capturing it in a closure."
         )
 
     __jax_array__ = _refuse
     __array__ = _refuse
+    __getitem__ = _refuse  # an NNX layer reads its kernel as ``self.kernel[...]``
 
 
 def is_lora(x: Any) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import LAYOUTS
 from conftest import all_weights
+from flax import nnx
 
 import jaxlora
 
@@ -326,6 +327,18 @@ def test_model_apply_on_adapted_tree_fails_loudly(mixed):
         model.apply(p, tokens, image)
     with pytest.raises(TypeError, match=r"jaxlora.merge\(params\)"):
         jax.jit(model.apply)(p, tokens, image)
+
+
+def test_nnx_model_holding_adapters_fails_loudly():
+    """An NNX layer reads its kernel as ``self.kernel[...]``: called directly, or
+    captured by a closure inside lora_apply, the model says what to do."""
+    graphdef, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    model = nnx.merge(graphdef, jaxlora.init(state, KEY, rank=2))
+    x = jnp.ones((2, 4))
+    with pytest.raises(TypeError, match=r"was used as an array.*lora_apply"):
+        model(x)
+    with pytest.raises(TypeError, match=r"rather than capturing it in a closure"):
+        jaxlora.lora_apply(lambda x: model(x))(x)
 
 
 def _mlp_params():
