@@ -371,9 +371,18 @@ def dot_general(eqn, lhs, rhs):
         sym = sym.regroup_units(free - set(own))
         first, second, route = "b", "a", "out"
     else:
+        lost = "input" if not sym.in_axes else "output" if not sym.out_axes else None
         raise Unsupported(
-            f"contracts axes {tuple(sc)} of the weight, neither its input axes "
-            f"{sym.in_axes} nor its output axes {sym.out_axes}"
+            f"contracts axes {tuple(sc)} of the weight as used here (shape "
+            f"{sym.shape}), neither its input axes {sym.in_axes} nor its output axes "
+            f"{sym.out_axes} under the adapter's layout"
+            + (
+                f"; its {lost} side was indexed away, as when a default layout took "
+                "a stacked layer axis as a side: infer layouts with jaxlora.init(..., "
+                "apply_fn=..., example_args=...)"
+                if lost
+                else ""
+            )
         )
     letters = fresh_letters(x.ndim + sym.ndim + 1)
     x_let = list(letters[: x.ndim])

@@ -148,8 +148,8 @@ def _plan(
                 f"fan_out={fan_out})"
                 + (
                     f" under the default layout {layout}: if an axis stacks layers "
-                    "(nn.scan) or experts, pass apply_fn= and example_args= to "
-                    "infer the layout, or layouts=..."
+                    "(nn.scan, nnx.vmap) or experts, pass apply_fn= and "
+                    "example_args= to infer the layout, or layouts=..."
                     if defaulted and len(shape) >= 3
                     else ""
                 )
@@ -183,7 +183,8 @@ def _plan(
             "jaxlora.init: these kernels get the default layout, which takes their "
             "small first axis as the input side (one a row per entry, a b as large "
             "as the rest of the kernel):\n  - " + "\n  - ".join(guessed) + "\nIf "
-            "that axis stacks layers (nn.scan), experts or heads, pass apply_fn= and "
+            "that axis stacks layers (nn.scan, nnx.vmap), experts or heads, pass "
+            "apply_fn= and "
             "example_args= to infer each layout from the model, or layouts={pattern: "
             "jaxlora.Layout(...)}.",
             stacklevel=3,

@@ -1323,3 +1323,15 @@ def test_nnx_state_returned_from_a_scan_keeps_its_adapters():
     got, given = (t["blocks"]["up"]["kernel"].get_value() for t in (back, lp))
     assert jaxlora.is_lora(got)
     assert (got.w, got.a, got.b) == (given.w, given.a, given.b)  # the same arrays
+
+
+def test_a_default_layout_on_scanned_layers_says_to_infer_layouts():
+    """Without ``apply_fn``, ``init`` takes the layer axis of NNX's stacked blocks
+    as the input side; the scan indexes it away, and the report says what to do."""
+    graphdef, state = nnx.split(RematStack())
+    with pytest.warns(UserWarning, match="default layout"):
+        lp = jaxlora.init(state, jax.random.key(0), rank=2)
+    report = jaxlora.explain(lambda s, x: nnx.merge(graphdef, s)(x), lp, rand((5, 4)))
+    assert report.status("blocks/up/kernel") == "materialized"
+    assert "its input side was indexed away" in str(report), str(report)
+    assert "apply_fn=" in str(report)

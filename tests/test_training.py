@@ -324,3 +324,48 @@ def test_merge_and_base_of_adapters_alone_say_combine():
             ValueError, match=r"jaxlora.combine\(base_params, adapters\)"
         ):
             fn(jaxlora.adapters(lp))
+
+
+class StackedBlocks(nnx.Module):
+    """NNX's scan-over-layers pattern: blocks made by ``nnx.vmap``, run by
+    ``nnx.scan``, with BatchNorm statistics written in place."""
+
+    def __init__(self, n_layers=3, width=16, rngs=None):
+        @nnx.split_rngs(splits=n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return nnx.Sequential(
+                nnx.Linear(width, width, rngs=rngs), nnx.BatchNorm(width, rngs=rngs)
+            )
+
+        self.blocks = create(rngs or nnx.Rngs(0))
+
+    def __call__(self, x):
+        def body(block, x):
+            return x + jnp.tanh(block(x))
+
+        return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(
+            self.blocks, x
+        )
+
+
+def test_readme_nnx_recipe_trains_stacked_layers():
+    """The README's NNX code block, run as written on stacked layers: layouts
+    inferred (layer axis stacked), factors trained, BatchNorm statistics kept."""
+    readme = open("README.md", encoding="utf-8").read()
+    block = re.search(r"\*\*NNX\.\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    y = 0.5 * x
+    scope = {"jax": jax, "jnp": jnp, "optax": optax, "nnx": nnx, "jaxlora": jaxlora}
+    scope.update(model=StackedBlocks(), x=x, y=y)
+    exec(block, scope)
+    model, opt, step = scope["model"], scope["opt"], scope["step"]
+    kernel = model.blocks.layers[0].kernel.get_value()
+    assert kernel.layout.stack_axes == (0,) and kernel.a.shape == (3, 16, 8)
+    base = np.asarray(kernel.w)
+    losses = [float(step(model, opt, x, y)) for _ in range(40)]
+    assert losses[-1] < 0.95 * losses[0], losses  # measured 1.453 -> 1.306 at 1e-3
+    trained = model.blocks.layers[0].kernel.get_value()
+    np.testing.assert_array_equal(trained.w, base)
+    assert float(jnp.abs(trained.b).max()) > 0
+    assert float(jnp.abs(model.blocks.layers[1].mean[...]).sum()) > 0
