@@ -147,18 +147,27 @@ def average_gradients(
         return picked, names, [x for _, x in flat], treedef
 
     picked, names, leaves, treedef = split(params)
+    # the other weights are arguments, not constants folded into the program
+    rest = {
+        n: x
+        for n, x in zip(names, leaves, strict=True)
+        if n not in wanted and isinstance(x, (jax.Array, np.ndarray))
+    }
 
     @jax.jit
-    def grad_fn(picked, batch):
+    def grad_fn(picked, rest, batch):
         def loss(picked):
-            full = [picked.get(n, x) for n, x in zip(names, leaves, strict=True)]
+            full = [
+                picked.get(n, rest.get(n, x))
+                for n, x in zip(names, leaves, strict=True)
+            ]
             return loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch)
 
         return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(picked))
 
     total, count = None, 0
     for batch in batches:
-        g = grad_fn(picked, batch)
+        g = grad_fn(picked, rest, batch)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
         count += 1
     if count == 0:

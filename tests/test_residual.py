@@ -277,6 +277,31 @@ def test_lora_ga_in_gradient_groups_gives_the_same_factors():
     chex.assert_trees_all_close(one_pass, per_target, atol=1e-6)
 
 
+def test_lora_ga_passes_the_other_weights_as_arguments():
+    """The weights LoRA-GA does not adapt reach the jitted gradient function as
+    arguments: closed over, XLA folded them in as constants (a tied 49152×576
+    embedding made one init take 8.9 s instead of 1.2 s)."""
+    model = nn.Sequential([nn.Dense(24), nn.tanh, nn.Dense(16)])
+    x = jax.random.normal(jax.random.key(0), (32, 20))
+    variables = model.init(jax.random.key(1), x)
+    seen = []
+
+    def loss_fn(p, b):
+        seen.append(isinstance(p["params"]["layers_2"]["kernel"], jax.core.Tracer))
+        return jnp.mean(model.apply(p, b) ** 2)
+
+    jaxlora.init(
+        variables,
+        jax.random.key(2),
+        scheme="lora_ga",
+        rank=2,
+        targets=".*layers_0/kernel",
+        loss_fn=loss_fn,
+        batches=[x],
+    )
+    assert seen == [True]
+
+
 def test_weight_aware_errors_name_the_parameter_path():
     """Errors raised while a weight-aware scheme decomposes a target used to name
     the scheme ('lora_ga') where the user needs the target that failed (`init`
