@@ -26,6 +26,7 @@ from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._node import layout_hidden
 from jaxlora._node import placed_like_weight
 from jaxlora._paths import leaf_name
 from jaxlora._paths import path_str
@@ -362,6 +363,7 @@ def init(
     )
     dtype = jnp.dtype(dtype)
     leaves = dict(_targets.leaves_with_paths(params))
+    _warn_hidden_layouts([t.path for t in plan if layout_hidden(leaves[t.path])])
     if kind == "eva":
         nodes = _eva_init.eva_nodes(
             params,
@@ -403,6 +405,22 @@ def init(
             nodes[t.path] = _compensated(node) if compensate else node
         del grads  # LoRA-GA: this group's gradients are no longer needed
     return _attach(params, nodes)
+
+
+def _warn_hidden_layouts(paths: list[str]) -> None:
+    """One warning for the targets whose mesh layout `init` cannot see."""
+    if not paths:
+        return
+    shown = paths[:5] + ([f"... and {len(paths) - 5} more"] if len(paths) > 5 else [])
+    warnings.warn(
+        "jaxlora.init runs under a trace (jax.jit) and these weights are on a device "
+        "mesh with automatic (AxisType.Auto) axes, whose layouts are not part of "
+        "their types, so their factors (and a PiSSA/OLoRA/MiLoRA residual) are laid "
+        "out by XLA, usually replicated:\n  - " + "\n  - ".join(shown) + "\nCall "
+        "jaxlora.init outside jax.jit (it then lays the factors out like each "
+        "weight), use AxisType.Explicit mesh axes, or give jax.jit out_shardings.",
+        stacklevel=3,
+    )
 
 
 def _attach(params: PyTree, nodes: dict[str, LoraWeight]) -> PyTree:

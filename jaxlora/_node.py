@@ -288,9 +288,19 @@ def factor_shardings(layout: Layout, weight: Any) -> tuple | None:
     stack = [spec[i] for i in layout.stack_axes]
     a_spec = (*stack, *(spec[i] for i in layout.in_axes), None)
     b_spec = (*stack, None, *(spec[i] for i in layout.out_axes))
-    named = lambda fspec: jax.sharding.NamedSharding(  # noqa: E731
-        sharding.mesh, jax.sharding.PartitionSpec(*fspec)
-    )
+
+    # written as a jitted step returns it, so that its second call (with updated
+    # factors) reuses the first compilation: one entry per axis when the layout is
+    # in the types (explicit axes), trailing Nones dropped when XLA chooses it
+    explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
+
+    def named(fspec):
+        while fspec and fspec[-1] is None and not explicit:
+            fspec = fspec[:-1]
+        return jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*fspec)
+        )
+
     return named(a_spec), named(b_spec)
 
 
@@ -305,6 +315,18 @@ def sharding_of(weight: Any):
     return sharding if explicit in tuple(getattr(mesh, "axis_types", ())) else None
 
 
+def layout_hidden(weight: Any) -> bool:
+    """True for a traced array on a device mesh with an automatic axis of more than
+    one device: its layout may split it, and its type does not say how."""
+    if not isinstance(weight, jax.core.Tracer):
+        return False
+    mesh = getattr(getattr(jax.typeof(weight), "sharding", None), "mesh", None)
+    sizes = tuple(getattr(mesh, "axis_sizes", ()))
+    types = tuple(getattr(mesh, "axis_types", ()))
+    auto = jax.sharding.AxisType.Auto
+    return any(n > 1 and t == auto for n, t in zip(sizes, types, strict=True))
+
+
 def place(x: jax.Array, sharding) -> jax.Array:
     """``x`` laid out as ``sharding``: ``device_put`` for an array, ``reshard`` for
     a traced one (its layout is part of its type)."""
@@ -315,9 +337,12 @@ def place(x: jax.Array, sharding) -> jax.Array:
 
 def placed_like_weight(node: LoraWeight, weight: Any) -> LoraWeight:
     """``node`` with its factors sharded like ``weight`` (`factor_shardings`) when
-    that is an array laid out on a device mesh; anything else is left where it is."""
+    that is an array laid out on a device mesh, and a base that replaces ``weight``
+    (a residual) put back in ``weight``'s own layout; anything else is left where
+    it is."""
     shardings = factor_shardings(node.spec.layout, weight)
     if shardings is None:
         return node
     sa, sb = shardings
-    return node.replace(a=place(node.a, sa), b=place(node.b, sb))
+    w = node.w if node.w is weight else place(node.w, sharding_of(weight))
+    return node.replace(w=w, a=place(node.a, sa), b=place(node.b, sb))

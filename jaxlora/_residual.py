@@ -26,6 +26,7 @@ from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._node import place
+from jaxlora._node import placed_like_weight
 from jaxlora._node import sharding_of
 from jaxlora._paths import path_str
 
@@ -94,35 +95,34 @@ def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
 
 def _whole(x):
     """``x`` replicated when it is split over explicit mesh axes (an SVD or QR takes
-    whole matrices there), with the sharding to put the result back to; else
-    ``(x, None)``."""
+    whole matrices there); else ``x``."""
     sharding = sharding_of(x)
     explicit = jax.sharding.AxisType.Explicit
     if not isinstance(sharding, jax.sharding.NamedSharding) or explicit not in tuple(
         sharding.mesh.axis_types
     ):
-        return x, None
-    whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return place(x, whole), sharding
+        return x
+    return place(
+        x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    )
 
 
 def adapt(
     scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None, *, path: str
 ) -> LoraWeight:
-    """One target's `LoraWeight` with factors from ``w`` and the residual as base
-    (laid out like ``w``; the factors are laid out by the caller); errors name
-    ``path``."""
+    """One target's `LoraWeight` with factors from ``w`` and the residual as base;
+    the caller lays the factors and the residual out like ``w``
+    (`placed_like_weight`). Errors name ``path``."""
     layout, shape = spec.layout, tuple(w.shape)
-    w, placed = _whole(w)
-    grad = None if grad is None else _whole(grad)[0]
+    w = _whole(w)
+    grad = None if grad is None else _whole(grad)
     k3 = to_3d(w, layout)
     g3 = None if grad is None else to_3d(grad, layout)
     keys = jax.random.split(key, k3.shape[0])
     a, b, res = _factors_3d(scheme, keys, k3, g3, spec.rank, spec.scale, dtype, path)
     a_shape, b_shape = layout.factor_shapes(shape, spec.rank)
-    res = from_3d(res, layout, shape)
     return LoraWeight(
-        res if placed is None else place(res, placed),
+        from_3d(res, layout, shape),
         a.reshape(a_shape),
         b.reshape(b_shape),
         dataclasses.replace(spec, residual=True),
@@ -303,4 +303,4 @@ def _plain(node: LoraWeight, orig: jax.Array, path: str) -> LoraWeight:
     new = dataclasses.replace(
         spec, rank=2 * r, alpha=alpha, residual=False, scheme=f"{spec.scheme}:plain"
     )
-    return LoraWeight(orig, a, b, new)
+    return placed_like_weight(LoraWeight(orig, a, b, new), orig)

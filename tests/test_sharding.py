@@ -726,3 +726,91 @@ def test_explicit_mesh_axes_run_factored_with_the_models_layouts():
     layouts and factor gradients; PiSSA/OLoRA initialize split weights and EVA
     captures split batches."""
     run_on_four_devices(EXPLICIT_SCRIPT)
+
+
+LAYOUT_SCRIPT = textwrap.dedent(
+    """
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    import jaxlora
+
+    assert jax.device_count() == 4
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    # a stacked q projection (layers, embed, heads, head_dim) split two ways
+    spec = P(None, "model", None, "data")
+    w = np.random.default_rng(0).normal(size=(2, 8, 2, 4)).astype(np.float32)
+    params = {
+        "scale": jax.device_put(np.ones(8, np.float32), NamedSharding(mesh, P())),
+        "q": jax.device_put(w, NamedSharding(mesh, spec)),
+    }
+    layouts = {"q": jaxlora.Layout(in_axes=(1,), out_axes=(2, 3), stack_axes=(0,))}
+
+    def adapt(scheme, p=params):
+        return jaxlora.init(
+            p, jax.random.key(1), scheme=scheme, rank=2, targets=["q"], layouts=layouts
+        )
+
+    # a residual base keeps the weight's layout (was P(None, 'model'): replicated
+    # over 'data'), the factors follow it, and to_plain_lora's factors too
+    for scheme in ("pissa", "olora", "milora", "normal"):
+        q = adapt(scheme)["q"]
+        assert q.w.sharding == params["q"].sharding, (scheme, q.w.sharding)
+        assert q.a.sharding.spec == P(None, "model"), (scheme, q.a.sharding)
+        assert q.b.sharding.spec == P(None, None, None, "data"), (scheme, q.b.sharding)
+        np.testing.assert_allclose(jaxlora.merge({"q": q})["q"], w, atol=1e-5)
+    plain = jaxlora.to_plain_lora(adapt("pissa"), params)["q"]
+    assert plain.a.sharding.spec == P(None, "model"), plain.a.sharding
+    assert plain.b.sharding.spec == P(None, None, None, "data"), plain.b.sharding
+
+    # a jitted training step returns every leaf in the layout it took, so its
+    # second call reuses the first compilation (the factors' specs had a trailing
+    # None, which the step's outputs drop: every run compiled twice)
+    apply = jaxlora.lora_apply(
+        lambda p, x: jnp.einsum("bd,ldhk->lbhk", x * p["scale"], p["q"])
+    )
+    tx = jaxlora.freeze_base(optax.adamw(1e-3))
+    x = jax.device_put(np.ones((4, 8), np.float32), NamedSharding(mesh, P("data")))
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(lambda q: jnp.sum(apply(q, x) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for scheme in ("normal", "pissa"):
+        p = adapt(scheme)
+        replicated = NamedSharding(mesh, P())  # optax's step count, committed
+        s = jax.tree.map(
+            lambda t: jax.device_put(t, replicated) if t.ndim == 0 else t, tx.init(p)
+        )
+        out = step(p, s)
+        before = jax.tree_util.tree_flatten_with_path((p, s))[0]
+        for (k, v0), v1 in zip(before, jax.tree.leaves(out), strict=True):
+            assert v0.sharding == v1.sharding, (
+                scheme, jax.tree_util.keystr(k), v0.sharding, v1.sharding
+            )
+
+    # init under jax.jit cannot see an Auto-axes layout: it says so once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.jit(lambda p: adapt("normal", p))(params)
+    said = [str(m.message) for m in caught]
+    said = [m for m in said if "jaxlora.init runs under" in m]
+    assert len(said) == 1 and "- q" in said[0] and "outside jax.jit" in said[0], said
+    print("OK")
+    """
+)
+
+
+def test_layouts_survive_residual_schemes_export_and_jitted_steps():
+    """On an automatic-axes mesh: PiSSA/OLoRA/MiLoRA keep a split weight's layout
+    for the residual base, `to_plain_lora` lays its factors out like the weight, a
+    jitted step returns every leaf in the layout it took (one compilation), and
+    `init` under ``jax.jit`` warns that it cannot see the weights' layouts."""
+    run_on_four_devices(LAYOUT_SCRIPT)
