@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlora import _hosts
 from jaxlora._boxes import factored_boxes
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
@@ -47,9 +48,7 @@ _SPEC_FIELDS = ("scheme", "rank", "alpha", "rslora", "residual", "embedding")
 
 def _fingerprint(w: Any) -> list[float]:
     """Float64 checksums of a weight: sum, sum of squares, position-weighted sum."""
-    x = np.asarray(jax.device_get(w), np.float64).ravel()
-    weights = 1.0 + (np.arange(x.size) % 1009) / 1009.0
-    return [float(x.sum()), float(np.dot(x, x)), float(np.dot(x, weights))]
+    return [float(v) for v in _hosts.checksums(w, period=1009)]
 
 
 def _same_fingerprint(got: list[float], want: list[float]) -> bool:
@@ -154,7 +153,9 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
         checkpointer.wait_until_finished()
         checkpointer.close()
         meta = {"format": FORMAT, "version": VERSION, "targets": entries}
-        write_synced(os.path.join(tmp, METADATA), json.dumps(meta, indent=1).encode())
+        if _hosts.primary():
+            text = json.dumps(meta, indent=1).encode()
+            write_synced(os.path.join(tmp, METADATA), text)
     return path
 
 
@@ -162,24 +163,36 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
 def staged(path: str):
     """A temporary directory next to ``path``, renamed to ``path`` when the block
     succeeds (an existing ``path`` is replaced only then) and removed otherwise, so
-    an interrupted save never leaves a half-written directory where a good one was."""
+    an interrupted save never leaves a half-written directory where a good one was.
+
+    With several JAX processes (multi-host) every process gets the same directory
+    (the primary one creates, renames and removes it; ``path`` must be on a file
+    system they share, as orbax requires) and returns only once ``path`` is
+    complete: files only one process writes are written by `_hosts.primary`."""
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    # mkdtemp's 0o700 would hide the result from other users: the mode of the
-    # directory it replaces, else what the umask gives a new directory
-    if os.path.isdir(path):
-        mode = os.stat(path).st_mode & 0o7777
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o777 & ~umask
-    os.chmod(tmp, mode)
+    tmp = ""
+    if _hosts.primary():
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        # mkdtemp's 0o700 would hide the result from other users: the mode of the
+        # directory it replaces, else what the umask gives a new directory
+        if os.path.isdir(path):
+            mode = os.stat(path).st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o777 & ~umask
+        os.chmod(tmp, mode)
+    tmp = _hosts.agreed(tmp)
     try:
         yield tmp
-        _replace(tmp, path)
+        _hosts.wait_for_all(f"written {path}")
+        if _hosts.primary():
+            _replace(tmp, path)
+        _hosts.wait_for_all(f"renamed {path}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _hosts.primary():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_synced(file: str, data: bytes) -> None:

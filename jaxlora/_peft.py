@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _hosts
 from jaxlora import _peft_config
 from jaxlora import _safetensors
 from jaxlora._boxes import factored_boxes
@@ -124,8 +125,8 @@ def _layers(node: LoraWeight):
     """The stack shape (ascending weight axes) and ``(layer index, a, b)`` for each
     layer of ``node`` (one, ``()``, if unstacked)."""
     lay, n = node.spec.layout, len(node.spec.layout.stack_axes)
-    a = _stack_first(np.asarray(node.a), lay.stack_axes)
-    b = _stack_first(np.asarray(node.b), lay.stack_axes)
+    a = _stack_first(_hosts.on_host(node.a), lay.stack_axes)
+    b = _stack_first(_hosts.on_host(node.b), lay.stack_axes)
     stack = a.shape[:n]
     return stack, [(i, a[i], b[i]) for i in np.ndindex(*stack)]
 
@@ -208,13 +209,14 @@ def save_peft(
     _warn_tables([n for n, spec in modules.items() if spec.embedding], "save_peft")
     config = _peft_config.write(modules)
     with staged(path) as tmp:
-        card = os.path.join(path, "README.md")  # PEFT's model card: kept
-        if os.path.isfile(card):
-            shutil.copy2(card, os.path.join(tmp, "README.md"))
-        blob = _safetensors.encode(tensors, {"format": "pt"})
-        write_synced(os.path.join(tmp, WEIGHTS), blob)
-        text = json.dumps(config, indent=2).encode()  # pattern order matters
-        write_synced(os.path.join(tmp, CONFIG), text)
+        if _hosts.primary():  # every process holds all of it: one writes
+            card = os.path.join(path, "README.md")  # PEFT's model card: kept
+            if os.path.isfile(card):
+                shutil.copy2(card, os.path.join(tmp, "README.md"))
+            blob = _safetensors.encode(tensors, {"format": "pt"})
+            write_synced(os.path.join(tmp, WEIGHTS), blob)
+            text = json.dumps(config, indent=2).encode()  # pattern order matters
+            write_synced(os.path.join(tmp, CONFIG), text)
     return path
 
 
@@ -328,7 +330,7 @@ _BASE = ".base_layer.weight"
 def _torch_base(node: LoraWeight, layer: tuple) -> np.ndarray:
     """One layer's base weight as torch holds it: ``(vocab, dim)`` for a table,
     ``(out, in)`` for a linear layer (axes flattened in the weight's order)."""
-    lay, w = node.spec.layout, np.asarray(node.w)
+    lay, w = node.spec.layout, _hosts.on_host(node.w)
     stack = sorted(lay.stack_axes)
     rest = [i for i in range(w.ndim) if i not in stack]
     w = np.transpose(w, [*stack, *rest])[layer]  # this layer, axes as `rest`

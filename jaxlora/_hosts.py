@@ -1,0 +1,79 @@
+"""What the file functions need when a program runs as several JAX processes (a
+multi-host TPU slice, or `jax.distributed` on CPUs/GPUs): arrays that span devices of
+other processes read in full on every process, one process writing the files that
+are not sharded, and every process agreeing on a directory and waiting for the others.
+
+With one process every function here is the plain single-process operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def several() -> bool:
+    """True when this program runs as more than one JAX process."""
+    return jax.process_count() > 1
+
+
+def primary() -> bool:
+    """True on the process that writes the files every process agrees on."""
+    return jax.process_index() == 0
+
+
+def wait_for_all(name: str) -> None:
+    """Returns on every process once all of them got here (nothing to wait for
+    with one process)."""
+    if several():
+        multihost_utils.sync_global_devices(f"jaxlora:{name}")
+
+
+def agreed(text: str) -> str:
+    """The primary process's ``text`` on every process (``text`` is ignored on the
+    others)."""
+    if not several():
+        return text
+    data = text.encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+    buf = np.zeros(size, np.uint8)
+    if primary():
+        buf[:] = np.frombuffer(data, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode()
+
+
+def on_host(x: Any) -> np.ndarray:
+    """The whole of ``x`` as a numpy array on this process. An array whose shards
+    live on other processes' devices is gathered from all of them, so every process
+    must call this for the same arrays in the same order."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def checksums(x: Any, period: int) -> np.ndarray:
+    """Float64 ``[sum, sum of squares, sum weighted by 1 + (i mod period)/period]``
+    over the flat (row-major) elements ``i`` of ``x``. An array spread over several
+    processes is summed shard by shard where it lives (each element once) and the
+    partial sums are added up, so no process reads the whole array."""
+    if getattr(x, "is_fully_addressable", True):
+        flat = np.asarray(jax.device_get(x), np.float64).ravel()
+        return _sums(flat, np.arange(flat.size), period)
+    part = np.zeros(3)
+    for shard in x.addressable_shards:
+        if shard.replica_id != 0:  # a replicated block is counted by one device
+            continue
+        block = np.asarray(shard.data, np.float64)
+        axes = [np.arange(n)[s] for n, s in zip(x.shape, shard.index, strict=True)]
+        grid = np.meshgrid(*axes, indexing="ij")
+        index = np.ravel_multi_index(grid, x.shape).ravel()
+        part += _sums(block.ravel(), index, period)
+    return np.asarray(multihost_utils.process_allgather(part)).sum(axis=0)
+
+
+def _sums(flat: np.ndarray, index: np.ndarray, period: int) -> np.ndarray:
+    weights = 1.0 + (index % period) / period
+    return np.array([flat.sum(), np.dot(flat, flat), np.dot(flat, weights)])
