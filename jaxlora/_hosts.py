@@ -71,7 +71,10 @@ def checksums(x: Any, period: int) -> np.ndarray:
         grid = np.meshgrid(*axes, indexing="ij")
         index = np.ravel_multi_index(grid, x.shape).ravel()
         part += _sums(block.ravel(), index, period)
-    return np.asarray(multihost_utils.process_allgather(part)).sum(axis=0)
+    # JAX carries 32-bit values (without jax_enable_x64): the float64 sums travel
+    # as their raw bits
+    bits = np.asarray(multihost_utils.process_allgather(part.view(np.uint32)))
+    return np.ascontiguousarray(bits).view(np.float64).sum(axis=0)
 
 
 def _sums(flat: np.ndarray, index: np.ndarray, period: int) -> np.ndarray:

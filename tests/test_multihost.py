@@ -1,0 +1,174 @@
+"""Several JAX processes (multi-host, as on a TPU slice): two processes on this
+machine, joined by `jax.distributed` with two CPU devices each, train an adapter of
+weights split over all four devices, then save it, load it and export it for PEFT.
+The files they write are then read by this (single-process) test and compared with
+the same training run on one device.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxlora
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2])
+    )
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    sys.path.insert(0, sys.argv[4])
+    import test_multihost as t
+    import jaxlora
+
+    out = sys.argv[3]
+    assert jax.process_count() == 2 and jax.device_count() == 4
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"up": P("data", "model"), "down": P("model", "data")}
+    host = t.weights()
+    params = {
+        k: jax.make_array_from_callback(
+            v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i]
+        )
+        for k, v in host.items()
+    }
+    x = jax.make_array_from_callback(
+        t.X.shape, NamedSharding(mesh, P("data")), lambda i: t.X[i]
+    )
+    for scheme in t.SCHEMES:
+        lp = t.adapt(params, scheme)
+        for k in specs:  # each factor split like its weight's matching axis
+            assert not lp[k].a.is_fully_addressable, (scheme, k)
+            assert lp[k].w.sharding == params[k].sharding, (scheme, k, lp[k].w)
+        assert lp["up"].b.sharding.spec == P(None, "model"), lp["up"].b.sharding
+        trained, losses = t.train(lp, x)
+        jaxlora.save(f"{out}/{scheme}", trained)
+        back = jaxlora.load(f"{out}/{scheme}", lp)  # the residual tree for PiSSA
+        for k in specs:
+            for f in ("a", "b"):
+                same = jax.jit(lambda u, v: (u == v).all())(
+                    getattr(back[k], f), getattr(trained[k], f)
+                )
+                assert bool(same), (scheme, k, f)
+        plain = trained
+        if scheme != "normal":
+            plain = jaxlora.to_plain_lora(trained, params)
+        jaxlora.save_peft(f"{out}/peft-{scheme}", plain, {"up": "up", "down": "down"})
+        if jax.process_index() == 0:
+            np.save(f"{out}/{scheme}-losses.npy", np.asarray(losses))
+    print("OK", jax.process_index())
+    """
+)
+
+SCHEMES = ("normal", "pissa")
+X = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+
+
+def weights():
+    rng = np.random.default_rng(0)
+    return {
+        "up": rng.normal(size=(16, 32)).astype(np.float32),
+        "down": rng.normal(size=(32, 16)).astype(np.float32) / 4,
+    }
+
+
+def adapt(params, scheme):
+    return jaxlora.init(
+        params, jax.random.key(2), scheme=scheme, rank=2, targets=["up", "down"]
+    )
+
+
+def model(p, x):
+    return jnp.tanh(x @ p["up"]) @ p["down"]
+
+
+def train(lp, x):
+    """Three Adam steps on the factors; the adapted tree and the losses."""
+    apply = jaxlora.lora_apply(model)
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+
+    @jax.jit
+    def step(p, s, x):
+        loss, g = jax.value_and_grad(lambda q: jnp.sum(apply(q, x) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    s, losses = tx.init(lp), []
+    for _ in range(3):
+        lp, s, loss = step(lp, s, x)
+        losses.append(float(loss))
+    return lp, losses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_save_load_and_export_what_one_device_does(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    here = os.path.dirname(os.path.abspath(__file__))
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, port, str(i), str(tmp_path), here],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the two processes did not finish in 240 s (a collective hung)")
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0 and f"OK {i}" in out, out[-4000:]
+
+    # the same run on one device, from the same numbers
+    params = {k: jnp.asarray(v) for k, v in weights().items()}
+    for scheme in SCHEMES:
+        lp = adapt(params, scheme)
+        want, losses = train(lp, jnp.asarray(X))
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"{scheme}-losses.npy"), losses, rtol=1e-5
+        )
+        # written by two processes, read by one (onto the residual tree for PiSSA,
+        # whose checksums of the split residual agree with this one's)
+        got = jaxlora.load(str(tmp_path / scheme), lp)
+        peft_got = jaxlora.load_peft(
+            tmp_path / f"peft-{scheme}",
+            lp if scheme == "normal" else jaxlora.to_plain_lora(lp, params),
+            {"up": "up", "down": "down"},
+        )
+        plain_want = want if scheme == "normal" else jaxlora.to_plain_lora(want, params)
+        for k in ("up", "down"):
+            for f in ("a", "b"):
+                np.testing.assert_allclose(
+                    getattr(got[k], f), getattr(want[k], f), rtol=1e-4, atol=1e-6
+                )
+                np.testing.assert_allclose(
+                    getattr(peft_got[k], f),
+                    getattr(plain_want[k], f),
+                    rtol=1e-4,
+                    atol=1e-6,
+                )
