@@ -133,6 +133,21 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             f"{foreign}), and overwrite=True only replaces a directory written by "
             "jaxlora.save. Choose another path, or move its contents away first."
         )
+    local = [
+        p
+        for p, x in nodes
+        if _hosts.several()
+        and any(getattr(f, "is_fully_addressable", True) for f in (x.a, x.b))
+    ]
+    if local:
+        raise ValueError(
+            f"{local[:8]}: with {jax.process_count()} JAX processes, jaxlora.save "
+            "writes each factor as one array spread over them (orbax), and these "
+            "factors are held by each process on its own devices. Put them on a "
+            "mesh of every process's devices first (jax.device_put(x, "
+            "NamedSharding(mesh, PartitionSpec())), or init on weights laid out "
+            "so), or write a PEFT adapter with jaxlora.save_peft."
+        )
     entries = [_entry(p, node, f"t{i}") for i, (p, node) in enumerate(nodes)]
     problems = _entry_problems(entries)
     if problems:  # checked before the disk is touched: `load` would refuse it
@@ -167,32 +182,48 @@ def staged(path: str):
 
     With several JAX processes (multi-host) every process gets the same directory
     (the primary one creates, renames and removes it; ``path`` must be on a file
-    system they share, as orbax requires) and returns only once ``path`` is
-    complete: files only one process writes are written by `_hosts.primary`."""
-    parent = os.path.dirname(path)
-    tmp = ""
-    if _hosts.primary():
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-        # mkdtemp's 0o700 would hide the result from other users: the mode of the
-        # directory it replaces, else what the umask gives a new directory
-        if os.path.isdir(path):
-            mode = os.stat(path).st_mode & 0o7777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o777 & ~umask
-        os.chmod(tmp, mode)
-    tmp = _hosts.agreed(tmp)
+    system they share, as orbax requires), files only one process writes are
+    written by `_hosts.primary`, and every process returns once ``path`` is
+    complete, or raises if any process failed in the block."""
+    tmp, failed = _hosts.on_primary(lambda: _make_staging(path))
+    if failed:
+        raise OSError(f"Could not create a directory next to {path!r}: {failed}")
+    tmp = _hosts.agreed(tmp or "")
+    ok = False
     try:
         yield tmp
-        _hosts.wait_for_all(f"written {path}")
-        if _hosts.primary():
-            _replace(tmp, path)
-        _hosts.wait_for_all(f"renamed {path}")
+        ok = True
     finally:
-        if _hosts.primary():
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            all_ok = _hosts.everywhere(ok)
+            if all_ok:
+                _, failed = _hosts.on_primary(lambda: _replace(tmp, path))
+        finally:
+            if _hosts.primary():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if ok and not all_ok:  # this process's part went well
+            raise RuntimeError(
+                f"Saving {path!r} failed on another JAX process (see its error); "
+                "nothing was written there."
+            )
+        if failed:
+            raise OSError(f"Could not move the saved files to {path!r}: {failed}")
+
+
+def _make_staging(path: str) -> str:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    # mkdtemp's 0o700 would hide the result from other users: the mode of the
+    # directory it replaces, else what the umask gives a new directory
+    if os.path.isdir(path):
+        mode = os.stat(path).st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o777 & ~umask
+    os.chmod(tmp, mode)
+    return tmp
 
 
 def write_synced(file: str, data: bytes) -> None:

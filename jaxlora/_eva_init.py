@@ -155,7 +155,9 @@ def eva_nodes(
         layers = {t.path: _layers(t, tags[t.path]) for t in plan}
         _check_layers(layers)
         seen += 1
-        for unit in states.keys() - done:
+        # in the plan's order, the same in every process (each update runs the
+        # collectives of a multi-process program; a set's order is per process)
+        for unit in [u for u in states if u not in done]:
             path, i = (unit, 0) if isinstance(unit, str) else unit
             got, idx = rows[path], layers[path][i]
             got = got if idx is None else jnp.take(got, idx, axis=0)

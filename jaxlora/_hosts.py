@@ -8,6 +8,7 @@ With one process every function here is the plain single-process operation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,6 +44,31 @@ def agreed(text: str) -> str:
     if primary():
         buf[:] = np.frombuffer(data, np.uint8)
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode()
+
+
+def on_primary(fn: Callable[[], Any]) -> tuple[Any, str]:
+    """Runs ``fn`` (file work) on the primary process: ``(its result there, None on
+    the others; "" or the text of the OSError it raised, on every process)``, so
+    that all processes can raise together. With one process an error propagates
+    as raised."""
+    if not several():
+        return fn(), ""
+    result, failed = None, ""
+    if primary():
+        try:
+            result = fn()
+        except OSError as e:
+            failed = f"{type(e).__name__}: {e}"
+    return result, agreed(failed)
+
+
+def everywhere(ok: bool) -> bool:
+    """True on every process if ``ok`` is True on all of them, else False on every
+    process (so that all raise, rather than some waiting for the others)."""
+    if not several():
+        return ok
+    flags = multihost_utils.process_allgather(np.int32(ok))
+    return bool(np.asarray(flags).min())
 
 
 def on_host(x: Any) -> np.ndarray:

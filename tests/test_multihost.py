@@ -68,6 +68,35 @@ WORKER = textwrap.dedent(
         jaxlora.save_peft(f"{out}/peft-{scheme}", plain, {"up": "up", "down": "down"})
         if jax.process_index() == 0:
             np.save(f"{out}/{scheme}-losses.npy", np.asarray(losses))
+    # EVA runs its collectives target by target: in the same order on both
+    # processes, whose PYTHONHASHSEEDs differ (a set's order did not: they hung)
+    eva = jaxlora.init(
+        params,
+        jax.random.key(2),
+        scheme="eva",
+        rank=2,
+        targets=["up", "down"],
+        apply_fn=t.model,
+        batches=[x, -x],
+    )
+    jaxlora.save(f"{out}/eva", eva)
+
+    # a failure on the first process only (the parent is a file) raises on both
+    try:
+        jaxlora.save(f"{out}/a-file/adapter", trained)
+    except OSError as e:
+        assert "a-file" in str(e) and "FileExistsError" in str(e), e
+    else:
+        raise AssertionError("saved under a file")
+    # factors each process holds on its own devices: a clear refusal on both
+    local = {"up": jax.numpy.asarray(host["up"])}
+    local = jaxlora.init(local, jax.random.key(0), rank=2, targets=["up"])
+    try:
+        jaxlora.save(f"{out}/local", local)
+    except ValueError as e:
+        assert "with 2 JAX processes" in str(e) and "'up'" in str(e), e
+    else:
+        raise AssertionError("saved process-local factors")
     print("OK", jax.process_index())
     """
 )
@@ -123,10 +152,11 @@ def test_two_processes_train_save_load_and_export_what_one_device_does(tmp_path)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     here = os.path.dirname(os.path.abspath(__file__))
     port = str(free_port())
+    (tmp_path / "a-file").write_text("not a directory")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, port, str(i), str(tmp_path), here],
-            env=env,
+            env={**env, "PYTHONHASHSEED": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -172,3 +202,16 @@ def test_two_processes_train_save_load_and_export_what_one_device_does(tmp_path)
                     rtol=1e-4,
                     atol=1e-6,
                 )
+    eva_got = jaxlora.load(str(tmp_path / "eva"), params)
+    eva_want = jaxlora.init(
+        params,
+        jax.random.key(2),
+        scheme="eva",
+        rank=2,
+        targets=["up", "down"],
+        apply_fn=model,
+        batches=[jnp.asarray(X), -jnp.asarray(X)],
+    )
+    for k in ("up", "down"):
+        assert eva_got[k].spec == eva_want[k].spec, (eva_got[k], eva_want[k])
+        np.testing.assert_allclose(eva_got[k].a, eva_want[k].a, rtol=1e-4, atol=1e-5)
