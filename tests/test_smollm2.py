@@ -151,6 +151,7 @@ def grads_of(grads, kernel):
     return node.a, node.b
 
 
+@pytest.mark.slow  # ~1.5 min: the default suite stays under 10 min on 2 cores
 def test_hamlet_quick_run_lowers_validation_loss_and_saves_the_adapter(tmp_path):
     m = hamlet.run(hamlet.parse_args(["--quick", "--out", str(tmp_path)]))
     assert m["val_loss_after"] < m["val_loss_before"] - 0.1, m  # measured 4.40 -> 4.13
