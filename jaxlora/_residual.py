@@ -281,13 +281,14 @@ def _check_low_rank(path, d3, rebuilt, w_res, scale, rank) -> None:
 def _plain(node: LoraWeight, orig: jax.Array, path: str) -> LoraWeight:
     spec, layout, r = node.spec, node.spec.layout, node.spec.rank
     acc = jnp.promote_types(orig.dtype, jnp.float32)
-    d3 = to_3d(orig.astype(acc) - node.w.astype(acc), layout) / spec.scale  # a0 @ b0
+    base = _whole(node.w)  # whole matrices for the QR of the range finder
+    d3 = to_3d(_whole(orig).astype(acc) - base.astype(acc), layout) / spec.scale
     # d3 has rank <= r: a randomized range finder on r columns recovers it exactly
     # (up to rounding) for any sketch, so the fixed key does not change the result.
     keys = jax.random.split(jax.random.key(0), d3.shape[0])
     u, s, vt = jax.vmap(lambda k, d: svd_lowrank(k, d, r, niter=2))(keys, d3)
     rebuilt = jnp.matmul(u * s[:, None, :], vt, precision=jax.lax.Precision.HIGHEST)
-    _check_low_rank(path, d3, rebuilt, node.w, spec.scale, r)
+    _check_low_rank(path, d3, rebuilt, base, spec.scale, r)
     root = jnp.sqrt(s)
     a0 = (u * root[:, None, :]).astype(node.a.dtype)
     b0 = (root[:, :, None] * vt).astype(node.b.dtype)
@@ -296,7 +297,7 @@ def _plain(node: LoraWeight, orig: jax.Array, path: str) -> LoraWeight:
         a, b, a0, b0, spec.alpha, spec.rslora
     )
     a, b, alpha = jax.vmap(plain, out_axes=(0, 0, None))(
-        node.a.reshape(n, -1, r), node.b.reshape(n, r, -1), a0, b0
+        _whole(node.a).reshape(n, -1, r), _whole(node.b).reshape(n, r, -1), a0, b0
     )
     a_shape, b_shape = layout.factor_shapes(node.shape, 2 * r)
     a, b = a.reshape(a_shape), b.reshape(b_shape)

@@ -702,6 +702,16 @@ EXPLICIT_SCRIPT = textwrap.dedent(
             assert node.w.sharding.spec == P(None, "model"), node.w.sharding
             merged = jaxlora.merge({"up": node})["up"]
             np.testing.assert_allclose(merged, up["up"], atol=1e-5)
+            # made plain LoRA on the split original (its range finder's QR raised
+            # on a split input), laid out like it, computing the same weight
+            moved = {"up": node.replace(b=node.b + 0.1)}
+            plain = jaxlora.to_plain_lora(moved, up)["up"]
+            assert plain.w is up["up"] and plain.b.sharding.spec[-1] == "model"
+            np.testing.assert_allclose(
+                jaxlora.merge({"up": plain})["up"],
+                jaxlora.merge(moved)["up"],
+                atol=1e-5,
+            )
 
         # EVA on batches split over 'data' captures the same inputs as unsplit ones
         dense = nn.Dense(4)
