@@ -47,19 +47,22 @@ def agreed(text: str) -> str:
 
 
 def on_primary(fn: Callable[[], Any]) -> tuple[Any, str]:
-    """Runs ``fn`` (file work) on the primary process: ``(its result there, None on
-    the others; "" or the text of the OSError it raised, on every process)``, so
-    that all processes can raise together. With one process an error propagates
-    as raised."""
+    """Runs ``fn`` (file work) on the primary process and tells every process how it
+    went: ``(its result, None on the others; "" or the error text)``. An error is
+    raised as is on the primary process (and with one process); the others get its
+    text, to raise their own, rather than waiting for a process that stopped."""
     if not several():
         return fn(), ""
-    result, failed = None, ""
+    result, failed, error = None, "", None
     if primary():
         try:
             result = fn()
-        except OSError as e:
-            failed = f"{type(e).__name__}: {e}"
-    return result, agreed(failed)
+        except Exception as e:  # any error: the others must not wait for it
+            error, failed = e, f"{type(e).__name__}: {e}"
+    failed = agreed(failed)
+    if error is not None:
+        raise error
+    return result, failed
 
 
 def everywhere(ok: bool) -> bool:

@@ -84,10 +84,32 @@ WORKER = textwrap.dedent(
     # a failure on the first process only (the parent is a file) raises on both
     try:
         jaxlora.save(f"{out}/a-file/adapter", trained)
-    except OSError as e:
-        assert "a-file" in str(e) and "FileExistsError" in str(e), e
+    except OSError as e:  # the first process's own error, the other's account of it
+        assert "a-file" in str(e), e
     else:
         raise AssertionError("saved under a file")
+    # a write failing on the first process only (a full disk) raises on both, and
+    # leaves nothing behind
+    from jaxlora import _checkpoint
+
+    def full_disk(file, data):
+        raise OSError(28, "No space left on device (simulated)")
+
+    written = _checkpoint.write_synced
+    if jax.process_index() == 0:
+        _checkpoint.write_synced = full_disk
+    try:
+        jaxlora.save(f"{out}/full-disk", trained)
+    except OSError as e:
+        assert jax.process_index() == 0 and "No space" in str(e), e
+    except RuntimeError as e:
+        assert jax.process_index() == 1 and "another JAX process" in str(e), e
+    else:
+        raise AssertionError("a failed write saved")
+    finally:
+        _checkpoint.write_synced = written
+    if jax.process_index() == 0:
+        assert not [n for n in os.listdir(out) if "full-disk" in n], os.listdir(out)
     # factors each process holds on its own devices: a clear refusal on both
     local = {"up": jax.numpy.asarray(host["up"])}
     local = jaxlora.init(local, jax.random.key(0), rank=2, targets=["up"])
