@@ -70,15 +70,7 @@ WORKER = textwrap.dedent(
             np.save(f"{out}/{scheme}-losses.npy", np.asarray(losses))
     # EVA runs its collectives target by target: in the same order on both
     # processes, whose PYTHONHASHSEEDs differ (a set's order did not: they hung)
-    eva = jaxlora.init(
-        params,
-        jax.random.key(2),
-        scheme="eva",
-        rank=2,
-        targets=["up", "down"],
-        apply_fn=t.model,
-        batches=[x, -x],
-    )
+    eva = t.adapt_eva(params, x)
     jaxlora.save(f"{out}/eva", eva)
 
     # a failure on the first process only (the parent is a file) raises on both
@@ -138,6 +130,19 @@ def weights():
 def adapt(params, scheme):
     return jaxlora.init(
         params, jax.random.key(2), scheme=scheme, rank=2, targets=["up", "down"]
+    )
+
+
+def adapt_eva(params, x):
+    """EVA on two batches, ``x`` and ``-x``."""
+    return jaxlora.init(
+        params,
+        jax.random.key(2),
+        scheme="eva",
+        rank=2,
+        targets=["up", "down"],
+        apply_fn=model,
+        batches=[x, -x],
     )
 
 
@@ -225,15 +230,7 @@ def test_two_processes_train_save_load_and_export_what_one_device_does(tmp_path)
                     atol=1e-6,
                 )
     eva_got = jaxlora.load(str(tmp_path / "eva"), params)
-    eva_want = jaxlora.init(
-        params,
-        jax.random.key(2),
-        scheme="eva",
-        rank=2,
-        targets=["up", "down"],
-        apply_fn=model,
-        batches=[jnp.asarray(X), -jnp.asarray(X)],
-    )
+    eva_want = adapt_eva(params, jnp.asarray(X))
     for k in ("up", "down"):
         assert eva_got[k].spec == eva_want[k].spec, (eva_got[k], eva_want[k])
         np.testing.assert_allclose(eva_got[k].a, eva_want[k].a, rtol=1e-4, atol=1e-5)
