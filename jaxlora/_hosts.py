@@ -26,13 +26,6 @@ def primary() -> bool:
     return jax.process_index() == 0
 
 
-def wait_for_all(name: str) -> None:
-    """Returns on every process once all of them got here (nothing to wait for
-    with one process)."""
-    if several():
-        multihost_utils.sync_global_devices(f"jaxlora:{name}")
-
-
 def agreed(text: str) -> str:
     """The primary process's ``text`` on every process (``text`` is ignored on the
     others)."""
