@@ -89,10 +89,13 @@ def checksums(x: Any, period: int) -> np.ndarray:
         if shard.replica_id != 0:  # a replicated block is counted by one device
             continue
         block = np.asarray(shard.data, np.float64)
-        axes = [np.arange(n)[s] for n, s in zip(x.shape, shard.index, strict=True)]
-        grid = np.meshgrid(*axes, indexing="ij")
-        index = np.ravel_multi_index(grid, x.shape).ravel()
-        part += _sums(block.ravel(), index, period)
+        index = np.zeros(block.shape, np.int64)  # each element's flat position
+        stride = 1
+        for axis in reversed(range(x.ndim)):
+            rows = np.arange(x.shape[axis])[shard.index[axis]] * stride
+            index += rows.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+            stride *= x.shape[axis]
+        part += _sums(block.ravel(), index.ravel(), period)
     # JAX carries 32-bit values (without jax_enable_x64): the float64 sums travel
     # as their raw bits
     bits = np.asarray(multihost_utils.process_allgather(part.view(np.uint32)))
