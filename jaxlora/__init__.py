@@ -12,6 +12,7 @@ from jaxlora._merge import base
 from jaxlora._merge import combine
 from jaxlora._merge import merge
 from jaxlora._nnx import NnxOptimizer
+from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SCHEMES",
     "Adapters",
+    "Conv",
     "Layout",
     "LoraSpec",
     "LoraWeight",

@@ -3,7 +3,9 @@
 A checkpoint is a directory holding
 
 - ``jaxlora.json``: the format version and, per adapted weight, its path, scheme,
-  rank, alpha, rsLoRA flag, residual and embedding flags, axis layout, the base
+  rank, alpha, rsLoRA flag, residual and embedding flags, axis layout, how a
+  convolution reads the kernel (``conv``: absent in checkpoints of jaxlora versions
+  that did not record it, read as None), the base
   weight's shape and dtype, the factors' shapes and dtypes, and (for a residual
   base) a float64 fingerprint of that base;
 - ``arrays/``: the factors ``a`` and ``b``, written by orbax-checkpoint
@@ -16,6 +18,7 @@ size, and `load` puts it back on the base tree of the same model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +33,7 @@ import orbax.checkpoint as ocp
 
 from jaxlora import _hosts
 from jaxlora._boxes import factored_boxes
+from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
@@ -67,6 +71,7 @@ def _entry(path: str, node: LoraWeight, key: str) -> dict[str, Any]:
             "out_axes": list(spec.layout.out_axes),
             "stack_axes": list(spec.layout.stack_axes),
         },
+        "conv": None if spec.conv is None else dataclasses.asdict(spec.conv),
         "base_shape": list(node.w.shape),
         "base_dtype": jnp.dtype(node.w.dtype).name,
         "a_shape": list(node.a.shape),
@@ -306,6 +311,9 @@ def _entry_problems(entries: list[dict[str, Any]]) -> list[str]:
             layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
             want = layout.factor_shapes(tuple(e["base_shape"]), e["rank"])
             got = (tuple(e["a_shape"]), tuple(e["b_shape"]))
+            conv = e.get("conv")
+            if conv is not None and set(Conv(**conv).axes) != set(layout.in_axes):
+                raise ValueError(f"conv axes {conv['axes']} are not the input axes")
         except (KeyError, TypeError, ValueError, IndexError) as err:
             problems.append(f"{e.get('path')!r}: {type(err).__name__}: {err}")
             continue
@@ -458,7 +466,9 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
         if found is None:
             return leaf
         e, f = found
-        spec = LoraSpec(layout(e), **{k: e[k] for k in _SPEC_FIELDS})
+        conv = e.get("conv")
+        conv = None if conv is None else Conv(**conv)
+        spec = LoraSpec(layout(e), **{k: e[k] for k in _SPEC_FIELDS}, conv=conv)
         return LoraWeight(base(leaf), f["a"], f["b"], spec)
 
     return factored_boxes(

@@ -192,7 +192,9 @@ def eva_nodes(
         a = jnp.stack([jnp.pad(a, ((0, 0), (0, r - a.shape[1]))) for a, _ in parts])
         a_shape, b_shape = t.layout.factor_shapes(t.shape, r)
         ratio = math.sqrt(r / t.rank) if rslora else r / t.rank
-        spec = LoraSpec(t.layout, r, t.alpha * ratio, rslora, "eva", False, t.embedding)
+        spec = LoraSpec(
+            t.layout, r, t.alpha * ratio, rslora, "eva", False, t.embedding, t.conv
+        )
         nodes[t.path] = LoraWeight(
             leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape, dtype), spec
         )

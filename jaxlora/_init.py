@@ -102,6 +102,7 @@ def _plan(
     layouts,
     inferred,
     scheme,
+    convs=None,
 ):
     """Validates everything up front and returns one `Target` per adapted leaf."""
     paths = _targets.select(params, targets)
@@ -121,12 +122,16 @@ def _plan(
                 f"of {kind}"
             )
             continue
+        conv = (convs or {}).get(p)
         if p in user_layouts:
             layout = _targets.as_layout(user_layouts[p], p, shape)
+            if conv is None or set(conv.axes) != set(layout.in_axes):
+                conv = _targets.default_conv(p, shape, user_layouts[p])
         elif p in (inferred or {}):
             layout = inferred[p]
         else:
             layout = _targets.default_layout(p, shape)
+            conv = _targets.default_conv(p, shape)
             if inferred is not None:
                 uninferred.append(f"{p!r} {shape}: {layout}")
             elif len(shape) >= 3 and layout == Layout.dense(len(shape)):
@@ -171,7 +176,8 @@ def _plan(
             problems.append(f"{p!r}: alpha_pattern gives an alpha that {msg}")
             continue
         a_ = float(alphas.get(p, base_alpha))
-        plan.append(_targets.Target(p, shape, leaf.dtype, layout, r, a_, embedding))
+        target = _targets.Target(p, shape, leaf.dtype, layout, r, a_, embedding, conv)
+        plan.append(target)
     if problems:
         raise ValueError(
             "Cannot add LoRA to these parameters:\n  - "
@@ -343,11 +349,11 @@ def init(
             raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
         batches = itertools.chain([first], batches)
         example_args = (first,)
-    inferred = None  # no model to infer from: default layouts, silently
+    inferred = convs = None  # no model to infer from: default layouts, silently
     if apply_fn is not None and (example_args or example_kwargs):
         from jaxlora import _layout  # the layout tracer is only needed here
 
-        inferred = _layout.infer_layouts(
+        inferred, convs = _layout.infer(
             apply_fn, params, tuple(example_args), dict(example_kwargs or {})
         )
     plan = _plan(
@@ -360,6 +366,7 @@ def init(
         layouts=layouts,
         inferred=inferred,
         scheme=scheme,
+        convs=convs,
     )
     dtype = jnp.dtype(dtype)
     leaves = dict(_targets.leaves_with_paths(params))
@@ -392,7 +399,7 @@ def init(
                 else scheme
             )
             spec = LoraSpec(
-                t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding
+                t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding, t.conv
             )
             key = path_key(rng, t.path)
             if isinstance(s, _residual.WeightAware):

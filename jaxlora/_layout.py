@@ -27,6 +27,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from jaxlora._contract import gather_indexed_axes
+from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._paths import path_str
 
@@ -64,6 +65,9 @@ class _Walker:
         self.obs: dict[int, list[tuple[str, frozenset, frozenset, frozenset]]] = {}
         self.stack: dict[int, set[int]] = {}
         self.picked: dict[int, set[int]] = {}  # axes indexed away (w[i])
+        # per leaf, per conv use: (kernel axes as (in, *window) or None where a
+        # view merged axes, groups, rhs dilation)
+        self.convs: dict[int, list[tuple]] = {}
         self.shapes = shapes
 
     def note(self, t, kind, ins, stack=()):
@@ -77,6 +81,17 @@ class _Walker:
                     _union(axes),
                 )
             )
+
+    def note_conv(self, t, p):
+        """Records how a convolution reads ``t`` as its kernel (see `Conv`)."""
+        self.note(t, "conv", p["dimension_numbers"].rhs_spec[1:])
+        groups = p["feature_group_count"] * p["batch_group_count"]
+        for leaf, axes in t.parts:
+            order = [axes[i] for i in p["dimension_numbers"].rhs_spec[1:]]
+            single = all(len(a) == 1 for a in order)
+            kernel_axes = tuple(next(iter(a)) for a in order) if single else None
+            use = (kernel_axes, groups, tuple(p["rhs_dilation"]))
+            self.convs.setdefault(leaf, []).append(use)
 
     def walk(self, jaxpr, args):
         env = {}
@@ -171,7 +186,7 @@ class _Walker:
             dn = p["ragged_dot_dimension_numbers"]
             self.note(t, "dot", dn.dot_dimension_numbers[0][1], dn.rhs_group_dimensions)
         elif name == "conv_general_dilated" and ins[1] is t:
-            self.note(t, "conv", p["dimension_numbers"].rhs_spec[1:])
+            self.note_conv(t, p)
         elif name == "gather" and ins[0] is t:
             self.note(t, "gather", gather_indexed_axes(p, eqn.invars[0].aval.shape))
         elif name in (
@@ -326,6 +341,27 @@ def infer_layouts(
         >>> infer_layouts(m.apply, p, (jnp.ones((1, 2)),))
         {'params/kernel': Layout(in_axes=(0,), out_axes=(1,), stack_axes=())}
     """
+    return infer(apply_fn, params, example_args, example_kwargs, paths=paths)[0]
+
+
+def infer(
+    apply_fn: Callable,
+    params: PyTree,
+    example_args: tuple,
+    example_kwargs: dict | None = None,
+    *,
+    paths=None,
+) -> tuple[dict[str, Layout], dict[str, Conv]]:
+    """`infer_layouts` and, from the same trace, the `Conv` of each weight that is
+    used only as the kernel of convolutions that all read it alike.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> m = nn.Conv(4, (3, 3), kernel_dilation=2)
+        >>> x = jnp.ones((1, 8, 8, 2))
+        >>> infer(m.apply, m.init(jax.random.key(0), x), (x,))[1]
+        {'params/kernel': Conv(axes=(2, 0, 1), groups=1, dilation=(2, 2))}
+    """
     example_kwargs = dict(example_kwargs or {})
     p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
     names = [path_str(kp) for kp, _ in p_leaves]
@@ -356,17 +392,21 @@ def infer_layouts(
     ]
     walker = _Walker({k: tuple(x.shape) for k, (_, x) in enumerate(p_leaves)})
     walker.walk(closed.jaxpr, tracked + [None] * len(a_dyn))
-    out = {}
+    out, convs = {}, {}
     for k, t in enumerate(tracked):
         if t is None:
             continue
         ndim = len(p_leaves[k][1].shape)
+        obs = walker.obs.get(k, [])
         lay = _decide(
-            ndim,
-            walker.obs.get(k, []),
-            walker.stack.get(k, set()),
-            walker.picked.get(k, set()),
+            ndim, obs, walker.stack.get(k, set()), walker.picked.get(k, set())
         )
-        if lay is not None:
-            out[names[k]] = lay
-    return out
+        if lay is None:
+            continue
+        out[names[k]] = lay
+        uses = set(walker.convs.get(k, []))
+        if len(uses) == 1 and all(o[0] == "conv" for o in obs):
+            ((axes, groups, dilation),) = uses
+            if axes is not None and set(axes) == set(lay.in_axes):
+                convs[names[k]] = Conv(axes, groups, dilation)
+    return out, convs

@@ -97,6 +97,41 @@ class Layout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Conv:
+    """How a convolution reads its kernel, for the formats that store conv adapters
+    as convolutions (PEFT's ``lora_A`` is a conv over the base window to ``r``
+    channels, its ``lora_B`` a 1×1 conv).
+
+    Attributes:
+        axes: the kernel's input-feature axis, then its window axes in the order the
+            convolution slides them (torch's ``(in, *window)``).
+        groups: the convolution's feature groups; None where the layout was not
+            inferred from the model (``apply_fn=``), so it is not known.
+        dilation: the kernel (rhs) dilation per window axis; None if not known.
+
+    Example:
+        >>> Conv.hwio(4)                       # Flax Conv kernel (h, w, in, out)
+        Conv(axes=(2, 0, 1), groups=None, dilation=None)
+    """
+
+    axes: tuple[int, ...]
+    groups: int | None = None
+    dilation: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes", tuple(int(i) for i in self.axes))
+        if self.dilation is not None:
+            dilation = tuple(int(d) for d in self.dilation)
+            object.__setattr__(self, "dilation", dilation)
+
+    @classmethod
+    def hwio(cls, ndim: int, *, n_stack: int = 0) -> Conv:
+        """A Flax ``Conv`` kernel ``(*stack, *window, in, out)``: what the default
+        ``"conv"`` layout assumes (groups and dilation unknown)."""
+        return cls(axes=(ndim - 2, *range(n_stack, ndim - 2)))
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """Static metadata of one adapted weight (hashable; part of the pytree structure).
 
@@ -110,6 +145,8 @@ class LoraSpec:
             (weight-aware schemes, or ``compensate=True``): such a base must never be
             merged with an adapter trained on the original weight.
         embedding: True for an embedding table (rows are looked up by index).
+        conv: for a convolution kernel, how the convolution reads it (`Conv`);
+            None for any other weight.
     """
 
     layout: Layout
@@ -119,6 +156,7 @@ class LoraSpec:
     scheme: str = ""
     residual: bool = False
     embedding: bool = False
+    conv: Conv | None = None
 
     @property
     def scale(self) -> float:

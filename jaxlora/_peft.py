@@ -39,7 +39,6 @@ from jaxlora import _safetensors
 from jaxlora._boxes import factored_boxes
 from jaxlora._checkpoint import staged
 from jaxlora._checkpoint import write_synced
-from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
@@ -82,24 +81,56 @@ def _name_of(module_names: Names, path: str, layer: tuple, stack: tuple) -> str:
     return name
 
 
-def _to_torch(a, b, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+def _to_torch(a, b, spec: LoraSpec) -> tuple[np.ndarray, np.ndarray]:
     """One layer's ``(A, B)`` in PEFT's orientation from ``a (*in, r)``, ``b (r,
-    *out)`` (input and output axes flattened in the weight's axis order)."""
-    order = lambda axes: list(np.argsort(axes))  # noqa: E731
-    a = np.transpose(a, [*order(lay.in_axes), a.ndim - 1])
+    *out)``: input and output axes flattened in the weight's axis order, or for a
+    convolution ``A (r, in, *window)`` and ``B (out, r, 1, ...)`` (`_conv_order`)."""
+    lay, order = spec.layout, lambda axes: list(np.argsort(axes))  # noqa: E731
     b = np.transpose(b, [0, *(1 + i for i in order(lay.out_axes))])
-    return a.reshape(-1, a.shape[-1]).T, b.reshape(b.shape[0], -1).T
+    B = b.reshape(b.shape[0], -1).T
+    if spec.conv is not None:
+        A = np.moveaxis(np.transpose(a, [*_conv_order(spec), a.ndim - 1]), -1, 0)
+        return A, B.reshape(*B.shape, *(1,) * (len(spec.conv.axes) - 1))
+    a = np.transpose(a, [*order(lay.in_axes), a.ndim - 1])
+    return a.reshape(-1, a.shape[-1]).T, B
 
 
-def _from_torch(A, B, lay: Layout, in_shape, out_shape):
+def _from_torch(A, B, spec: LoraSpec, in_shape, out_shape):
     """Inverse of `_to_torch` for one layer: ``a`` and ``b`` in the layout's order."""
-    ins = [in_shape[i] for i in np.argsort(lay.in_axes)]
+    lay = spec.layout
     outs = [out_shape[i] for i in np.argsort(lay.out_axes)]
-    a = A.T.reshape(*ins, A.shape[0])
-    b = B.T.reshape(B.shape[1], *outs)
-    a = np.transpose(a, [*np.argsort(np.argsort(lay.in_axes)), a.ndim - 1])
+    b = B.reshape(B.shape[0], -1).T.reshape(-1, *outs)
     b = np.transpose(b, [0, *(1 + i for i in np.argsort(np.argsort(lay.out_axes)))])
+    if spec.conv is not None:  # A (r, in, *window): back to the layout's order
+        a = np.moveaxis(A, 0, -1)
+        return np.transpose(a, [*np.argsort(_conv_order(spec)), a.ndim - 1]), b
+    ins = [in_shape[i] for i in np.argsort(lay.in_axes)]
+    a = A.T.reshape(*ins, A.shape[0])
+    a = np.transpose(a, [*np.argsort(np.argsort(lay.in_axes)), a.ndim - 1])
     return a, b
+
+
+def _conv_order(spec: LoraSpec) -> list[int]:
+    """Where each of a convolution's ``(in, *window)`` kernel axes is among ``a``'s
+    input axes (which follow the layout's ``in_axes``)."""
+    return [spec.layout.in_axes.index(ax) for ax in spec.conv.axes]
+
+
+def _conv_problem(path: str, conv) -> str | None:
+    """Why PEFT would not compute what jaxlora does for this convolution, if so."""
+    if conv.groups not in (None, 1):
+        return (
+            f"{path!r} is a grouped convolution ({conv.groups} groups): PEFT's "
+            "lora_A for it convolves every input channel and its lora_B is grouped, "
+            "while jaxlora's update keeps the kernel's own groups (another update)"
+        )
+    if conv.dilation is not None and any(d != 1 for d in conv.dilation):
+        return (
+            f"{path!r} is a dilated convolution (kernel dilation {conv.dilation}): "
+            "PEFT's lora_A runs undilated, so its output is not jaxlora's (nor its "
+            "own merged model's)"
+        )
+    return None
 
 
 def _keys(name: str, embedding: bool) -> tuple[str, str]:
@@ -190,6 +221,16 @@ def save_peft(
             "weight, and a PEFT adapter applies to the original model's weights. "
             "Convert first: jaxlora.to_plain_lora(params, original_params)."
         )
+    refused = [
+        m for p, x in nodes if x.spec.conv and (m := _conv_problem(p, x.spec.conv))
+    ]
+    if refused:
+        raise ValueError(
+            "PEFT cannot hold these adapters as jaxlora computes them:\n  - "
+            + "\n  - ".join(refused)
+            + "\nLeave them out of the adapter (targets= in jaxlora.init), or share "
+            "the merged weights (jaxlora.merge) instead."
+        )
     _check_target(path, overwrite)
     tensors, modules, owner = {}, {}, {}
     for p, node in nodes:
@@ -204,7 +245,7 @@ def save_peft(
                 )
             owner[name] = (p, layer)
             ka, kb = _keys(name, spec.embedding)
-            tensors[ka], tensors[kb] = _to_torch(a, b, spec.layout)
+            tensors[ka], tensors[kb] = _to_torch(a, b, spec)
             modules[name] = spec
     _warn_tables([n for n, spec in modules.items() if spec.embedding], "save_peft")
     config = _peft_config.write(modules)
@@ -329,11 +370,16 @@ _BASE = ".base_layer.weight"
 
 def _torch_base(node: LoraWeight, layer: tuple) -> np.ndarray:
     """One layer's base weight as torch holds it: ``(vocab, dim)`` for a table,
-    ``(out, in)`` for a linear layer (axes flattened in the weight's order)."""
+    ``(out, in)`` for a linear layer (axes flattened in the weight's order),
+    ``(out, in, *window)`` for a convolution."""
     lay, w = node.spec.layout, _hosts.on_host(node.w)
     stack = sorted(lay.stack_axes)
     rest = [i for i in range(w.ndim) if i not in stack]
     w = np.transpose(w, [*stack, *rest])[layer]  # this layer, axes as `rest`
+    if node.spec.conv is not None:  # torch's (out, in, *window)
+        return np.transpose(
+            w, [rest.index(i) for i in (*lay.out_axes, *node.spec.conv.axes)]
+        )
     order = [rest.index(i) for i in (*sorted(lay.in_axes), *sorted(lay.out_axes))]
     flat = np.transpose(w, order).reshape(
         math.prod(node.shape[i] for i in lay.in_axes), -1
@@ -409,6 +455,42 @@ def _check_extras(config, tensors, owners, used, problems) -> set[str]:
     return tied
 
 
+def _misfit(p, node, A, B) -> str | None:
+    """Why PEFT's ``A`` and ``B`` do not fit one layer of ``node``, if they do not:
+    ``(r, in)`` and ``(out, r)``, or ``(r, in, *window)`` and ``(out, r, 1, ...)``
+    for a convolution (`jaxlora.Conv`)."""
+    spec, lay = node.spec, node.spec.layout
+    _, in_shape, out_shape = lay.split_shape(node.shape)
+    want_out = math.prod(out_shape)
+    if spec.conv is not None:
+        if (why := _conv_problem(p, spec.conv)) is not None:
+            return why
+        torch_in = tuple(node.shape[ax] for ax in spec.conv.axes)
+        ones = (1,) * (len(torch_in) - 1)
+        if A.shape[1:] == torch_in and B.shape[:1] + B.shape[2:] == (want_out, *ones):
+            return None
+        return (
+            f"A {list(A.shape)} and B {list(B.shape)} do not fit a convolution "
+            f"kernel with (in, *window) {list(torch_in)} and {want_out} outputs "
+            f"(A (r, {', '.join(map(str, torch_in))}), B ({want_out}, r"
+            f"{', 1' * len(ones)}))"
+        )
+    want_in = math.prod(in_shape)
+    if A.ndim == B.ndim == 2 and (A.shape[1], B.shape[0]) == (want_in, want_out):
+        return None
+    hint = (
+        ": they are a convolution's, and this target has no convolution record "
+        "(infer its layout with jaxlora.init(..., apply_fn=, example_args=))"
+        if A.ndim > 2 and A.ndim == B.ndim
+        else ""
+    )
+    return (
+        f"A {list(A.shape)} and B {list(B.shape)} do not fit a weight with "
+        f"{want_in} inputs {in_shape} and {want_out} outputs {out_shape} (A (r, in), "
+        f"B (out, r)){hint}"
+    )
+
+
 def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
     spec, lay = node.spec, node.spec.layout
     stack_shape = tuple(node.shape[i] for i in sorted(lay.stack_axes))
@@ -441,14 +523,8 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
             )
             raise ValueError(f"{p!r} layer {layer}: {ka!r} is not in the adapter{hint}")
         A, B = tensors[ka], tensors[kb]
-        want_in, want_out = math.prod(in_shape), math.prod(out_shape)
-        fits = A.ndim == B.ndim == 2 and (A.shape[1], B.shape[0]) == (want_in, want_out)
-        if not fits:
-            raise ValueError(
-                f"{p!r} layer {layer} ({name}): A {list(A.shape)} and B "
-                f"{list(B.shape)} do not fit a weight with {want_in} inputs "
-                f"{in_shape} and {want_out} outputs {out_shape} (A (r, in), B (out, r))"
-            )
+        if (why := _misfit(p, node, A, B)) is not None:
+            raise ValueError(f"{p!r} layer {layer} ({name}): {why}")
         r = A.shape[0]
         if B.shape[1] != r:
             raise ValueError(f"{p!r} ({name}): A has rank {r} but B {B.shape[1]}")
@@ -464,7 +540,7 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
         )
         layers.add((r, alpha))
         scales.add(alpha / (math.sqrt(r) if rslora else r))
-        factors.append(_from_torch(A, B, lay, in_shape, out_shape))
+        factors.append(_from_torch(A, B, spec, in_shape, out_shape))
     if len(scales) > 1:
         raise ValueError(
             f"{p!r}: its layers have different scales {sorted(scales)}; a stacked "
@@ -484,7 +560,13 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
     else:  # smaller ranks zero-padded: the alpha that keeps the scale at this rank
         alpha = next(iter(scales)) * (math.sqrt(rank) if rslora else rank)
     new_spec = LoraSpec(
-        lay, rank, alpha, rslora=rslora, scheme="peft", embedding=spec.embedding
+        lay,
+        rank,
+        alpha,
+        rslora=rslora,
+        scheme="peft",
+        embedding=spec.embedding,
+        conv=spec.conv,
     )
     out = LoraWeight(
         node.w,

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import is_lora
 from jaxlora._paths import leaf_name
@@ -204,6 +205,20 @@ class Target:
     rank: int
     alpha: float
     embedding: bool
+    conv: Conv | None = None
+
+
+def _conv_module(path: str, shape: tuple[int, ...]) -> bool:
+    module = path.rsplit("/", 2)[-2] if path.count("/") >= 1 else ""
+    return len(shape) >= 3 and "conv" in module.lower()
+
+
+def default_conv(path: str, shape: tuple[int, ...], value: Any = None) -> Conv | None:
+    """The `Conv` assumed where inference gives none: a Flax ``Conv`` kernel for the
+    ``"conv"`` layout (``value``) or, with no layout given, the default conv layout."""
+    if value == "conv" or (value is None and _conv_module(path, shape)):
+        return Conv.hwio(len(shape))
+    return None
 
 
 def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
@@ -215,7 +230,7 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
     >= 3-D kernel ``(in, *out)`` ("first axis is input").
     """
     module = path.rsplit("/", 2)[-2] if path.count("/") >= 1 else ""
-    if len(shape) >= 3 and "conv" in module.lower():
+    if _conv_module(path, shape):
         return Layout.conv(len(shape))
     if len(shape) == 3 and module == "out":  # Flax attention: (heads, head_dim, embed)
         return Layout.dense(3, n_in=2)
