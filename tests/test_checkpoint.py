@@ -115,6 +115,34 @@ def test_metadata_describes_every_target(saved):
         assert e["b_shape"] == list(node.b.shape) and e["b_dtype"] == "float32"
     assert by_path["params/attn/out/kernel"]["base_shape"] == [4, 8, 32]
     assert by_path["params/embed/embedding"]["embedding"] is True
+    conv = {"axes": [2, 0, 1], "groups": None, "dilation": None}  # the Flax default
+    assert by_path["params/conv/kernel"]["conv"] == conv
+    assert by_path["params/mlp/kernel"]["conv"] is None
+
+
+def test_checkpoints_without_a_conv_record_still_load(mixed, saved):
+    """Checkpoints written before jaxlora recorded convolutions (no ``conv`` key)
+    load with ``conv=None``; a record that contradicts the layout is refused."""
+    path, params = saved
+    meta_file = os.path.join(path, _checkpoint.METADATA)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    for e in meta["targets"]:
+        del e["conv"]
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    old = _nodes(jaxlora.load(path, mixed[1]))
+    assert {p: x.spec.conv for p, x in old.items()} == dict.fromkeys(old)
+    for p, x in _nodes(params).items():
+        chex.assert_trees_all_equal((old[p].a, old[p].b), (x.a, x.b))
+    conv = next(e for e in meta["targets"] if e["path"] == "params/conv/kernel")
+    conv["conv"] = {"axes": [3, 0, 1], "groups": 1, "dilation": [1, 1]}
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(
+        ValueError, match=r"'params/conv/kernel'.*conv axes \[3, 0, 1\]"
+    ):
+        jaxlora.load(path, mixed[1])
 
 
 def test_only_factors_are_written(tmp_path):
