@@ -40,6 +40,8 @@ from jaxlora._node import LoraWeight
 from jaxlora._node import factor_shardings
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import default_conv
+from jaxlora._targets import default_layout
 
 PyTree = Any
 
@@ -303,6 +305,18 @@ def _read_metadata(path: str) -> dict[str, Any]:
     return meta
 
 
+def _unrecorded_conv(path: str, leaf: Any, layout: Layout) -> Conv | None:
+    """The conv record of a target whose checkpoint has none: the adapted tree's
+    own (when it is loaded onto one, with the same layout), else what `init` assumes
+    without inference (a Flax ``Conv`` kernel of a module named ``*conv*``)."""
+    if is_lora(leaf) and leaf.spec.layout == layout:
+        return leaf.spec.conv
+    shape = tuple((leaf.w if is_lora(leaf) else leaf).shape)
+    if layout == default_layout(path, shape):
+        return default_conv(path, shape)
+    return None
+
+
 def _entry_problems(entries: list[dict[str, Any]]) -> list[str]:
     """Where an entry's rank, layout and base shape do not give its factor shapes."""
     problems = []
@@ -466,8 +480,9 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
         if found is None:
             return leaf
         e, f = found
-        conv = e.get("conv")
-        conv = None if conv is None else Conv(**conv)
+        conv = Conv(**e["conv"]) if e.get("conv") else None
+        if "conv" not in e:  # written before jaxlora recorded convolutions
+            conv = _unrecorded_conv(e["path"], leaf, layout(e))
         spec = LoraSpec(layout(e), **{k: e[k] for k in _SPEC_FIELDS}, conv=conv)
         return LoraWeight(base(leaf), f["a"], f["b"], spec)
 

@@ -4,7 +4,9 @@ A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
 ``adapter_model.safetensors``. For a torch module named ``n`` (its name in the
 base model) the file holds ``base_model.model.<n>.lora_A.weight`` ``(r, in)`` and
 ``….lora_B.weight`` ``(out, r)``, or for an embedding ``….lora_embedding_A``
-``(r, vocab)`` and ``….lora_embedding_B`` ``(dim, r)``; the update is
+``(r, vocab)`` and ``….lora_embedding_B`` ``(dim, r)``, or for a convolution
+``lora_A`` ``(r, in, *window)`` (a conv over the base window) and ``lora_B``
+``(out, r, 1, ...)`` (a 1×1 conv), from ``spec.conv`` (`jaxlora.Conv`); the update is
 ``scaling · B @ A`` with ``scaling = alpha / r`` (``alpha / √r`` with
 ``use_rslora``), ``r`` and ``alpha`` per module through ``rank_pattern`` and
 ``alpha_pattern``.
@@ -195,8 +197,9 @@ def save_peft(
     Raises:
         ValueError: if ``params`` holds no adapters; a target is residual (PiSSA,
             OLoRA, MiLoRA, LoRA-GA, ``compensate=True``: its base is not the
-            original weight, see `jaxlora.to_plain_lora`); two layers get the same
-            name; or ``path`` exists and is not a PEFT adapter directory.
+            original weight, see `jaxlora.to_plain_lora`); a target is a grouped or
+            dilated convolution (PEFT computes those otherwise); two layers get
+            the same name; or ``path`` exists and is not a PEFT adapter directory.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora, tempfile, os

@@ -122,7 +122,8 @@ def test_metadata_describes_every_target(saved):
 
 def test_checkpoints_without_a_conv_record_still_load(mixed, saved):
     """Checkpoints written before jaxlora recorded convolutions (no ``conv`` key)
-    load with ``conv=None``; a record that contradicts the layout is refused."""
+    get the record ``init`` gives without inference, or the adapted tree's they
+    are loaded onto; a record that contradicts the layout is refused."""
     path, params = saved
     meta_file = os.path.join(path, _checkpoint.METADATA)
     with open(meta_file) as f:
@@ -132,9 +133,23 @@ def test_checkpoints_without_a_conv_record_still_load(mixed, saved):
     with open(meta_file, "w") as f:
         json.dump(meta, f)
     old = _nodes(jaxlora.load(path, mixed[1]))
-    assert {p: x.spec.conv for p, x in old.items()} == dict.fromkeys(old)
+    want = {p: x.spec.conv for p, x in _nodes(params).items()}  # what init assumes
+    assert {p: x.spec.conv for p, x in old.items()} == want
+    assert [p for p, c in want.items() if c] == ["['params']['conv']['kernel']"]
     for p, x in _nodes(params).items():
         chex.assert_trees_all_equal((old[p].a, old[p].b), (x.a, x.b))
+    # onto an adapted tree: its own records (here, inferred from the model)
+    model, variables, tokens, image = mixed
+    inferred = jaxlora.init(
+        variables,
+        jax.random.key(5),
+        rank=2,
+        targets=all_weights,
+        apply_fn=model.apply,
+        example_args=(tokens, image),
+    )
+    onto = _nodes(jaxlora.load(path, inferred))["['params']['conv']['kernel']"]
+    assert onto.spec.conv == jaxlora.Conv((2, 0, 1), groups=1, dilation=(1, 1))
     conv = next(e for e in meta["targets"] if e["path"] == "params/conv/kernel")
     conv["conv"] = {"axes": [3, 0, 1], "groups": 1, "dilation": [1, 1]}
     with open(meta_file, "w") as f:

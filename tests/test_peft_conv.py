@@ -4,6 +4,7 @@
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require
@@ -191,3 +192,66 @@ def test_convolutions_peft_computes_otherwise_are_refused(tmp_path, field, match
     d = jaxlora.save_peft(tmp_path / "y", plain, _names)
     with pytest.raises(ValueError, match=match):
         jaxlora.load_peft(d, lp, _names)
+
+
+class ConvBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return x + nn.Conv(4, (3, 3), padding="SAME", name="conv")(jnp.tanh(x)), None
+
+
+class StackedCnn(nn.Module):
+    """Three 3×3 convs stacked by ``nn.scan``: kernels ``(layer, kh, kw, in, out)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(
+            ConvBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return blocks(name="blocks")(x, None)[0]
+
+
+def test_stacked_convolutions_are_one_torch_conv_per_layer(cnn, tmp_path):
+    """An ``nn.scan`` of convs exports one PEFT conv adapter per layer: PEFT's merged
+    torch weights are ``jaxlora.merge``'s, layer by layer, and load_peft reads the
+    layers back exactly."""
+    torch, peft, *_ = cnn
+    model, x = StackedCnn(), jnp.asarray(X[..., :1].repeat(4, -1))
+    params = model.init(jax.random.key(0), x)
+    lp = jaxlora.init(
+        params,
+        jax.random.key(1),
+        scheme="both_random",
+        rank=2,
+        apply_fn=model.apply,
+        example_args=(x,),
+    )
+    node = lp["params"]["blocks"]["conv"]["kernel"]
+    assert node.spec.conv == jaxlora.Conv((3, 1, 2), groups=1, dilation=(1, 1))
+    names = lambda path, layer: f"blocks.{layer[0]}.conv"  # noqa: E731
+    d = jaxlora.save_peft(tmp_path / "stacked", lp, names)
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = lambda: torch.nn.ModuleDict({"conv": torch.nn.Conv2d(4, 4, 3)})  # noqa: E731
+            self.blocks = torch.nn.ModuleList([layer() for _ in range(3)])
+
+    net = Blocks()
+    kernels = np.asarray(params["params"]["blocks"]["conv"]["kernel"])
+    with torch.no_grad():
+        for i, blk in enumerate(net.blocks):
+            blk["conv"].weight.copy_(
+                torch.from_numpy(kernels[i].transpose(3, 2, 0, 1).copy())
+            )
+    merged = peft.PeftModel.from_pretrained(net, d).merge_and_unload()
+    want = np.asarray(jaxlora.merge(lp)["params"]["blocks"]["conv"]["kernel"])
+    for i, blk in enumerate(merged.blocks):
+        got = blk["conv"].weight.detach().numpy().transpose(2, 3, 1, 0)
+        np.testing.assert_allclose(got, want[i], atol=1e-6)
+    assert not np.allclose(want, kernels, atol=1e-3)  # the update is not negligible
+    back = jaxlora.load_peft(d, lp, names)["params"]["blocks"]["conv"]["kernel"]
+    chex.assert_trees_all_equal((back.a, back.b), (node.a, node.b))
