@@ -4,8 +4,8 @@ A checkpoint is a directory holding
 
 - ``jaxlora.json``: the format version and, per adapted weight, its path, scheme,
   rank, alpha, rsLoRA flag, residual and embedding flags, axis layout, how a
-  convolution reads the kernel (``conv``: absent in checkpoints of jaxlora versions
-  that did not record it, read as None), the base
+  convolution reads the kernel (``conv``; a checkpoint of a jaxlora version that did
+  not record it gets the adapted tree's record or `init`'s default on load), the base
   weight's shape and dtype, the factors' shapes and dtypes, and (for a residual
   base) a float64 fingerprint of that base;
 - ``arrays/``: the factors ``a`` and ``b``, written by orbax-checkpoint

@@ -125,10 +125,10 @@ class Conv:
             object.__setattr__(self, "dilation", dilation)
 
     @classmethod
-    def hwio(cls, ndim: int, *, n_stack: int = 0) -> Conv:
-        """A Flax ``Conv`` kernel ``(*stack, *window, in, out)``: what the default
-        ``"conv"`` layout assumes (groups and dilation unknown)."""
-        return cls(axes=(ndim - 2, *range(n_stack, ndim - 2)))
+    def hwio(cls, ndim: int) -> Conv:
+        """A Flax ``Conv`` kernel ``(*window, in, out)``: what the default ``"conv"``
+        layout assumes (groups and dilation unknown)."""
+        return cls(axes=(ndim - 2, *range(ndim - 2)))
 
 
 @dataclasses.dataclass(frozen=True)
