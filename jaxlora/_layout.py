@@ -39,12 +39,13 @@ class _T:
     the leaf's original axes behind axis k); several parts after a concatenation,
     each with its own axes (the parts may be oriented differently)."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "plain")
 
-    def __init__(self, parts):
+    def __init__(self, parts, plain: bool = True):
         self.parts = tuple(
             (leaf, tuple(frozenset(a) for a in axes)) for leaf, axes in parts
         )
+        self.plain = plain  # False once a view changed values (a flip, a negation)
 
     @property
     def ndim(self):
@@ -52,7 +53,7 @@ class _T:
 
     def map(self, fn):
         """The same leaves with each part's axes through ``fn``."""
-        return _T((leaf, fn(axes)) for leaf, axes in self.parts)
+        return _T(((leaf, fn(axes)) for leaf, axes in self.parts), self.plain)
 
 
 def _union(sets):
@@ -65,8 +66,8 @@ class _Walker:
         self.obs: dict[int, list[tuple[str, frozenset, frozenset, frozenset]]] = {}
         self.stack: dict[int, set[int]] = {}
         self.picked: dict[int, set[int]] = {}  # axes indexed away (w[i])
-        # per leaf, per conv use: (kernel axes as (in, *window) or None where a
-        # view merged axes, groups, rhs dilation)
+        # per leaf, per conv use: (kernel axes as (in, *window), or None where a
+        # view merged axes or changed values, groups, rhs dilation)
         self.convs: dict[int, list[tuple]] = {}
         self.shapes = shapes
 
@@ -89,7 +90,8 @@ class _Walker:
         for leaf, axes in t.parts:
             order = [axes[i] for i in p["dimension_numbers"].rhs_spec[1:]]
             single = all(len(a) == 1 for a in order)
-            kernel_axes = tuple(next(iter(a)) for a in order) if single else None
+            plain = single and t.plain  # a flipped kernel is not PEFT's lora_A
+            kernel_axes = tuple(next(iter(a)) for a in order) if plain else None
             use = (kernel_axes, groups, tuple(p["rhs_dilation"]))
             self.convs.setdefault(leaf, []).append(use)
 
@@ -111,6 +113,8 @@ class _Walker:
     def eqn(self, eqn, ins):
         name, p = eqn.primitive.name, eqn.params
         t = next(x for x in ins if isinstance(x, _T))
+        if name in ("rev", "neg") and ins[0] is t:  # same axes, other values
+            return [_T(t.parts, plain=False)]
         if name in _IDENTITY:  # views of the first operand (not of an index or a pad)
             return [t if ins[0] is t else None]
         if name in ("mul", "div"):  # a weight scaled (w * gate), not x * norm scale
@@ -161,7 +165,10 @@ class _Walker:
 
             return [t.map(grow)]
         if name == "concatenate":  # e.g. q, k, v kernels fused into one matmul
-            return [_T(part for x in ins if isinstance(x, _T) for part in x.parts)]
+            ts = [x for x in ins if isinstance(x, _T)]
+            return [
+                _T((part for x in ts for part in x.parts), all(x.plain for x in ts))
+            ]
         if name == "stack":  # per-layer weights stacked: a new (layer) axis
             k = p["axis"]
             parts = [
@@ -169,7 +176,8 @@ class _Walker:
                 for x in ins
                 if isinstance(x, _T)
             ]
-            return [_T(part for x in parts for part in x.parts)]
+            plain = all(x.plain for x in parts)
+            return [_T((part for x in parts for part in x.parts), plain)]
         if name == "reshape" and ins[0] is t:
             perm = p.get("dimensions") or tuple(range(t.ndim))  # transposed first
             old = tuple(eqn.invars[0].aval.shape[i] for i in perm)

@@ -109,6 +109,20 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
         "conv2": jaxlora.Conv(axes=(2, 0, 1), groups=1, dilation=(1, 1)),
         "conv3": jaxlora.Conv(axes=(1, 0), groups=1, dilation=(1,)),
     }
+    # a kernel flipped or negated before the conv: PEFT's lora_A would not be it
+    conv = lambda w, x: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    w = {"kernel": jnp.ones((3, 3, 3, 4))}
+    views = {"flipped": lambda k: k[::-1], "negated": lambda k: -k, "as is": None}
+    got = {}
+    for name, view in views.items():
+        fn = lambda p, x, v=view: conv(v(p["kernel"]) if v else p["kernel"], x)  # noqa: E731
+        node = jaxlora.init(
+            w, jax.random.key(0), rank=2, apply_fn=fn, example_args=(X,)
+        )
+        got[name] = node["kernel"].spec.conv
+    assert got == {"flipped": None, "negated": None, "as is": convs["conv1"]}
     # without a model to read: the Flax Conv kernel a "conv" layout assumes
     default = jaxlora.init(params, jax.random.key(0), targets=r".*conv1/kernel", rank=2)
     assert default["params"]["conv1"]["kernel"].spec.conv == jaxlora.Conv((2, 0, 1))
