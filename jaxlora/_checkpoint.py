@@ -326,7 +326,8 @@ def _entry_problems(entries: list[dict[str, Any]]) -> list[str]:
             want = layout.factor_shapes(tuple(e["base_shape"]), e["rank"])
             got = (tuple(e["a_shape"]), tuple(e["b_shape"]))
             conv = e.get("conv")
-            if conv is not None and set(Conv(**conv).axes) != set(layout.in_axes):
+            axes = None if conv is None else Conv(**conv).axes
+            if axes is not None and set(axes) != set(layout.in_axes):
                 raise ValueError(f"conv axes {conv['axes']} are not the input axes")
         except (KeyError, TypeError, ValueError, IndexError) as err:
             problems.append(f"{e.get('path')!r}: {type(err).__name__}: {err}")

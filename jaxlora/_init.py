@@ -22,6 +22,7 @@ from jaxlora import _residual
 from jaxlora import _schemes
 from jaxlora import _targets
 from jaxlora._boxes import factored_boxes
+from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
@@ -125,8 +126,10 @@ def _plan(
         conv = (convs or {}).get(p)
         if p in user_layouts:
             layout = _targets.as_layout(user_layouts[p], p, shape)
-            if conv is None or set(conv.axes) != set(layout.in_axes):
+            if conv is None:
                 conv = _targets.default_conv(p, shape, user_layouts[p])
+            elif conv.axes is not None and set(conv.axes) != set(layout.in_axes):
+                conv = Conv(None)  # convolved otherwise than the layout says
         elif p in (inferred or {}):
             layout = inferred[p]
         else:

@@ -84,14 +84,20 @@ class _Walker:
             )
 
     def note_conv(self, t, p):
-        """Records how a convolution reads ``t`` as its kernel (see `Conv`)."""
-        self.note(t, "conv", p["dimension_numbers"].rhs_spec[1:])
+        """Records how a convolution reads ``t`` as its kernel (see `Conv`): its
+        input-feature axis, then its window axes in the order of the input's
+        spatial axes (as a torch twin's ``(in, *window)`` weight lies)."""
+        dn = p["dimension_numbers"]
+        self.note(t, "conv", dn.rhs_spec[1:])
         groups = p["feature_group_count"] * p["batch_group_count"]
+        spatial = zip(dn.lhs_spec[2:], dn.rhs_spec[2:], strict=True)
+        window = [w for _, w in sorted(spatial)]  # paired by the input's axis order
+        # a transposed convolution (input dilation) is no conv of PEFT's
+        plain = t.plain and all(d == 1 for d in p["lhs_dilation"])
         for leaf, axes in t.parts:
-            order = [axes[i] for i in p["dimension_numbers"].rhs_spec[1:]]
-            single = all(len(a) == 1 for a in order)
-            plain = single and t.plain  # a flipped kernel is not PEFT's lora_A
-            kernel_axes = tuple(next(iter(a)) for a in order) if plain else None
+            order = [axes[i] for i in (dn.rhs_spec[1], *window)]
+            single = plain and all(len(a) == 1 for a in order)
+            kernel_axes = tuple(next(iter(a)) for a in order) if single else None
             use = (kernel_axes, groups, tuple(p["rhs_dilation"]))
             self.convs.setdefault(leaf, []).append(use)
 
@@ -120,7 +126,9 @@ class _Walker:
         if name in ("mul", "div"):  # a weight scaled (w * gate), not x * norm scale
             k = 0 if ins[0] is t else 1
             scalar = math.prod(eqn.invars[1 - k].aval.shape) == 1
-            return [t if scalar and (k == 0 or name == "mul") else None]
+            if not (scalar and (k == 0 or name == "mul")):
+                return [None]
+            return [_T(t.parts, plain=False)]  # same axes, other values
         if name == "transpose":
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "split":
@@ -360,8 +368,10 @@ def infer(
     *,
     paths=None,
 ) -> tuple[dict[str, Layout], dict[str, Conv]]:
-    """`infer_layouts` and, from the same trace, the `Conv` of each weight that is
-    used only as the kernel of convolutions that all read it alike.
+    """`infer_layouts` and, from the same trace, the `Conv` of each weight that a
+    convolution reads as its kernel: its axes where every use is a convolution
+    reading it alike through views that keep its values, else ``Conv(None)``
+    (flipped, scaled or merged axes, a transposed convolution, other uses too).
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -413,8 +423,12 @@ def infer(
             continue
         out[names[k]] = lay
         uses = set(walker.convs.get(k, []))
+        if not uses:
+            continue
+        conv = Conv(None)  # convolved, but not as one PEFT conv adapter can hold
         if len(uses) == 1 and all(o[0] == "conv" for o in obs):
             ((axes, groups, dilation),) = uses
             if axes is not None and set(axes) == set(lay.in_axes):
-                convs[names[k]] = Conv(axes, groups, dilation)
+                conv = Conv(axes, groups, dilation)
+        convs[names[k]] = conv
     return out, convs

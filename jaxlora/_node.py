@@ -103,8 +103,11 @@ class Conv:
     channels, its ``lora_B`` a 1×1 conv).
 
     Attributes:
-        axes: the kernel's input-feature axis, then its window axes in the order the
-            convolution slides them (torch's ``(in, *window)``).
+        axes: the kernel's input-feature axis, then its window axes in the order of
+            the input's spatial axes (torch's ``(in, *window)``); None where a
+            convolution reads the kernel in a way one such adapter cannot hold (a
+            flipped, scaled or reshaped kernel, a transposed convolution, a kernel
+            that other operations or differently dilated convolutions use too).
         groups: the convolution's feature groups; None where the layout was not
             inferred from the model (``apply_fn=``), so it is not known.
         dilation: the kernel (rhs) dilation per window axis; None if not known.
@@ -114,12 +117,13 @@ class Conv:
         Conv(axes=(2, 0, 1), groups=None, dilation=None)
     """
 
-    axes: tuple[int, ...]
+    axes: tuple[int, ...] | None
     groups: int | None = None
     dilation: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "axes", tuple(int(i) for i in self.axes))
+        if self.axes is not None:
+            object.__setattr__(self, "axes", tuple(int(i) for i in self.axes))
         if self.dilation is not None:
             dilation = tuple(int(d) for d in self.dilation)
             object.__setattr__(self, "dilation", dilation)

@@ -120,13 +120,27 @@ def _conv_order(spec: LoraSpec) -> list[int]:
 
 def _conv_problem(path: str, conv) -> str | None:
     """Why PEFT would not compute what jaxlora does for this convolution, if so."""
-    if conv.groups not in (None, 1):
+    if conv.axes is None:
         return (
-            f"{path!r} is a grouped convolution ({conv.groups} groups): PEFT's "
+            f"{path!r} is read by a convolution in a way one PEFT conv adapter "
+            "cannot hold (a flipped, scaled or reshaped kernel, a transposed "
+            "convolution, or a kernel other operations use too)"
+        )
+    if conv.groups is None or conv.dilation is None:
+        return (
+            f"{path!r} is a convolution kernel whose groups and dilation are not "
+            "known (its layout was not inferred), and PEFT computes grouped or "
+            "dilated convolutions otherwise: pass apply_fn= and example_args= to "
+            "jaxlora.init so they are read off the model"
+        )
+    if conv.groups != 1:
+        return (
+            f"{path!r} is a grouped convolution ({conv.groups} groups, or an "
+            "ensemble that vmap folds into groups): PEFT's "
             "lora_A for it convolves every input channel and its lora_B is grouped, "
             "while jaxlora's update keeps the kernel's own groups (another update)"
         )
-    if conv.dilation is not None and any(d != 1 for d in conv.dilation):
+    if any(d != 1 for d in conv.dilation):
         return (
             f"{path!r} is a dilated convolution (kernel dilation {conv.dilation}): "
             "PEFT's lora_A runs undilated, so its output is not jaxlora's (nor its "
@@ -379,7 +393,7 @@ def _torch_base(node: LoraWeight, layer: tuple) -> np.ndarray:
     stack = sorted(lay.stack_axes)
     rest = [i for i in range(w.ndim) if i not in stack]
     w = np.transpose(w, [*stack, *rest])[layer]  # this layer, axes as `rest`
-    if node.spec.conv is not None:  # torch's (out, in, *window)
+    if node.spec.conv is not None and node.spec.conv.axes is not None:
         return np.transpose(
             w, [rest.index(i) for i in (*lay.out_axes, *node.spec.conv.axes)]
         )

@@ -114,7 +114,12 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     w = {"kernel": jnp.ones((3, 3, 3, 4))}
-    views = {"flipped": lambda k: k[::-1], "negated": lambda k: -k, "as is": None}
+    views = {
+        "flipped": lambda k: k[::-1],
+        "negated": lambda k: -k,
+        "scaled": lambda k: 2.0 * k,
+        "as is": None,
+    }
     got = {}
     for name, view in views.items():
         fn = lambda p, x, v=view: conv(v(p["kernel"]) if v else p["kernel"], x)  # noqa: E731
@@ -122,7 +127,27 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
             w, jax.random.key(0), rank=2, apply_fn=fn, example_args=(X,)
         )
         got[name] = node["kernel"].spec.conv
-    assert got == {"flipped": None, "negated": None, "as is": convs["conv1"]}
+    unheld = jaxlora.Conv(None)  # convolved, not as one PEFT conv adapter holds
+    assert got == {
+        "flipped": unheld,
+        "negated": unheld,
+        "scaled": unheld,
+        "as is": convs["conv1"],
+    }
+    # also contracted by a dot: no PEFT conv adapter either
+    both = lambda p, x: conv(p["kernel"], x).sum() + (x[0, 0, :3] @ p["kernel"][0, 0])  # noqa: E731
+    node = jaxlora.init(w, jax.random.key(0), rank=2, apply_fn=both, example_args=(X,))
+    assert node["kernel"].spec.conv == unheld
+    # window axes follow the input's spatial order, whatever the kernel spec string
+    x_nchw = jnp.ones((1, 3, 7, 6))
+    oiwh = lambda p, x: jax.lax.conv_general_dilated(  # noqa: E731
+        x, p["kernel"], (1, 1), "SAME", dimension_numbers=("NCHW", "OIWH", "NCHW")
+    )
+    w_oiwh = {"kernel": jnp.ones((4, 3, 5, 3))}  # (out, in, kw, kh)
+    node = jaxlora.init(
+        w_oiwh, jax.random.key(0), rank=2, apply_fn=oiwh, example_args=(x_nchw,)
+    )
+    assert node["kernel"].spec.conv == jaxlora.Conv((1, 3, 2), 1, (1, 1))
     # without a model to read: the Flax Conv kernel a "conv" layout assumes
     default = jaxlora.init(params, jax.random.key(0), targets=r".*conv1/kernel", rank=2)
     assert default["params"]["conv1"]["kernel"].spec.conv == jaxlora.Conv((2, 0, 1))
@@ -189,7 +214,7 @@ def test_a_peft_conv_adapter_runs_in_jaxlora_as_in_peft(cnn, tmp_path):
 @pytest.mark.parametrize(
     ("field", "match"),
     [
-        ("groups", r"'params/conv2/kernel' is a grouped convolution \(2 groups\)"),
+        ("groups", r"'params/conv2/kernel' is a grouped convolution \(2 groups"),
         ("dilation", r"'params/conv2/kernel' is a dilated convolution"),
     ],
 )
@@ -206,6 +231,25 @@ def test_convolutions_peft_computes_otherwise_are_refused(tmp_path, field, match
     d = jaxlora.save_peft(tmp_path / "y", plain, _names)
     with pytest.raises(ValueError, match=match):
         jaxlora.load_peft(d, lp, _names)
+
+
+def test_convolutions_read_unknowably_or_otherwise_are_refused(cnn, tmp_path):
+    """Without inference, a conv's groups and dilation are not known (a dilated
+    conv would export wrong): refused with the fix. A kernel convolved in a way no
+    PEFT conv adapter holds (here flipped) is refused too, not written as a Linear."""
+    *_, model, params, _ = cnn
+    default = jaxlora.init(params, jax.random.key(0), targets=r".*conv1/kernel", rank=2)
+    with pytest.raises(
+        ValueError, match=r"'params/conv1/kernel'.*not known.*apply_fn="
+    ):
+        jaxlora.save_peft(tmp_path / "x", default, _names)
+    fn = lambda p, x: jax.lax.conv(x, p["kernel"][::-1], (1, 1), "SAME")  # noqa: E731
+    w = {"kernel": jnp.ones((4, 3, 3, 3))}  # OIHW, the lax.conv default
+    x = jnp.ones((1, 3, 6, 6))
+    flipped = jaxlora.init(w, jax.random.key(0), rank=2, apply_fn=fn, example_args=(x,))
+    with pytest.raises(ValueError, match=r"'kernel' is read by a convolution in a way"):
+        jaxlora.save_peft(tmp_path / "x", flipped, {"kernel": "conv"})
+    assert not (tmp_path / "x").exists()
 
 
 class ConvBlock(nn.Module):
