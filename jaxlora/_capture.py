@@ -1,0 +1,174 @@
+"""The inputs each target meets, captured batch by batch, for the data-aware schemes.
+
+EVA (a PCA of each target's inputs) and CorDA (their covariance) read the rows of
+activations contracted with every target's input axes while ``apply_fn(params,
+batch)`` runs. The model runs on a *probe*: the plain tree with zero-update adapters
+on the targets (``b = 0``, so every output is the model's own), which the factored
+engine (`jaxlora._factored.input_capturer`) intercepts. A stacked weight (``nn.scan``,
+a loop that picks ``w[i]``) is captured per layer: the probe's rank columns say which
+layer each row met, so every layer of a stack is a unit of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import _factored
+from jaxlora._node import LoraSpec
+from jaxlora._node import LoraWeight
+from jaxlora._paths import path_str
+
+PyTree = Any
+Unit = str | tuple[str, int]  # a weight's path, or (path, layer) of a stacked weight
+
+_TAG_BASE = 8  # layer l's base-8 digits d, each written as 2**d in a rank column
+
+
+def units(t) -> list[Unit]:
+    """The units of target ``t``: its path, or ``(path, l)`` per stacked layer."""
+    if not t.layout.stack_axes:
+        return [t.path]
+    return [(t.path, i) for i in range(math.prod(t.layout.split_shape(t.shape)[0]))]
+
+
+def _tag_digits(t) -> int:
+    """Base-8 digits that number the layers of target ``t`` (0 if unstacked)."""
+    n = math.prod(t.layout.split_shape(t.shape)[0])
+    return 0 if not t.layout.stack_axes else max(1, math.ceil(math.log(n, _TAG_BASE)))
+
+
+def _probe(params, plan, leaves):
+    """``params`` with zero adapters (``b = 0``: the model is unchanged) on the
+    targets, to find their inputs. For a stacked weight, ``a``'s rank columns after
+    the first, divided by the first, are ``2**d`` for layer ``l``'s base-8 digits
+    ``d``, so every captured row says which layer it met (the scan step need not be
+    the layer: a flipped or sliced stack, ``w[0]`` inside the body). Powers of two
+    keep their ratios exactly when the model scales or casts the weight (bf16, fp8)."""
+    probes = {}
+    for t in plan:
+        digits = _tag_digits(t)
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, 1 + digits)
+        n_stack = len(t.layout.stack_axes)
+        stack, fan_in = a_shape[:n_stack], math.prod(a_shape[n_stack:-1])
+        layer = jnp.arange(math.prod(stack))[:, None]
+        cols = jnp.concatenate(
+            [jnp.ones_like(layer)]
+            + [2 ** (layer // _TAG_BASE**d % _TAG_BASE) for d in range(digits)],
+            1,
+        ).astype(jnp.float32)
+        a = jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 1 + digits))
+        spec = LoraSpec(t.layout, 1 + digits, 1.0)
+        probes[t.path] = LoraWeight(
+            leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape), spec
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: probes.get(path_str(kp), x), params
+    )
+
+
+def _layers(t, tags) -> list | str:
+    """Per layer of target ``t``, the indices of the captured rows that met it
+    (``[None]``: all rows, for a weight with no stacked axes); or a reason."""
+    if not t.layout.stack_axes:
+        return [None]  # every row
+    n = math.prod(t.layout.split_shape(t.shape)[0])
+    with np.errstate(all="ignore"):
+        exps = np.log2(np.asarray(tags, np.float64))
+    digits = np.rint(exps)
+    if not np.all(np.isfinite(exps)) or np.abs(exps - digits).max(initial=0) > 1e-6:
+        return (
+            "its layers cannot be told apart (it is scaled by zero, or changed by "
+            "more than a view, before its use)"
+        )
+    layer = digits @ (float(_TAG_BASE) ** np.arange(tags.shape[1]))
+    found = [np.flatnonzero(layer == i) for i in range(n)]
+    unused = [i for i, rows in enumerate(found) if not len(rows)]
+    if unused:
+        return (
+            f"layers {unused[:8]} of its {n} meet no input (a loop over part of them?)"
+        )
+    return found
+
+
+class Rows:
+    """One batch's captured inputs: ``rows[unit]`` is ``(n, fan_in)`` (a unit's rows
+    are only gathered out of its weight's rows when asked for)."""
+
+    def __init__(self, rows: dict[str, jax.Array], layers: dict[str, list]):
+        self._rows, self._layers = rows, layers
+
+    def __getitem__(self, unit: Unit) -> jax.Array:
+        path, i = (unit, 0) if isinstance(unit, str) else unit
+        got, idx = self._rows[path], self._layers[path][i]
+        return got if idx is None else jnp.take(got, idx, axis=0)
+
+
+def captured(
+    params: PyTree,
+    plan: list,
+    leaves: dict[str, Any],
+    *,
+    apply_fn: Callable,
+    batches: Iterable,
+    scheme: str,
+) -> Iterator[Rows]:
+    """Runs ``apply_fn(probe, batch)`` per batch and yields its `Rows`.
+
+    Raises:
+        ValueError: naming ``scheme`` and every target whose inputs cannot be had:
+            used by a convolution or an embedding lookup, inside a while loop, a
+            cond branch or a ``shard_map``, through a view that changes its input
+            side, never used; or a stacked target with layers no input meets. A
+            consumer stops reading when it has enough (the batches are read lazily).
+    """
+    capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
+    probe = _probe(params, plan, leaves)
+    for batch in batches:
+        rows, tags, reasons = capture((probe, batch), {})
+        _check_captured(plan, rows, reasons, scheme)
+        layers = {t.path: _layers(t, tags[t.path]) for t in plan}
+        _check_layers(layers, scheme)
+        yield Rows(rows, layers)
+
+
+def _check_layers(layers, scheme):
+    problems = [f"{p!r}: {why}" for p, why in layers.items() if isinstance(why, str)]
+    if problems:
+        raise ValueError(
+            f"scheme {scheme!r} needs the inputs of every layer of a stacked target; "
+            "these cannot be had:\n  - "
+            + "\n  - ".join(problems)
+            + "\nExclude them with targets=..., or use another scheme for them."
+        )
+
+
+def _check_captured(plan, rows, reasons, scheme):
+    problems = [f"{p!r}: {why}" for p, why in reasons.items()]
+    problems += [
+        f"{t.path!r}: not used by apply_fn"
+        for t in plan
+        if t.path not in rows and t.path not in reasons
+    ]
+    problems += [
+        f"{t.path!r}: its inputs have {rows[t.path].shape[-1]} features, not the "
+        f"weight's {t.layout.fans(t.shape)[0]} (it is used through a slice or another "
+        "view that changes its input side)"
+        for t in plan
+        if t.path in rows and rows[t.path].shape[-1] != t.layout.fans(t.shape)[0]
+    ]
+    if problems:
+        raise ValueError(
+            f"scheme {scheme!r} needs the inputs of every target, contracted over its "
+            "input axes (Dense, DenseGeneral, Einsum), outside loops or in a scan (not "
+            "a while loop); these cannot be captured:\n  - "
+            + "\n  - ".join(problems)
+            + "\nExclude them with targets=..., or use another scheme for them."
+        )
