@@ -1,11 +1,11 @@
 """What each initialization scheme costs, side by side in one run.
 
 Times `jaxlora.init` end to end (factor draws, SVD/QR, residuals, LoRA-GA gradients,
-EVA's input statistics) for every scheme in `jaxlora.SCHEMES`:
+EVA's and CorDA's input statistics) for every scheme in `jaxlora.SCHEMES`:
 
 1. on one 4096×4096 float32 kernel at r = 16 (`--n`, `--rank`);
 2. on the whole all-MiniLM-L6-v2 encoder (every Dense kernel, 36 targets), with
-   LoRA-GA and EVA fed 4 batches of 32 real Rotten Tomatoes snippets.
+   LoRA-GA, EVA and CorDA fed 4 batches of 32 real Rotten Tomatoes snippets.
 
 "cold" is the first call (tracing and compilation included: what a user waits for);
 "warm" a second call with another key, timed only where the cold call took under
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jaxlora  # noqa: E402
 
-ALIASES = {"kaiming_normal", "reversed"}
+ALIASES = {"kaiming_normal", "reversed", "corda_ipm"}
 
 
 def timed(fn) -> float:
@@ -43,7 +43,7 @@ def data_kwargs(scheme, loss_fn, apply_fn, batches):
     """The extra arguments a data-aware scheme needs (in one place)."""
     if scheme == "lora_ga":
         return {"loss_fn": loss_fn, "batches": batches}
-    if scheme == "eva":
+    if scheme in ("eva", "corda", "corda_kpm"):
         return {"apply_fn": apply_fn, "batches": batches}
     return {}
 

@@ -17,10 +17,10 @@ Tomatoes, LoRA on every attention and FFN kernel, head trained in full, each run
 trained by the loop of ``examples/finetune.py``. It is slow on a CPU (one run
 per scheme × LR × seed); size it with ``--steps``, ``--seeds`` and ``--lrs``.
 
-Data-aware schemes (LoRA-GA) get their extra ``jaxlora.init`` arguments from
-`scheme_kwargs`, the one place that knows about them; weight-aware schemes
-(PiSSA, OLoRA) need nothing extra. Both join the default list only when
-``jaxlora.SCHEMES`` has them.
+Data-aware schemes (LoRA-GA; EVA and CorDA with ``--schemes``) get their extra
+``jaxlora.init`` arguments from `scheme_kwargs`, the one place that knows about
+them; weight-aware schemes (PiSSA, OLoRA) need nothing extra. PiSSA, OLoRA and
+LoRA-GA join the default list only when ``jaxlora.SCHEMES`` has them.
 
 Outputs (in ``--out``, default ``runs/compare_inits``): ``curves.png``,
 ``results.md`` (the table, and the width finding in quick mode), ``width.png``
@@ -249,12 +249,17 @@ def scheme_kwargs(
 
     The one place that knows which schemes need data. LoRA-GA needs the loss and a
     few batches (``jaxlora.init`` averages the gradient of the loss with respect to
-    each full target weight over them); ``loss_and_batches()`` is called only when
-    needed. Add future data-aware schemes here.
+    each full target weight over them); EVA and CorDA read the inputs each target
+    meets while a function of the params runs on the batches (the loss serves);
+    ``loss_and_batches()`` is called only when needed. Add future data-aware
+    schemes here.
     """
     if scheme == "lora_ga":
         loss_fn, batches = loss_and_batches()
         return {"loss_fn": loss_fn, "batches": batches}
+    if scheme in ("eva", "corda", "corda_ipm", "corda_kpm"):
+        loss_fn, batches = loss_and_batches()
+        return {"apply_fn": loss_fn, "batches": batches}
     return {}
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _corda
 from jaxlora import _eva_init
 from jaxlora import _residual
 from jaxlora import _schemes
@@ -58,6 +59,10 @@ class _ById:
 
 
 _BY_ID: dict[int, tuple[Any, _ById]] = {}
+
+# schemes that run ``apply_fn(params, batch)`` on ``batches`` to read each target's
+# inputs (their layouts can come from the first batch)
+_CAPTURING = ("eva", "corda", "corda_kpm")
 
 
 def _static(scheme):
@@ -344,12 +349,14 @@ def init(
             "compensate."
         )
     kind = getattr(scheme, "kind", None)
-    if kind == "eva" and not example_args:
-        # the layouts come from the first batch, which EVA then reads as usual
+    if kind in _CAPTURING and not example_args:
+        # the layouts come from the first batch, which is then read as usual
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
-            raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
+            raise ValueError(
+                f"scheme {scheme.name!r} got no batches: pass batches=[batch, ...]."
+            )
         batches = itertools.chain([first], batches)
         example_args = (first,)
     inferred = convs = None  # no model to infer from: default layouts, silently
@@ -385,6 +392,11 @@ def init(
             dtype=dtype,
         )
         return _attach(params, nodes)
+    covs = {}
+    if kind in ("corda", "corda_kpm"):
+        covs = _corda.covariances(
+            params, plan, leaves, apply_fn=apply_fn, batches=batches, scheme=scheme.name
+        )
     groups = [plan]
     if kind == "lora_ga":
         batches = list(batches)  # read once per group of targets
@@ -407,7 +419,14 @@ def init(
             key = path_key(rng, t.path)
             if isinstance(s, _residual.WeightAware):
                 nodes[t.path] = _residual.adapt(
-                    s, key, leaves[t.path], spec, dtype, grads.get(t.path), path=t.path
+                    s,
+                    key,
+                    leaves[t.path],
+                    spec,
+                    dtype,
+                    grads.get(t.path),
+                    cov=covs.pop(t.path, None),
+                    path=t.path,
                 )
                 continue
             a, b = _factors(key, s, t, dtype)
@@ -496,7 +515,11 @@ def _check_tracing(scheme, apply_fn, example_args, example_kwargs) -> None:
             "example_args/example_kwargs are only used with apply_fn= (to infer the "
             "layouts by tracing the model); pass apply_fn=model.apply or remove them."
         )
-    if apply_fn is not None and kind != "eva" and not (example_args or example_kwargs):
+    if (
+        apply_fn is not None
+        and kind not in _CAPTURING
+        and not (example_args or example_kwargs)
+    ):
         raise ValueError(
             f"apply_fn is used with scheme {scheme.name!r} only to infer the layouts, "
             "which needs example inputs: pass example_args=(x, ...) (and/or "
@@ -513,9 +536,9 @@ def _check_data(scheme, *, loss_fn, batches, apply_fn) -> None:
             "loss_fn=(params, batch) -> scalar and batches=[batch, ...] "
             f"(got loss_fn={loss_fn!r}, batches={type(batches).__name__})."
         )
-    if kind == "eva" and (apply_fn is None or batches is None):
+    if kind in _CAPTURING and (apply_fn is None or batches is None):
         raise ValueError(
-            "scheme 'eva' initializes from the inputs of each target: pass "
+            f"scheme {scheme.name!r} initializes from the inputs of each target: pass "
             "apply_fn=(params, batch) -> output and batches=[batch, ...] "
             f"(got apply_fn={apply_fn!r}, batches={type(batches).__name__})."
         )
@@ -523,8 +546,8 @@ def _check_data(scheme, *, loss_fn, batches, apply_fn) -> None:
         raise ValueError(
             f"loss_fn is only used by scheme 'lora_ga', not {scheme.name!r}; remove it."
         )
-    if kind not in ("lora_ga", "eva") and batches is not None:
+    if kind not in ("lora_ga", *_CAPTURING) and batches is not None:
         raise ValueError(
-            f"batches are only used by the data-aware schemes 'lora_ga' and 'eva', "
-            f"not {scheme.name!r}; remove them."
+            "batches are only used by the data-aware schemes 'lora_ga', 'eva', "
+            f"'corda' and 'corda_kpm', not {scheme.name!r}; remove them."
         )

@@ -35,11 +35,13 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class WeightAware:
-    """A scheme computed from each target's weight: PiSSA, MiLoRA, OLoRA, LoRA-GA.
+    """A scheme computed from each target's weight (and data): PiSSA, MiLoRA, OLoRA,
+    LoRA-GA, EVA, CorDA.
 
     Attributes:
         name: the scheme's name as stored in metadata (``"pissa_niter_4"``, ...).
-        kind: ``"pissa"``, ``"milora"``, ``"olora"`` or ``"lora_ga"``.
+        kind: ``"pissa"``, ``"milora"``, ``"olora"``, ``"lora_ga"``, ``"eva"``,
+            ``"corda"`` (IPM) or ``"corda_kpm"``.
         niter: power iterations of the randomized SVD (fast PiSSA, LoRA-GA); None
             for PiSSA's exact SVD.
     """
@@ -69,6 +71,11 @@ def from_3d(x: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Array:
 
 def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
     def one(key, k, g):
+        if scheme.kind in ("corda", "corda_kpm"):
+            kpm = scheme.kind == "corda_kpm"
+            return _weight_aware.corda(
+                key, k, g, rank, scale, kpm=kpm, dtype=dtype, path=path
+            )
         if scheme.kind == "pissa":
             return _weight_aware.pissa(
                 key, k, rank, scale, niter=scheme.niter, dtype=dtype, path=path
@@ -108,16 +115,25 @@ def _whole(x):
 
 
 def adapt(
-    scheme: WeightAware, key, w, spec: LoraSpec, dtype, grad=None, *, path: str
+    scheme: WeightAware,
+    key,
+    w,
+    spec: LoraSpec,
+    dtype,
+    grad=None,
+    *,
+    cov=None,
+    path: str,
 ) -> LoraWeight:
-    """One target's `LoraWeight` with factors from ``w`` and the residual as base;
-    the caller lays the factors and the residual out like ``w``
-    (`placed_like_weight`). Errors name ``path``."""
+    """One target's `LoraWeight` with factors from ``w`` (and LoRA-GA's gradient
+    ``grad`` of ``w``'s shape, or CorDA's input covariances ``cov``, ``(n_layers,
+    fan_in, fan_in)``) and the residual as base; the caller lays the factors and the
+    residual out like ``w`` (`placed_like_weight`). Errors name ``path``."""
     layout, shape = spec.layout, tuple(w.shape)
     w = _whole(w)
-    grad = None if grad is None else _whole(grad)
     k3 = to_3d(w, layout)
-    g3 = None if grad is None else to_3d(grad, layout)
+    g3 = None if grad is None else to_3d(_whole(grad), layout)
+    g3 = g3 if cov is None else _whole(cov)
     keys = jax.random.split(key, k3.shape[0])
     a, b, res = _factors_3d(scheme, keys, k3, g3, spec.rank, spec.scale, dtype, path)
     a_shape, b_shape = layout.factor_shapes(shape, spec.rank)

@@ -135,12 +135,12 @@ _NAMED: dict[str, Scheme] = {
     "both_random": Scheme(_torch_kaiming_uniform, _inv_sqrt_r_b, "both_random"),
     "orthogonal": OrthogonalScheme(),
 }
-_ALIASES = {"kaiming_normal": "he", "reversed": "init_b"}
+_ALIASES = {"kaiming_normal": "he", "reversed": "init_b", "corda_ipm": "corda"}
 
 #: The names accepted by ``jaxlora.init(..., scheme=NAME)``, aliases included.
 SCHEMES: tuple[str, ...] = (
     tuple(sorted(_NAMED))
-    + ("pissa", "olora", "milora", "lora_ga", "eva")
+    + ("pissa", "olora", "milora", "lora_ga", "eva", "corda", "corda_kpm")
     + tuple(sorted(_ALIASES))
 )
 
@@ -149,7 +149,7 @@ SCHEMES: tuple[str, ...] = (
 PEFT_EMBEDDING = Scheme(jinit.zeros, jinit.normal(1.0), "peft_embedding")
 
 
-_WEIGHT_AWARE = ("pissa", "milora", "olora", "lora_ga", "eva")
+_WEIGHT_AWARE = ("pissa", "milora", "olora", "lora_ga", "eva", "corda", "corda_kpm")
 
 
 def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:

@@ -312,6 +312,112 @@ def _lora_ga(key, k, grad, rank, scale, gamma, niter, dtype) -> Factors:
     return _with_residual(k, a, b, scale, dtype)
 
 
+def corda(
+    key: jax.Array,
+    k: jax.typing.ArrayLike,
+    cov: jax.typing.ArrayLike,
+    rank: int,
+    scale: float,
+    *,
+    kpm: bool = False,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+    path: str = "<weight>",
+) -> Factors:
+    """CorDA (Yang et al. 2024, arXiv 2406.05223), as in PEFT's ``corda`` init.
+
+    ``cov`` is the covariance of the layer's inputs, ``(in, in)`` (PEFT: the mean
+    over samples of ``XᵀX``, each sample ``X`` divided by ``|max X|``; see
+    `jaxlora.init`). It is damped until it inverts well: ``C' = C + d·mean(diag
+    C)·I`` with ``d = 0.01`` doubled while ``‖C'·C'⁻¹ − I‖_F ≥ 0.05``. In the PEFT
+    orientation ``W = kᵀ`` (out, in), with the SVD ``W·C' = U S Vhᵀ`` and ``V =
+    (Vh·C'⁻¹)ᵀ``:
+
+        A = √(S_r/s) · V_rᵀ       (r, in)    a = Aᵀ
+        B = U_r · √(S_r/s)        (out, r)   b = Bᵀ
+        W_res = W − s·B·A
+
+    where ``_r`` takes the first ``r`` singular triplets (IPM, "instruction-previewed
+    mode") or, with ``kpm``, the last ``r`` (KPM, "knowledge-preserved mode": the
+    base keeps the components that matter for the covariance's data). Since ``W =
+    U S Vhᵀ C'⁻¹``, ``s·B·A`` is ``r`` of its ``min(in, out)`` rank-one terms.
+
+    Args:
+        key: unused (kept so every weight-aware scheme has the same signature).
+        k: a floating kernel of shape ``(in, out)``.
+        cov: the input covariance, shape ``(in, in)``, symmetric positive
+            semi-definite.
+        rank: the LoRA rank ``r``, at most ``min(in, out)``.
+        scale: the LoRA scale ``s``.
+        kpm: take the last ``r`` singular triplets (KPM) instead of the first (IPM).
+        dtype: the dtype of the stored factors.
+        path: the parameter path, for error messages.
+
+    Returns:
+        ``(a, b, k_res)`` with ``k_res = k − scale · a @ b``.
+
+    Raises:
+        ValueError: for a non-floating or non-2-D ``k``, a rank out of range, or a
+            ``cov`` that is not ``(in, in)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> k = jax.random.normal(jax.random.key(0), (32, 24))
+        >>> x = jax.random.normal(jax.random.key(1), (100, 32))
+        >>> a, b, k_res = corda(jax.random.key(2), k, x.T @ x / 100, 4, 2.0)
+        >>> bool(jnp.allclose(k_res + 2.0 * a @ b, k, atol=1e-5))
+        True
+    """
+    k, cov = jnp.asarray(k), jnp.asarray(cov)
+    _check_kernel(k, rank, path, "CorDA")
+    if cov.shape != (k.shape[0],) * 2 or not jnp.issubdtype(cov.dtype, jnp.floating):
+        raise ValueError(
+            f"Cannot initialize CorDA for {path!r}: the input covariance must be a "
+            f"floating ({k.shape[0]}, {k.shape[0]}) array for a kernel of shape "
+            f"{k.shape}, got dtype {cov.dtype} and shape {cov.shape}. Pass the "
+            "covariance of this kernel's inputs."
+        )
+    return _corda(k, cov, rank, scale, bool(kpm), dtype)
+
+
+def damped_inverse(cov: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """PEFT's CorDA damping: ``(C', C'⁻¹)`` with ``C' = C + d·mean(diag C)·I``, ``d``
+    from 0.01 doubled until ``‖C'·C'⁻¹ − I‖_F < 0.05`` (at most 64 doublings)."""
+    eye = jnp.eye(cov.shape[0], dtype=cov.dtype)
+    shift = jnp.mean(jnp.diagonal(cov)) * eye
+
+    def attempt(d):
+        fixed = cov + shift * d
+        inv = jnp.linalg.inv(fixed)
+        err = jnp.linalg.norm(jnp.matmul(fixed, inv, precision=_HIGHEST) - eye)
+        return fixed, inv, err
+
+    def again(state):
+        d, (_, _, err), n = state
+        return (~(err < 0.05)) & (n < 64)
+
+    def double(state):
+        d, _, n = state
+        return d * 2, attempt(d * 2), n + 1
+
+    d0 = jnp.asarray(0.01, cov.dtype)
+    _, (fixed, inv, _), _ = jax.lax.while_loop(again, double, (d0, attempt(d0), 0))
+    return fixed, inv
+
+
+@functools.partial(jax.jit, static_argnums=(2, 4, 5))
+def _corda(k, cov, rank, scale, kpm, dtype) -> Factors:
+    work = compute_dtype(k.dtype)
+    fixed, inv = damped_inverse(cov.astype(work))
+    # (W·C')ᵀ = C'·k: its left singular vectors are PEFT's Vh, its right ones U
+    u, s, vt = jnp.linalg.svd(
+        jnp.matmul(fixed, k.astype(work), precision=_HIGHEST), full_matrices=False
+    )
+    v = jnp.matmul(u.T, inv, precision=_HIGHEST).T  # PEFT's V = (Vh·C'⁻¹)ᵀ
+    pick = slice(-rank, None) if kpm else slice(rank)
+    a, b = _split_singular(v[:, pick], s[pick], vt[pick], scale, work)
+    return _with_residual(k, a, b, scale, dtype)
+
+
 def to_plain_lora(
     a: jax.typing.ArrayLike,
     b: jax.typing.ArrayLike,

@@ -143,7 +143,18 @@ def test_only_data_aware_schemes_get_data():
     data = lambda: calls.append(1) or (len, [0])  # noqa: E731
     assert ci.scheme_kwargs("he", data) == {} and not calls
     assert ci.scheme_kwargs("lora_ga", data) == {"loss_fn": len, "batches": [0]}
-    assert calls == [1]
+    assert ci.scheme_kwargs("corda", data) == {"apply_fn": len, "batches": [0]}
+    assert calls == [1, 1]
+
+
+def test_corda_student_starts_at_the_base():
+    """CorDA reads the hidden kernels' inputs through the task loss (which itself runs
+    the model through lora_apply) and leaves the output unchanged."""
+    task = ts.make_task(jax.random.key(0), CFG)
+    for scheme in ("corda", "corda_kpm"):
+        p = ci.init_student(scheme, task, jax.random.key(1), rank=2, alpha=2)
+        assert {n.spec.scheme for n in jaxlora.adapters(p).values()} == {scheme}
+        assert abs(float(ts.relative_mse(p, task)) - 1.0) < 1e-5
 
 
 def test_lora_ga_student_starts_at_the_base():

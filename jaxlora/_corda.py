@@ -1,0 +1,89 @@
+"""CorDA inside `jaxlora.init`: the covariance of each target's inputs over batches.
+
+CorDA (Yang et al. 2024, arXiv 2406.05223) decomposes ``W·C`` with ``C`` the
+covariance of the layer's inputs on data of the task (IPM) or of the knowledge to keep
+(KPM); the 2-D maths is `jaxlora._weight_aware.corda`. As in PEFT's
+``preprocess_corda``, each batch is one *sample*: the rows ``X`` a target meets in it
+are divided by ``|max X|`` and ``C`` is the mean over batches of ``XᵀX`` (PEFT hooks
+one sequence per forward call: give batches of one sequence to reproduce it). Every
+layer of a stacked weight gets its own covariance (`jaxlora._capture`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import _capture
+
+PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.jit
+def _add(total: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``total + X̂ᵀX̂`` with ``X̂ = X / |max X|`` in float32, and whether X̂ is
+    finite (PEFT refuses a sample whose normalized inputs are not)."""
+    x = x.astype(jnp.float32)
+    x = x / jnp.abs(jnp.max(x))
+    return total + jnp.matmul(x.T, x, precision=_HIGHEST), jnp.isfinite(x).all()
+
+
+def covariances(
+    params: PyTree,
+    plan: list,
+    leaves: dict[str, Any],
+    *,
+    apply_fn: Callable,
+    batches: Iterable,
+    scheme: str,
+) -> dict[str, jax.Array]:
+    """Per target path, its inputs' covariances, ``(n_layers, fan_in, fan_in)``
+    (``n_layers = 1`` for a weight that is not stacked).
+
+    Raises:
+        ValueError: for no batches; targets whose inputs cannot be captured (see
+            `jaxlora._capture.captured`); a batch whose inputs to a target are not
+            finite once divided by their largest value (that value is 0, or the
+            inputs hold inf or nan), naming the targets and the batch.
+    """
+    units = {t.path: _capture.units(t) for t in plan}
+    totals = {
+        u: jnp.zeros((t.layout.fans(t.shape)[0],) * 2, jnp.float32)
+        for t in plan
+        for u in units[t.path]
+    }
+    seen = 0
+    for rows in _capture.captured(
+        params, plan, leaves, apply_fn=apply_fn, batches=batches, scheme=scheme
+    ):
+        finite = []
+        for unit in totals:  # in the plan's order, the same in every process
+            totals[unit], ok = _add(totals[unit], rows[unit])
+            finite.append(ok)
+        finite = jax.device_get(finite)
+        bad = [u for u, ok in zip(totals, finite, strict=True) if not ok]
+        if bad:
+            raise ValueError(
+                f"scheme {scheme!r}: in batch {seen} the inputs of "
+                + ", ".join(map(_name, bad[:8]))
+                + " are not finite once divided by their largest value, as CorDA "
+                "scales each sample (that value is 0, or the inputs hold inf or "
+                "nan). Check the batch, or exclude these targets with targets=...."
+            )
+        seen += 1
+    if seen == 0:
+        raise ValueError(
+            f"scheme {scheme!r} got no batches: pass batches=[batch, ...]."
+        )
+    return {
+        path: jnp.stack([totals[u] for u in us]) / seen for path, us in units.items()
+    }
+
+
+def _name(unit: _capture.Unit) -> str:
+    return repr(unit) if isinstance(unit, str) else f"{unit[0]!r} (layer {unit[1]})"

@@ -1,0 +1,284 @@
+"""CorDA (arXiv 2406.05223) through `jaxlora.init`: against real PEFT on a torch twin,
+per layer of a scanned stack, with its damping, modes and refusals."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import require
+
+import jaxlora
+from jaxlora import _weight_aware
+
+N_LAYERS = 2
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.gelu(nn.Dense(16, name="layer")(x)), None
+
+
+class Net(nn.Module):
+    """fc1 (8 → 16), a scanned stack of two 16 → 16 layers, head (16 → 6)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(16, name="fc1")(x))
+        stack = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=N_LAYERS,
+        )
+        x, _ = stack(name="layers")(x, None)
+        return nn.Dense(6, name="head")(x)
+
+
+NET = Net()
+# PEFT's CorDA hooks one sample (a (1, tokens, features) batch) per forward call
+SAMPLES = [jax.random.normal(jax.random.key(10 + i), (1, 24, 8)) for i in range(5)]
+PARAMS = NET.init(jax.random.key(0), SAMPLES[0])
+
+
+def _torch_twin(torch):
+    p = jax.tree.map(np.asarray, PARAMS["params"])
+    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(8, 16)
+            self.layers = torch.nn.ModuleList(
+                [torch.nn.Linear(16, 16) for _ in range(N_LAYERS)]
+            )
+            self.head = torch.nn.Linear(16, 6)
+
+        def forward(self, x):
+            x = gelu(self.fc1(x))
+            for layer in self.layers:
+                x = gelu(layer(x))
+            return self.head(x)
+
+    net = Twin()
+    with torch.no_grad():
+        for name in ("fc1", "head"):
+            getattr(net, name).weight.copy_(
+                torch.from_numpy(p[name]["kernel"].T.copy())
+            )
+            getattr(net, name).bias.copy_(torch.from_numpy(p[name]["bias"].copy()))
+        for i, layer in enumerate(net.layers):
+            layer.weight.copy_(
+                torch.from_numpy(p["layers"]["layer"]["kernel"][i].T.copy())
+            )
+            layer.bias.copy_(torch.from_numpy(p["layers"]["layer"]["bias"][i].copy()))
+    return net
+
+
+def _peft_corda(method, *, rslora):
+    torch = require("torch", "pip install torch==2.13.0 transformers peft")
+    peft = require("peft", "pip install peft")
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    net = _torch_twin(torch)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=rslora,
+        rank_pattern={"head": 3},
+        target_modules=["fc1", "layers.0", "layers.1", "head"],
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=method),
+    )
+
+    def run_model():
+        for x in SAMPLES:
+            net(torch.from_numpy(np.array(x)))
+
+    preprocess_corda(net, config, run_model=run_model)
+    model = peft.get_peft_model(net, config)
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            out[name.removeprefix("base_model.model.")] = (
+                module.lora_A["default"].weight.detach().numpy(),
+                module.lora_B["default"].weight.detach().numpy(),
+                module.base_layer.weight.detach().numpy(),
+                module.scaling["default"],
+            )
+    return out
+
+
+def _jaxlora_corda(scheme, *, rslora):
+    return jaxlora.init(
+        PARAMS,
+        jax.random.key(1),
+        scheme=scheme,
+        rank=4,
+        alpha=8,
+        rslora=rslora,
+        rank_pattern={".*head.*": 3},
+        apply_fn=NET.apply,
+        batches=SAMPLES,
+    )
+
+
+def _aligned(a, ref):
+    """``a``'s columns with the signs of ``ref``'s (an SVD fixes each only up to
+    sign; ``a`` and ``b`` flip together)."""
+    return np.sign(np.sum(a * ref, axis=0))
+
+
+@pytest.mark.filterwarnings("ignore:Using Rank-Stabilized LoRA")  # PEFT's own
+@pytest.mark.parametrize(
+    "scheme, method, rslora",
+    [("corda", "ipm", False), ("corda_kpm", "kpm", True)],
+)
+def test_factors_and_residual_bases_match_peft(scheme, method, rslora):
+    """Every target, each scanned layer on its own, has PEFT's ``lora_A`` (as ``aᵀ``),
+    ``lora_B`` (as ``bᵀ``) and residual base weight, with rank and alpha patterns
+    and rsLoRA."""
+    ref = _peft_corda(method, rslora=rslora)
+    got = _jaxlora_corda(scheme, rslora=rslora)["params"]
+    ours = {
+        "fc1": got["fc1"]["kernel"],
+        "head": got["head"]["kernel"],
+    }
+    stack = got["layers"]["layer"]["kernel"]
+    assert sorted(ref) == ["fc1", "head", "layers.0", "layers.1"]
+    for name, (A, B, W, scaling) in ref.items():
+        if name.startswith("layers."):
+            i = int(name.split(".")[1])
+            a, b, w = (np.asarray(x[i]) for x in (stack.a, stack.b, stack.w))
+            node = stack
+        else:
+            node = ours[name]
+            a, b, w = (np.asarray(x) for x in (node.a, node.b, node.w))
+        assert node.spec.scheme == scheme and node.spec.residual
+        assert node.scale == pytest.approx(scaling)
+        assert a.shape == A.T.shape and b.shape == B.T.shape
+        sign = _aligned(a, A.T)
+        np.testing.assert_allclose(a * sign, A.T, rtol=2e-3, atol=2e-4, err_msg=name)
+        np.testing.assert_allclose(
+            b * sign[:, None], B.T, rtol=2e-3, atol=2e-4, err_msg=name
+        )
+        np.testing.assert_allclose(w, W.T, rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def test_output_unchanged_at_init_and_ipm_plus_kpm_rebuild_the_weight():
+    """The residual keeps the output; IPM at rank r and KPM at rank n − r take
+    complementary terms of ``W = U S Vhᵀ C'⁻¹``, so their updates sum to ``W``."""
+    ipm = jaxlora.init(
+        PARAMS, jax.random.key(1), scheme="corda", rank=5, alpha=5,
+        targets=["fc1"], apply_fn=NET.apply, batches=SAMPLES,
+    )  # fmt: skip
+    kpm = jaxlora.init(
+        PARAMS, jax.random.key(1), scheme="corda_kpm", rank=3, alpha=3,
+        targets=["fc1"], apply_fn=NET.apply, batches=SAMPLES,
+    )  # fmt: skip
+    x = SAMPLES[0]
+    for adapted in (ipm, kpm):
+        out = jaxlora.lora_apply(NET.apply)(adapted, x)
+        np.testing.assert_allclose(out, NET.apply(PARAMS, x), atol=2e-5)
+    a_i, a_k = ipm["params"]["fc1"]["kernel"], kpm["params"]["fc1"]["kernel"]
+    total = a_i.delta() + a_k.delta()  # fc1 is (8, 16): min(in, out) = 8 = 5 + 3
+    np.testing.assert_allclose(total, PARAMS["params"]["fc1"]["kernel"], atol=2e-5)
+    assert not np.allclose(a_i.delta(), 0, atol=1e-3)
+
+
+def test_the_damping_doubles_until_the_covariance_inverts():
+    """Inputs in a 3-dimensional subspace of 16 give a singular covariance; the damping
+    d (from 0.01) is doubled until ``‖C'·C'⁻¹ − I‖_F < 0.05``, and not further."""
+    x = jax.random.normal(jax.random.key(0), (200, 3)) @ jax.random.normal(
+        jax.random.key(1), (3, 16)
+    )
+    cov = x.T @ x / 200
+    fixed, inv = _weight_aware.damped_inverse(cov)
+    shift = np.asarray(fixed - cov)
+    d = shift[0, 0] / np.mean(np.diag(cov))
+    np.testing.assert_allclose(shift, np.eye(16) * shift[0, 0], atol=1e-6)
+    steps = np.log2(d / 0.01)
+    assert abs(steps - round(steps)) < 1e-3 and round(steps) >= 0
+    assert np.linalg.norm(np.asarray(fixed @ inv) - np.eye(16)) < 0.05
+
+    def error(d):
+        f = cov + np.mean(np.diag(cov)) * d * jnp.eye(16)
+        return float(jnp.linalg.norm(f @ jnp.linalg.inv(f) - jnp.eye(16)))
+
+    if round(steps) > 0:
+        assert error(d / 2) >= 0.05
+    well = jax.random.normal(jax.random.key(2), (200, 16))
+    fixed, _ = _weight_aware.damped_inverse(well.T @ well / 200)
+    diag = np.diag(np.asarray(well.T @ well / 200))
+    np.testing.assert_allclose(
+        np.diag(np.asarray(fixed)) - diag, 0.01 * diag.mean(), rtol=1e-4
+    )
+
+
+def test_each_batch_is_one_sample_scaled_by_its_largest_input():
+    """The covariance is the mean over batches of ``X̂ᵀX̂``, ``X̂ = X / |max X|``: a
+    batch scaled by 10 is the same sample, and the factors do not change."""
+    scaled = [x * (10.0 if i % 2 else 1.0) for i, x in enumerate(SAMPLES)]
+
+    def fc1(batches):
+        p = jaxlora.init(
+            PARAMS, jax.random.key(1), scheme="corda", rank=2, targets=["fc1"],
+            apply_fn=NET.apply, batches=batches,
+        )  # fmt: skip
+        return p["params"]["fc1"]["kernel"].delta()
+
+    np.testing.assert_allclose(fc1(scaled), fc1(SAMPLES), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(fc1(SAMPLES[:2]), fc1(SAMPLES), atol=1e-3)
+
+
+def _corda(**kw):
+    return jaxlora.init(
+        PARAMS, jax.random.key(1), **{"scheme": "corda", "rank": 2, **kw}
+    )
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="scheme 'corda' initializes from the inputs"):
+        _corda(batches=SAMPLES)
+    with pytest.raises(ValueError, match="scheme 'corda_kpm' got no batches"):
+        _corda(scheme="corda_kpm", apply_fn=NET.apply, batches=[])
+    with pytest.raises(ValueError, match="compensate=True has no effect"):
+        _corda(apply_fn=NET.apply, batches=SAMPLES, compensate=True)
+    with pytest.raises(ValueError, match="niter is only used"):
+        _corda(apply_fn=NET.apply, batches=SAMPLES, niter=2)
+    zeros = [jnp.zeros_like(SAMPLES[0])]
+    with pytest.raises(
+        ValueError, match=r"in batch 0 the inputs of 'params/fc1/kernel'"
+    ):
+        _corda(apply_fn=NET.apply, batches=zeros)
+
+
+def test_a_convolution_is_refused_with_the_scheme_named():
+    conv = nn.Conv(4, (3,))
+    x = jnp.ones((1, 10, 2))
+    p = conv.init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)scheme 'corda' needs the inputs.*'params/kernel': used by 'conv_",
+    ):
+        jaxlora.init(
+            p, jax.random.key(1), scheme="corda", rank=2, apply_fn=conv.apply,
+            batches=[x],
+        )  # fmt: skip
+
+
+def test_checkpoint_loads_only_onto_the_same_residual(tmp_path):
+    adapted = _corda(apply_fn=NET.apply, batches=SAMPLES)
+    jaxlora.save(tmp_path / "ad", adapted)
+    again = _corda(apply_fn=NET.apply, batches=SAMPLES)
+    loaded = jaxlora.load(tmp_path / "ad", again)
+    np.testing.assert_allclose(
+        jaxlora.merge(loaded)["params"]["head"]["kernel"],
+        jaxlora.merge(adapted)["params"]["head"]["kernel"],
+        atol=1e-6,
+    )
+    other = _corda(apply_fn=NET.apply, batches=SAMPLES[:2])
+    with pytest.raises(ValueError, match="residual"):
+        jaxlora.load(tmp_path / "ad", other)
