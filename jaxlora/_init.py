@@ -283,8 +283,10 @@ def init(
             default is 4.
         loss_fn, batches: the data of ``scheme="lora_ga"``: ``loss_fn(params,
             batch) -> scalar`` on the plain (un-adapted) tree, averaged over
-            ``batches``. ``scheme="eva"`` takes ``apply_fn(params, batch)`` and
-            ``batches`` instead (the layouts then come from the first batch).
+            ``batches``. ``scheme="eva"``, ``"corda"`` and ``"corda_kpm"`` take
+            ``apply_fn(params, batch)`` and ``batches`` instead and read the inputs
+            each target meets (the layouts then come from the first batch); CorDA
+            counts each batch as one sample (PEFT: one sequence per forward call).
         grad_memory: LoRA-GA holds the float32 gradients of at most this many
             bytes of targets at once (default 1 GiB): targets are processed in
             groups, one pass over ``batches`` per group, so a large model never

@@ -72,6 +72,21 @@ WORKER = textwrap.dedent(
     # processes, whose PYTHONHASHSEEDs differ (a set's order did not: they hung)
     eva = t.adapt_eva(params, x)
     jaxlora.save(f"{out}/eva", eva)
+    # CorDA's covariances of inputs split over the processes (its residual differs
+    # from one device's by rounding, so it is compared as arrays, not loaded)
+    from jax.experimental import multihost_utils
+
+    xc = jax.make_array_from_callback(
+        t.XC.shape, NamedSharding(mesh, P("data")), lambda i: t.XC[i]
+    )
+    corda = t.adapt_eva(params, xc, scheme="corda")
+    whole = {
+        f"{k}.{f}": multihost_utils.process_allgather(getattr(corda[k], f), tiled=True)
+        for k in specs
+        for f in ("w", "a", "b")
+    }
+    if jax.process_index() == 0:
+        np.savez(f"{out}/corda.npz", **whole)
 
     # a failure on the first process only (the parent is a file) raises on both
     try:
@@ -117,6 +132,7 @@ WORKER = textwrap.dedent(
 
 SCHEMES = ("normal", "pissa")
 X = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+XC = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)  # CorDA's
 
 
 def weights():
@@ -133,12 +149,12 @@ def adapt(params, scheme):
     )
 
 
-def adapt_eva(params, x):
-    """EVA on two batches, ``x`` and ``-x``."""
+def adapt_eva(params, x, scheme="eva"):
+    """EVA (or another input-reading scheme) on two batches, ``x`` and ``-x``."""
     return jaxlora.init(
         params,
         jax.random.key(2),
-        scheme="eva",
+        scheme=scheme,
         rank=2,
         targets=["up", "down"],
         apply_fn=model,
@@ -234,3 +250,10 @@ def test_two_processes_train_save_load_and_export_what_one_device_does(tmp_path)
     for k in ("up", "down"):
         assert eva_got[k].spec == eva_want[k].spec, (eva_got[k], eva_want[k])
         np.testing.assert_allclose(eva_got[k].a, eva_want[k].a, rtol=1e-4, atol=1e-5)
+    corda_want = adapt_eva(params, jnp.asarray(XC), scheme="corda")
+    corda_got = np.load(tmp_path / "corda.npz")
+    for k in ("up", "down"):
+        want = corda_want[k]
+        np.testing.assert_allclose(corda_got[f"{k}.w"], want.w, rtol=1e-4, atol=1e-5)
+        delta = want.scale * corda_got[f"{k}.a"] @ corda_got[f"{k}.b"]
+        np.testing.assert_allclose(delta, want.delta(), rtol=1e-4, atol=1e-5)
