@@ -39,13 +39,14 @@ class _T:
     the leaf's original axes behind axis k); several parts after a concatenation,
     each with its own axes (the parts may be oriented differently)."""
 
-    __slots__ = ("parts", "plain")
+    __slots__ = ("parts", "plain", "cut")
 
-    def __init__(self, parts, plain: bool = True):
+    def __init__(self, parts, plain: bool = True, cut=frozenset()):
         self.parts = tuple(
             (leaf, tuple(frozenset(a) for a in axes)) for leaf, axes in parts
         )
         self.plain = plain  # False once a view changed values (a flip, a negation)
+        self.cut = frozenset(cut)  # (leaf, axis) whose extent a slice or pad changed
 
     @property
     def ndim(self):
@@ -53,7 +54,7 @@ class _T:
 
     def map(self, fn):
         """The same leaves with each part's axes through ``fn``."""
-        return _T(((leaf, fn(axes)) for leaf, axes in self.parts), self.plain)
+        return _T(((leaf, fn(axes)) for leaf, axes in self.parts), self.plain, self.cut)
 
 
 def _union(sets):
@@ -96,7 +97,8 @@ class _Walker:
         plain = t.plain and all(d == 1 for d in p["lhs_dilation"])
         for leaf, axes in t.parts:
             order = [axes[i] for i in (dn.rhs_spec[1], *window)]
-            single = plain and all(len(a) == 1 for a in order)
+            whole = not any((leaf, a) in t.cut for ax in order for a in ax)
+            single = plain and whole and all(len(a) == 1 for a in order)
             kernel_axes = tuple(next(iter(a)) for a in order) if single else None
             use = (kernel_axes, groups, tuple(p["rhs_dilation"]))
             self.convs.setdefault(leaf, []).append(use)
@@ -120,7 +122,19 @@ class _Walker:
         name, p = eqn.primitive.name, eqn.params
         t = next(x for x in ins if isinstance(x, _T))
         if name in ("rev", "neg") and ins[0] is t:  # same axes, other values
-            return [_T(t.parts, plain=False)]
+            return [_T(t.parts, False, t.cut)]
+        if name in ("slice", "dynamic_slice", "pad") and ins[0] is t:
+            # the same axes; an axis whose extent changes holds part of the weight
+            # (a cut window, or a layer picked by w[i], squeezed away next) or
+            # more than it (padding)
+            old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+            changed = [
+                i for i, (m, n) in enumerate(zip(old, new, strict=True)) if m != n
+            ]
+            cut = {
+                (leaf, a) for leaf, axes in t.parts for i in changed for a in axes[i]
+            }
+            return [_T(t.parts, t.plain, t.cut | cut)]
         if name in _IDENTITY:  # views of the first operand (not of an index or a pad)
             return [t if ins[0] is t else None]
         if name in ("mul", "div"):  # a weight scaled (w * gate), not x * norm scale
@@ -128,7 +142,7 @@ class _Walker:
             scalar = math.prod(eqn.invars[1 - k].aval.shape) == 1
             if not (scalar and (k == 0 or name == "mul")):
                 return [None]
-            return [_T(t.parts, plain=False)]  # same axes, other values
+            return [_T(t.parts, False, t.cut)]  # same axes, other values
         if name == "transpose":
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "split":
@@ -174,9 +188,9 @@ class _Walker:
             return [t.map(grow)]
         if name == "concatenate":  # e.g. q, k, v kernels fused into one matmul
             ts = [x for x in ins if isinstance(x, _T)]
-            return [
-                _T((part for x in ts for part in x.parts), all(x.plain for x in ts))
-            ]
+            plain = all(x.plain for x in ts)
+            cut = _union(x.cut for x in ts)
+            return [_T((part for x in ts for part in x.parts), plain, cut)]
         if name == "stack":  # per-layer weights stacked: a new (layer) axis
             k = p["axis"]
             parts = [
@@ -184,8 +198,8 @@ class _Walker:
                 for x in ins
                 if isinstance(x, _T)
             ]
-            plain = all(x.plain for x in parts)
-            return [_T((part for x in parts for part in x.parts), plain)]
+            plain, cut = all(x.plain for x in parts), _union(x.cut for x in parts)
+            return [_T((part for x in parts for part in x.parts), plain, cut)]
         if name == "reshape" and ins[0] is t:
             perm = p.get("dimensions") or tuple(range(t.ndim))  # transposed first
             old = tuple(eqn.invars[0].aval.shape[i] for i in perm)

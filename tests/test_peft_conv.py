@@ -118,7 +118,10 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
         "flipped": lambda k: k[::-1],
         "negated": lambda k: -k,
         "scaled": lambda k: 2.0 * k,
+        "window cut": lambda k: k[:2],  # PEFT's lora_A would be the whole 3×3
+        "padded": lambda k: jnp.pad(k, ((1, 1), (0, 0), (0, 0), (0, 0))),
         "as is": None,
+        "sliced whole": lambda k: k[:3],
     }
     got = {}
     for name, view in views.items():
@@ -132,8 +135,21 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
         "flipped": unheld,
         "negated": unheld,
         "scaled": unheld,
+        "window cut": unheld,
+        "padded": unheld,
         "as is": convs["conv1"],
+        "sliced whole": convs["conv1"],
     }
+    # a layer picked out of a stack by w[i] in a loop (a dynamic slice of the layer
+    # axis, squeezed away) is still each layer's own conv kernel
+    stacked = {"kernel": jnp.ones((4, 3, 3, 3, 3))}
+    loop = lambda p, x: jax.lax.fori_loop(  # noqa: E731
+        0, 4, lambda i, h: conv(p["kernel"][i], h), x
+    )
+    node = jaxlora.init(
+        stacked, jax.random.key(0), rank=2, apply_fn=loop, example_args=(X,)
+    )
+    assert node["kernel"].spec.conv == jaxlora.Conv((3, 1, 2), 1, (1, 1))
     # also contracted by a dot: no PEFT conv adapter either
     both = lambda p, x: conv(p["kernel"], x).sum() + (x[0, 0, :3] @ p["kernel"][0, 0])  # noqa: E731
     node = jaxlora.init(w, jax.random.key(0), rank=2, apply_fn=both, example_args=(X,))
