@@ -57,6 +57,7 @@ import jaxlora
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from examples import finetune  # noqa: E402
 from examples import teacher_student as ts  # noqa: E402
 
 PyTree = Any
@@ -257,7 +258,7 @@ def scheme_kwargs(
     if scheme == "lora_ga":
         loss_fn, batches = loss_and_batches()
         return {"loss_fn": loss_fn, "batches": batches}
-    if scheme in ("eva", "corda", "corda_ipm", "corda_kpm"):
+    if scheme in finetune.INPUT_SCHEMES:
         loss_fn, batches = loss_and_batches()
         return {"apply_fn": loss_fn, "batches": batches}
     return {}
@@ -540,7 +541,6 @@ def full_sweep(scheme: str, *, lrs, seeds, steps, eval_every, rank, alpha, data)
     defaults). Curves are the validation loss at step 0 and every ``eval_every``
     steps; the final loss and accuracy are the last validation measurement.
     """
-    from examples import finetune
     from examples import minilm
 
     n_lr, n_points = len(lrs), steps // eval_every + 1
@@ -587,8 +587,6 @@ def full_sweep(scheme: str, *, lrs, seeds, steps, eval_every, rank, alpha, data)
 
 def _classifier_data(model, data, seed: int, n_batches: int = 4):
     """The cross-entropy ``(variables, batch) -> scalar`` and a few train batches."""
-    from examples import finetune
-
     rng = np.random.default_rng(seed)
 
     def loss(v, b):
@@ -602,7 +600,6 @@ def _classifier_data(model, data, seed: int, n_batches: int = 4):
 
 def load_full_data(max_len: int, batch: int, val_size: int) -> dict[str, Any]:
     """MiniLM weights and the tokenized train / validation (first ``val_size``)."""
-    from examples import finetune
     from examples import minilm
     from examples import rotten_tomatoes
 

@@ -269,6 +269,10 @@ def make_optimizer(
     return optax.chain(*clip, tx), schedule
 
 
+#: Schemes that read the inputs each target meets (``apply_fn=``, ``batches=``).
+INPUT_SCHEMES = ("eva", "corda", "corda_ipm", "corda_kpm")
+
+
 def adapt(
     variables: PyTree,
     cfg: TrainConfig,
@@ -280,12 +284,13 @@ def adapt(
     """``jaxlora.init`` on ``variables`` per ``cfg`` (unchanged if full fine-tune).
 
     The data-aware schemes get ``n_batches`` seeded training batches: LoRA-GA the
-    classification loss (``loss_fn``), EVA the model's forward (``apply_fn``).
+    classification loss (``loss_fn``), EVA and CorDA the model's forward
+    (``apply_fn``; CorDA counts each batch as one sample).
     """
     if cfg.full_finetune:
         return variables
     extra = {}
-    if cfg.scheme in ("lora_ga", "eva"):
+    if cfg.scheme in ("lora_ga", *INPUT_SCHEMES):
         if model is None or train_data is None:
             raise ValueError(
                 f"scheme {cfg.scheme!r} needs data: pass model= and train_data=."

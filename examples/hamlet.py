@@ -136,7 +136,8 @@ def evaluate(apply_fn: Callable, params: PyTree, val: np.ndarray, batch: int) ->
 def adapt(
     model: smollm2.SmolLM2, params: PyTree, args: argparse.Namespace, train: np.ndarray
 ) -> PyTree:
-    """``jaxlora.init`` of the seven kernels; LoRA-GA and EVA get 4 training batches."""
+    """``jaxlora.init`` of the seven kernels; LoRA-GA and EVA get 4 training batches,
+    CorDA their sequences one by one (PEFT's CorDA takes one sequence per sample)."""
     data = windows(train, args.batch, args.seq, np.random.default_rng(args.seed + 1))
     few = [next(data) for _ in range(4)]
     extra: dict[str, Any] = {}
@@ -144,6 +145,8 @@ def adapt(
         extra = {"loss_fn": functools.partial(lm_loss, model.apply), "batches": few}
     elif args.scheme == "eva":
         extra = {"batches": [w[:, :-1] for w in few]}
+    elif args.scheme in finetune.INPUT_SCHEMES:
+        extra = {"batches": [w[i : i + 1, :-1] for w in few for i in range(len(w))]}
     return jaxlora.init(
         params,
         jax.random.key(args.seed),

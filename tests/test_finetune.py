@@ -88,3 +88,36 @@ def test_count_params_lora_and_full():
     assert finetune.adapt(params, full) is params
     n = sum(x.size for x in jax.tree.leaves(params))
     assert finetune.count_params(params, full) == (n, n)
+
+
+def test_input_reading_schemes_get_the_models_forward_on_training_batches():
+    import flax.linen as nn
+
+    import jaxlora
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, ids, mask):
+            h = nn.Embed(128, 8)(ids) * mask[..., None]
+            return nn.Dense(2, name="classifier")(nn.Dense(8, name="encoder")(h))
+
+    model = Tiny()
+    data = _data()
+    variables = model.init(
+        jax.random.key(0), data["input_ids"][:2], data["attention_mask"][:2]
+    )
+    for scheme in ("eva", "corda", "corda_kpm"):
+        cfg = finetune.TrainConfig(
+            scheme=scheme, rank=2, targets=("encoder",), batch_size=16
+        )
+        with pytest.raises(ValueError, match="needs data: pass model="):
+            finetune.adapt(variables, cfg)
+        adapted = finetune.adapt(variables, cfg, model=model, train_data=data)
+        node = adapted["params"]["encoder"]["kernel"]
+        assert node.spec.scheme == scheme
+        x = (data["input_ids"][:4], data["attention_mask"][:4])
+        np.testing.assert_allclose(
+            jaxlora.lora_apply(model.apply)(adapted, *x),
+            model.apply(variables, *x),
+            atol=1e-5,
+        )
