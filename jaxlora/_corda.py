@@ -26,11 +26,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 @jax.jit
 def _add(total: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``total + X̂ᵀX̂`` with ``X̂ = X / |max X|`` in float32, and whether X̂ is
-    finite (PEFT refuses a sample whose normalized inputs are not)."""
+    """``total + X̂ᵀX̂`` with ``X̂ = X / |max X|`` in float32, and whether X̂ and the
+    sum are finite (PEFT refuses a sample whose normalized inputs or covariance are
+    not)."""
     x = x.astype(jnp.float32)
     x = x / jnp.abs(jnp.max(x))
-    return total + jnp.matmul(x.T, x, precision=_HIGHEST), jnp.isfinite(x).all()
+    total = total + jnp.matmul(x.T, x, precision=_HIGHEST)
+    return total, jnp.isfinite(x).all() & jnp.isfinite(total).all()
 
 
 def covariances(
@@ -45,11 +47,16 @@ def covariances(
     """Per target path, its inputs' covariances, ``(n_layers, fan_in, fan_in)``
     (``n_layers = 1`` for a weight that is not stacked).
 
+    All the rows a target meets in one batch make one sample, with one ``|max|``:
+    every use of a weight the model applies several times per call (a shared or
+    tied layer, a weight broadcast to every step of a scan), where PEFT's hook
+    counts each call of the layer as a sample of its own.
+
     Raises:
         ValueError: for no batches; targets whose inputs cannot be captured (see
             `jaxlora._capture.captured`); a batch whose inputs to a target are not
-            finite once divided by their largest value (that value is 0, or the
-            inputs hold inf or nan), naming the targets and the batch.
+            finite once divided by their largest value, or whose covariance is not
+            finite, naming the targets and the batch.
     """
     units = {t.path: _capture.units(t) for t in plan}
     totals = {
@@ -72,8 +79,10 @@ def covariances(
                 f"scheme {scheme!r}: in batch {seen} the inputs of "
                 + ", ".join(map(_name, bad[:8]))
                 + " are not finite once divided by their largest value, as CorDA "
-                "scales each sample (that value is 0, or the inputs hold inf or "
-                "nan). Check the batch, or exclude these targets with targets=...."
+                "scales each sample, or their covariance overflows float32 (the "
+                "largest value is 0 or tiny next to the others, or the inputs hold "
+                "inf or nan). Check the batch, or exclude these targets with "
+                "targets=...."
             )
         seen += 1
     if seen == 0:

@@ -351,6 +351,15 @@ def init(
             "compensate."
         )
     kind = getattr(scheme, "kind", None)
+    if kind in _CAPTURING and any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)
+    ):
+        raise ValueError(
+            f"scheme {scheme.name!r} reads its batches one by one and decides on the "
+            "values it captures, which a trace (jax.jit, jax.vmap) of jaxlora.init "
+            "does not have: call jaxlora.init outside the transformation (the model "
+            "it runs on each batch is jitted inside)."
+        )
     if kind in _CAPTURING and not example_args:
         # the layouts come from the first batch, which is then read as usual
         batches = iter(batches)

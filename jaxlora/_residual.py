@@ -208,7 +208,8 @@ def gradient_groups(plan: list, max_bytes: int) -> list[list]:
 def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
     """Turns residual-init adapters into plain adapters on the ORIGINAL weights.
 
-    A residual adapter (PiSSA, OLoRA, MiLoRA, LoRA-GA, ``compensate=True``) started at
+    A residual adapter (PiSSA, OLoRA, MiLoRA, LoRA-GA, CorDA, ``compensate=True``)
+    started at
     ``(a0, b0)`` on ``W_res = W − s·a0@b0`` and trained to ``(a, b)`` computes
     ``W_res + s·a@b = W + s·(a@b − a0@b0)``: a plain LoRA of rank ``2r`` on ``W``
     with ``a' = [a, a0]``, ``b' = [b; −b0]`` and ``alpha' = 2·alpha`` (``√2·alpha``

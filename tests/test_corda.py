@@ -233,9 +233,9 @@ def test_each_batch_is_one_sample_scaled_by_its_largest_input():
     assert not np.allclose(fc1(SAMPLES[:2]), fc1(SAMPLES), atol=1e-3)
 
 
-def _corda(**kw):
+def _corda(params=PARAMS, **kw):
     return jaxlora.init(
-        PARAMS, jax.random.key(1), **{"scheme": "corda", "rank": 2, **kw}
+        params, jax.random.key(1), **{"scheme": "corda", "rank": 2, **kw}
     )
 
 
@@ -248,6 +248,13 @@ def test_refusals_name_the_problem():
         _corda(apply_fn=NET.apply, batches=SAMPLES, compensate=True)
     with pytest.raises(ValueError, match="niter is only used"):
         _corda(apply_fn=NET.apply, batches=SAMPLES, niter=2)
+    with pytest.raises(ValueError, match="call jaxlora.init outside the transform"):
+        jax.jit(lambda p: _corda(params=p, apply_fn=NET.apply, batches=SAMPLES))(PARAMS)
+    # the largest input is tiny next to the others: X̂ = X/|max X| is finite but
+    # X̂ᵀX̂ overflows float32 (PEFT: "Invalid value found in covariance")
+    tiny = -jnp.abs(SAMPLES[0]).at[0, 0, 0].set(1e-25)
+    with pytest.raises(ValueError, match="covariance overflows float32"):
+        _corda(apply_fn=NET.apply, batches=[tiny])
     zeros = [jnp.zeros_like(SAMPLES[0])]
     with pytest.raises(
         ValueError, match=r"in batch 0 the inputs of 'params/fc1/kernel'"
@@ -282,3 +289,22 @@ def test_checkpoint_loads_only_onto_the_same_residual(tmp_path):
     other = _corda(apply_fn=NET.apply, batches=SAMPLES[:2])
     with pytest.raises(ValueError, match="residual"):
         jaxlora.load(tmp_path / "ad", other)
+
+
+def test_a_weight_used_twice_in_a_call_has_one_sample_of_all_its_rows():
+    """jaxlora's sample is the batch: every row the weight meets in one call, one
+    |max| for all (PEFT's hook would count each call of a shared layer apart)."""
+    w = {"kernel": jax.random.normal(jax.random.key(3), (8, 6))}
+    model = lambda p, x: jnp.tanh(x @ p["kernel"]).sum() + ((3 * x + 1) @ p["kernel"])  # noqa: E731
+    xs = [jax.random.normal(jax.random.key(20 + i), (12, 8)) for i in range(3)]
+    got = jaxlora.init(
+        w, jax.random.key(0), scheme="corda", rank=3, apply_fn=model, batches=xs
+    )["kernel"]
+    cov = 0
+    for x in xs:
+        rows = jnp.concatenate([x, 3 * x + 1])
+        rows = rows / jnp.abs(rows.max())
+        cov = cov + rows.T @ rows
+    a, b, res = _weight_aware.corda(None, w["kernel"], cov / len(xs), 3, 1.0)
+    np.testing.assert_allclose(got.w, res, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.delta(), a @ b, rtol=1e-4, atol=1e-5)
