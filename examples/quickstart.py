@@ -66,8 +66,9 @@ def fit(loss_fn, params, tx, steps, desc):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # data-aware schemes (lora_ga, eva) need batches this toy does not pass
-    schemes = [s for s in jaxlora.SCHEMES if s not in ("lora_ga", "eva")]
+    # data-aware schemes (lora_ga, eva, corda) need batches this toy does not pass
+    data_aware = ("lora_ga", "eva", "corda", "corda_ipm", "corda_kpm")
+    schemes = [s for s in jaxlora.SCHEMES if s not in data_aware]
     parser.add_argument("--scheme", default="he", choices=schemes)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--steps", type=int, default=500)

@@ -132,11 +132,25 @@ def captured(
     capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
     probe = _probe(params, plan, leaves)
     for batch in batches:
+        check_concrete(batch, scheme)
         rows, tags, reasons = capture((probe, batch), {})
         _check_captured(plan, rows, reasons, scheme)
         layers = {t.path: _layers(t, tags[t.path]) for t in plan}
         _check_layers(layers, scheme)
         yield Rows(rows, layers)
+
+
+def check_concrete(tree: PyTree, scheme: str) -> None:
+    """Refuses traced values: the data-aware schemes read their batches one by one
+    and decide on what they capture (ranks, convergence, finiteness)."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+        raise ValueError(
+            f"scheme {scheme!r} reads its batches one by one and decides on the "
+            "values it captures, which a trace (jax.jit, jax.vmap) of jaxlora.init "
+            "or of its batches does not have: call jaxlora.init outside the "
+            "transformation, on concrete batches (the model it runs on each batch "
+            "is jitted inside)."
+        )
 
 
 def _check_layers(layers, scheme):

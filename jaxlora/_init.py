@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _capture
 from jaxlora import _corda
 from jaxlora import _eva_init
 from jaxlora import _residual
@@ -302,7 +303,8 @@ def init(
             1-D target; odd rank with ``orthogonal``; an already adapted tree; a
             non-floating ``dtype``; an option the scheme does not use (``niter``,
             ``loss_fn``, ``batches``), or ``apply_fn`` without example inputs (or
-            the reverse).
+            the reverse); EVA or CorDA inside ``jax.jit`` / ``jax.vmap`` (traced
+            params or batches: they decide on the values they capture).
         TypeError: ``rng`` is not one JAX key.
 
     Example:
@@ -351,15 +353,8 @@ def init(
             "compensate."
         )
     kind = getattr(scheme, "kind", None)
-    if kind in _CAPTURING and any(
-        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)
-    ):
-        raise ValueError(
-            f"scheme {scheme.name!r} reads its batches one by one and decides on the "
-            "values it captures, which a trace (jax.jit, jax.vmap) of jaxlora.init "
-            "does not have: call jaxlora.init outside the transformation (the model "
-            "it runs on each batch is jitted inside)."
-        )
+    if kind in _CAPTURING:
+        _capture.check_concrete(params, scheme.name)
     if kind in _CAPTURING and not example_args:
         # the layouts come from the first batch, which is then read as usual
         batches = iter(batches)
@@ -519,7 +514,8 @@ def _check_key(rng: Any) -> None:
 
 
 def _check_tracing(scheme, apply_fn, example_args, example_kwargs) -> None:
-    """``apply_fn`` and the example inputs go together (EVA reads its batches)."""
+    """``apply_fn`` and the example inputs go together (EVA and CorDA read their
+    batches instead)."""
     kind = getattr(scheme, "kind", None)
     if apply_fn is None and (example_args or example_kwargs):
         raise ValueError(

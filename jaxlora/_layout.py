@@ -84,10 +84,10 @@ class _Walker:
                 )
             )
 
-    def note_conv(self, t, p):
-        """Records how a convolution reads ``t`` as its kernel (see `Conv`): its
-        input-feature axis, then its window axes in the order of the input's
-        spatial axes (as a torch twin's ``(in, *window)`` weight lies)."""
+    def note_conv(self, t, p, shape):
+        """Records how a convolution reads ``t`` (of ``shape``) as its kernel (see
+        `Conv`): its input-feature axis, then its window axes in the order of the
+        input's spatial axes (as a torch twin's ``(in, *window)`` weight lies)."""
         dn = p["dimension_numbers"]
         self.note(t, "conv", dn.rhs_spec[1:])
         groups = p["feature_group_count"] * p["batch_group_count"]
@@ -95,9 +95,14 @@ class _Walker:
         window = [w for _, w in sorted(spatial)]  # paired by the input's axis order
         # a transposed convolution (input dilation) is no conv of PEFT's
         plain = t.plain and all(d == 1 for d in p["lhs_dilation"])
+        dims = (dn.rhs_spec[1], *window)
         for leaf, axes in t.parts:
-            order = [axes[i] for i in (dn.rhs_spec[1], *window)]
-            whole = not any((leaf, a) in t.cut for ax in order for a in ax)
+            order = [axes[i] for i in dims]
+            # the weight's own axes, uncut, not split, tiled or joined to others
+            whole = not any((leaf, a) in t.cut for ax in order for a in ax) and all(
+                len(ax) == 1 and shape[i] == self.shapes[leaf][next(iter(ax))]
+                for i, ax in zip(dims, order, strict=True)
+            )
             single = plain and whole and all(len(a) == 1 for a in order)
             kernel_axes = tuple(next(iter(a)) for a in order) if single else None
             use = (kernel_axes, groups, tuple(p["rhs_dilation"]))
@@ -216,7 +221,7 @@ class _Walker:
             dn = p["ragged_dot_dimension_numbers"]
             self.note(t, "dot", dn.dot_dimension_numbers[0][1], dn.rhs_group_dimensions)
         elif name == "conv_general_dilated" and ins[1] is t:
-            self.note_conv(t, p)
+            self.note_conv(t, p, eqn.invars[1].aval.shape)
         elif name == "gather" and ins[0] is t:
             self.note(t, "gather", gather_indexed_axes(p, eqn.invars[0].aval.shape))
         elif name in (

@@ -210,7 +210,7 @@ def save_peft(
 
     Raises:
         ValueError: if ``params`` holds no adapters; a target is residual (PiSSA,
-            OLoRA, MiLoRA, LoRA-GA, ``compensate=True``: its base is not the
+            OLoRA, MiLoRA, LoRA-GA, CorDA, ``compensate=True``: its base is not the
             original weight, see `jaxlora.to_plain_lora`); a target is a grouped or
             dilated convolution (PEFT computes those otherwise); two layers get
             the same name; or ``path`` exists and is not a PEFT adapter directory.

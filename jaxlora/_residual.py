@@ -209,11 +209,10 @@ def to_plain_lora(params: PyTree, original_params: PyTree) -> PyTree:
     """Turns residual-init adapters into plain adapters on the ORIGINAL weights.
 
     A residual adapter (PiSSA, OLoRA, MiLoRA, LoRA-GA, CorDA, ``compensate=True``)
-    started at
-    ``(a0, b0)`` on ``W_res = W − s·a0@b0`` and trained to ``(a, b)`` computes
-    ``W_res + s·a@b = W + s·(a@b − a0@b0)``: a plain LoRA of rank ``2r`` on ``W``
-    with ``a' = [a, a0]``, ``b' = [b; −b0]`` and ``alpha' = 2·alpha`` (``√2·alpha``
-    with rsLoRA), so the scale is unchanged. ``a0@b0 = (W − W_res)/s`` is
+    started at ``(a0, b0)`` on ``W_res = W − s·a0@b0`` and trained to ``(a, b)``
+    computes ``W_res + s·a@b = W + s·(a@b − a0@b0)``: a plain LoRA of rank ``2r`` on
+    ``W`` with ``a' = [a, a0]``, ``b' = [b; −b0]`` and ``alpha' = 2·alpha``
+    (``√2·alpha`` with rsLoRA), so the scale is unchanged. ``a0@b0 = (W − W_res)/s`` is
     recovered from the two bases by a rank-``r`` factorization, so nothing extra
     has to be kept from the start of training. The result can be merged into, saved
     for, or shared with anyone holding the original model.

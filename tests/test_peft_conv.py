@@ -120,8 +120,12 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
         "scaled": lambda k: 2.0 * k,
         "window cut": lambda k: k[:2],  # PEFT's lora_A would be the whole 3×3
         "padded": lambda k: jnp.pad(k, ((1, 1), (0, 0), (0, 0), (0, 0))),
+        "split": lambda k: jnp.split(k, [1], axis=0)[1],
+        "rolled": lambda k: jnp.roll(k, 1, axis=1),  # slices joined: same extent
         "as is": None,
-        "sliced whole": lambda k: k[:3],
+        # a slice and a dynamic slice that keep every extent
+        "sliced whole": lambda k: jax.lax.slice(k, (0,) * 4, k.shape),
+        "dynamic whole": lambda k: jax.lax.dynamic_slice(k, (0,) * 4, k.shape),
     }
     got = {}
     for name, view in views.items():
@@ -137,8 +141,11 @@ def test_layouts_record_how_each_convolution_reads_its_kernel(cnn):
         "scaled": unheld,
         "window cut": unheld,
         "padded": unheld,
+        "split": unheld,
+        "rolled": unheld,
         "as is": convs["conv1"],
         "sliced whole": convs["conv1"],
+        "dynamic whole": convs["conv1"],
     }
     # a layer picked out of a stack by w[i] in a loop (a dynamic slice of the layer
     # axis, squeezed away) is still each layer's own conv kernel
