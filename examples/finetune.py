@@ -285,7 +285,8 @@ def adapt(
 
     The data-aware schemes get ``n_batches`` seeded training batches: LoRA-GA the
     classification loss (``loss_fn``), EVA and CorDA the model's forward
-    (``apply_fn``; CorDA counts each batch as one sample).
+    (``apply_fn``; CorDA counts each batch as one sample), with the padded positions
+    left out by the attention mask (``input_mask``, as PEFT's EVA does).
     """
     if cfg.full_finetune:
         return variables
@@ -308,7 +309,8 @@ def adapt(
         if cfg.scheme == "lora_ga":
             extra = {"loss_fn": loss_fn, "batches": few}
         else:
-            extra = {"apply_fn": forward, "batches": few}
+            mask = lambda b: b["attention_mask"]  # noqa: E731
+            extra = {"apply_fn": forward, "batches": few, "input_mask": mask}
     return jaxlora.init(
         variables,
         jax.random.key(cfg.seed),

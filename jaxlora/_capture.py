@@ -100,15 +100,27 @@ def _layers(t, tags) -> list | str:
 
 class Rows:
     """One batch's captured inputs: ``rows[unit]`` is ``(n, fan_in)`` (a unit's rows
-    are only gathered out of its weight's rows when asked for)."""
+    are only gathered out of its weight's rows when asked for), and
+    ``rows.weights(unit)`` which of them count: None (all) without an input mask,
+    else 0/1 of shape ``(n,)``, the batch's mask repeated for each use."""
 
-    def __init__(self, rows: dict[str, jax.Array], layers: dict[str, list]):
-        self._rows, self._layers = rows, layers
+    def __init__(self, rows: dict[str, jax.Array], layers: dict[str, list], mask):
+        self._rows, self._layers, self._mask = rows, layers, mask
 
     def __getitem__(self, unit: Unit) -> jax.Array:
         path, i = (unit, 0) if isinstance(unit, str) else unit
         got, idx = self._rows[path], self._layers[path][i]
         return got if idx is None else jnp.take(got, idx, axis=0)
+
+    def count(self, unit: Unit) -> int:
+        path, i = (unit, 0) if isinstance(unit, str) else unit
+        idx = self._layers[path][i]
+        return self._rows[path].shape[0] if idx is None else len(idx)
+
+    def weights(self, unit: Unit) -> jax.Array | None:
+        if self._mask is None:
+            return None
+        return jnp.tile(self._mask, self.count(unit) // self._mask.size)
 
 
 def captured(
@@ -119,14 +131,22 @@ def captured(
     apply_fn: Callable,
     batches: Iterable,
     scheme: str,
+    input_mask: Callable | None = None,
 ) -> Iterator[Rows]:
     """Runs ``apply_fn(probe, batch)`` per batch and yields its `Rows`.
+
+    ``input_mask(batch)``, when given, says which positions of the batch count (0/1
+    or bool, e.g. ``(batch, seq)`` from an attention mask): a target's rows are its
+    inputs' leading positions in row-major order, so the mask applies to a target
+    whose inputs lead with those positions in that order (once per use, or per
+    layer of a stack).
 
     Raises:
         ValueError: naming ``scheme`` and every target whose inputs cannot be had:
             used by a convolution or an embedding lookup, inside a while loop, a
             cond branch or a ``shard_map``, through a view that changes its input
-            side, never used; or a stacked target with layers no input meets. A
+            side, never used; or a stacked target with layers no input meets; a
+            target whose number of rows is not a multiple of the mask's size. A
             consumer stops reading when it has enough (the batches are read lazily).
     """
     capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
@@ -137,7 +157,32 @@ def captured(
         _check_captured(plan, rows, reasons, scheme)
         layers = {t.path: _layers(t, tags[t.path]) for t in plan}
         _check_layers(layers, scheme)
-        yield Rows(rows, layers)
+        mask = None
+        if input_mask is not None:
+            mask = jnp.asarray(input_mask(batch)).reshape(-1).astype(jnp.float32)
+        out = Rows(rows, layers, mask)
+        if mask is not None:
+            _check_mask(plan, out, mask.size, scheme)
+        yield out
+
+
+def _check_mask(plan, rows: Rows, size: int, scheme: str) -> None:
+    problems = [
+        f"{u if isinstance(u, str) else f'{u[0]} (layer {u[1]})'!r}: "
+        f"{rows.count(u)} rows"
+        for t in plan
+        for u in units(t)
+        if rows.count(u) % size
+    ]
+    if problems:
+        raise ValueError(
+            f"scheme {scheme!r}: input_mask gave {size} positions, and these "
+            "targets' inputs do not have a whole number of rows per position (their "
+            "inputs do not lead with the batch's masked positions, e.g. a head on "
+            "pooled features):\n  - "
+            + "\n  - ".join(problems)
+            + "\nExclude them with targets=..., or drop input_mask."
+        )
 
 
 def check_concrete(tree: PyTree, scheme: str) -> None:

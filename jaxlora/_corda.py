@@ -25,14 +25,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @jax.jit
-def _add(total: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``total + X̂ᵀX̂`` with ``X̂ = X / |max X|`` in float32, and whether X̂ and the
-    sum are finite (PEFT refuses a sample whose normalized inputs or covariance are
-    not)."""
+def _add(total: jax.Array, x: jax.Array, keep=None) -> tuple[jax.Array, jax.Array]:
+    """``total + X̂ᵀX̂`` with ``X̂ = X / |max X|`` in float32 over the rows ``keep``
+    marks (all when None), and whether X̂ and the sum are finite (PEFT refuses a
+    sample whose normalized inputs or covariance are not)."""
     x = x.astype(jnp.float32)
-    x = x / jnp.abs(jnp.max(x))
+    if keep is not None:  # the rows left out count neither in max X nor in XᵀX
+        kept = (keep > 0)[:, None]
+        largest = jnp.max(jnp.where(kept, x, -jnp.inf))
+        x = jnp.where(kept, x / jnp.abs(largest), 0.0)
+        finite = jnp.isfinite(largest)
+    else:
+        x = x / jnp.abs(jnp.max(x))
+        finite = True
     total = total + jnp.matmul(x.T, x, precision=_HIGHEST)
-    return total, jnp.isfinite(x).all() & jnp.isfinite(total).all()
+    return total, finite & jnp.isfinite(x).all() & jnp.isfinite(total).all()
 
 
 def covariances(
@@ -43,6 +50,7 @@ def covariances(
     apply_fn: Callable,
     batches: Iterable,
     scheme: str,
+    input_mask: Callable | None = None,
 ) -> dict[str, jax.Array]:
     """Per target path, its inputs' covariances, ``(n_layers, fan_in, fan_in)``
     (``n_layers = 1`` for a weight that is not stacked).
@@ -66,11 +74,17 @@ def covariances(
     }
     seen = 0
     for rows in _capture.captured(
-        params, plan, leaves, apply_fn=apply_fn, batches=batches, scheme=scheme
+        params,
+        plan,
+        leaves,
+        apply_fn=apply_fn,
+        batches=batches,
+        scheme=scheme,
+        input_mask=input_mask,
     ):
         finite = []
         for unit in totals:  # in the plan's order, the same in every process
-            totals[unit], ok = _add(totals[unit], rows[unit])
+            totals[unit], ok = _add(totals[unit], rows[unit], rows.weights(unit))
             finite.append(ok)
         finite = jax.device_get(finite)
         bad = [u for u, ok in zip(totals, finite, strict=True) if not ok]
@@ -80,9 +94,9 @@ def covariances(
                 + ", ".join(map(_name, bad[:8]))
                 + " are not finite once divided by their largest value, as CorDA "
                 "scales each sample, or their covariance overflows float32 (the "
-                "largest value is 0 or tiny next to the others, or the inputs hold "
-                "inf or nan). Check the batch, or exclude these targets with "
-                "targets=...."
+                "largest value is 0 or tiny next to the others, the inputs hold "
+                "inf or nan, or input_mask keeps none of them). Check the batch, or "
+                "exclude these targets with targets=...."
             )
         seen += 1
     if seen == 0:

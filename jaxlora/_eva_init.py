@@ -39,6 +39,7 @@ def eva_nodes(
     dtype,
     rho: float = 2.0,
     tau: float = 0.99,
+    input_mask: Callable | None = None,
 ) -> dict[str, LoraWeight]:
     """EVA's adapters for the targets in ``plan`` (targets given rank 0 are left out).
 
@@ -52,6 +53,8 @@ def eva_nodes(
         dtype: the factor dtype.
         rho: components kept per target: ``k = ⌈ρ·r⌉``.
         tau: the convergence threshold on ``|cos|`` of successive components.
+        input_mask: ``input_mask(batch)`` marks the positions of a batch whose rows
+            count (see `jaxlora._capture.captured`); None: every row.
 
     Raises:
         ValueError: for no batches, or targets whose inputs cannot be captured (used
@@ -76,13 +79,19 @@ def eva_nodes(
     components = jax.jit(_eva.eva_components)
     previous, done, seen = {}, set(), 0
     for rows in _capture.captured(
-        params, plan, leaves, apply_fn=apply_fn, batches=batches, scheme="eva"
+        params,
+        plan,
+        leaves,
+        apply_fn=apply_fn,
+        batches=batches,
+        scheme="eva",
+        input_mask=input_mask,
     ):
         seen += 1
         # in the plan's order, the same in every process (each update runs the
         # collectives of a multi-process program; a set's order is per process)
         for unit in [u for u in states if u not in done]:
-            states[unit] = update(states[unit], rows[unit])
+            states[unit] = update(states[unit], rows[unit], rows.weights(unit))
             comps, _ = components(states[unit])
             if unit in previous and bool(
                 _eva.eva_converged(previous[unit], comps, tau).all()

@@ -239,6 +239,7 @@ def init(
     niter: int | None = None,
     loss_fn: Callable | None = None,
     batches: Iterable | None = None,
+    input_mask: Callable | None = None,
     grad_memory: int = 1 << 30,
 ) -> PyTree:
     """Adds LoRA factors to the targeted weights of ``params``.
@@ -288,6 +289,12 @@ def init(
             ``apply_fn(params, batch)`` and ``batches`` instead and read the inputs
             each target meets (the layouts then come from the first batch); CorDA
             counts each batch as one sample (PEFT: one sequence per forward call).
+        input_mask: for EVA and CorDA, ``input_mask(batch)`` (0/1 or bool, e.g.
+            ``lambda b: b["attention_mask"]``) marks the positions of a batch whose
+            rows count; padded positions are then left out of the PCA or the
+            covariance (and of CorDA's ``max X``). It applies to targets whose
+            inputs lead with those positions, in that order (``(batch, seq, ...)``),
+            as PEFT's EVA assumes; None: every row counts (PEFT's CorDA).
         grad_memory: LoRA-GA holds the float32 gradients of at most this many
             bytes of targets at once (default 1 GiB): targets are processed in
             groups, one pass over ``batches`` per group, so a large model never
@@ -303,7 +310,9 @@ def init(
             1-D target; odd rank with ``orthogonal``; an already adapted tree; a
             non-floating ``dtype``; an option the scheme does not use (``niter``,
             ``loss_fn``, ``batches``), or ``apply_fn`` without example inputs (or
-            the reverse); EVA or CorDA inside ``jax.jit`` / ``jax.vmap`` (traced
+            the reverse); ``input_mask`` with another scheme, or a mask whose size
+            does not divide a target's rows; EVA or CorDA inside ``jax.jit`` /
+            ``jax.vmap`` (traced
             params or batches: they decide on the values they capture).
         TypeError: ``rng`` is not one JAX key.
 
@@ -340,6 +349,16 @@ def init(
             f"{jnp.dtype(dtype).name}. Pass e.g. dtype=jnp.float32 (the default)."
         )
     _check_data(scheme, loss_fn=loss_fn, batches=batches, apply_fn=apply_fn)
+    if input_mask is not None and getattr(scheme, "kind", None) not in _CAPTURING:
+        raise ValueError(
+            f"input_mask is only used by the schemes that read each target's inputs "
+            f"('eva', 'corda', 'corda_kpm'), not {scheme.name!r}; remove it."
+        )
+    if input_mask is not None and not callable(input_mask):
+        raise TypeError(
+            f"input_mask must be a function batch -> mask (e.g. lambda b: "
+            f"b['attention_mask']), got {type(input_mask).__name__}."
+        )
     _check_tracing(scheme, apply_fn, example_args, example_kwargs)
     if compensate and isinstance(scheme, _residual.WeightAware):
         why = (
@@ -396,12 +415,19 @@ def init(
             batches=batches,
             rslora=rslora,
             dtype=dtype,
+            input_mask=input_mask,
         )
         return _attach(params, nodes)
     covs = {}
     if kind in ("corda", "corda_kpm"):
         covs = _corda.covariances(
-            params, plan, leaves, apply_fn=apply_fn, batches=batches, scheme=scheme.name
+            params,
+            plan,
+            leaves,
+            apply_fn=apply_fn,
+            batches=batches,
+            scheme=scheme.name,
+            input_mask=input_mask,
         )
     groups = [plan]
     if kind == "lora_ga":

@@ -323,3 +323,68 @@ def test_a_weight_used_twice_in_a_call_has_one_sample_of_all_its_rows():
     a, b, res = _weight_aware.corda(None, w["kernel"], cov / len(xs), 3, 1.0)
     np.testing.assert_allclose(got.w, res, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got.delta(), a @ b, rtol=1e-4, atol=1e-5)
+
+
+def _padded_batches(n=3, seed=0):
+    """Batches of (3, 7, 8) inputs whose padded positions hold large garbage, with
+    their masks; and the same inputs without padding, as one sequence each."""
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(7)[None] < np.array([7, 4, 2])[:, None]).astype(np.int32)
+    padded, clean = [], []
+    for _ in range(n):
+        x = rng.normal(size=(3, 7, 8)).astype(np.float32)
+        junk = 50.0 + rng.normal(size=x.shape).astype(np.float32)
+        padded.append({"x": np.where(mask[..., None] > 0, x, junk), "mask": mask})
+        clean.append({"x": x[mask > 0][None]})
+    return padded, clean
+
+
+@pytest.mark.parametrize("scheme", ["eva", "corda", "corda_kpm"])
+def test_input_mask_leaves_padded_positions_out(scheme):
+    """With ``input_mask``, a padded batch gives what its unpadded rows give (in the
+    PCA, the covariance and CorDA's max X); without it the padding counts."""
+    rng = np.random.default_rng(1)
+    w = {
+        "q": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)},
+        "o": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+    }
+    model = lambda p, b: jnp.tanh(b["x"] @ p["q"]["kernel"]) @ p["o"]["kernel"]  # noqa: E731
+    padded, clean = _padded_batches()
+
+    def adapt(batches, **kw):
+        return jaxlora.init(
+            w, jax.random.key(0), scheme=scheme, rank=2, targets=["q", "o"],
+            apply_fn=model, batches=batches, **kw,
+        )  # fmt: skip
+
+    masked = adapt(padded, input_mask=lambda b: b["mask"])
+    want, unmasked = adapt(clean), adapt(padded)
+    for k in ("q", "o"):
+        got = masked[k]["kernel"]
+        np.testing.assert_allclose(got.a, want[k]["kernel"].a, atol=1e-5)
+        np.testing.assert_allclose(got.w, want[k]["kernel"].w, atol=1e-5)
+
+    def differs(x, y):  # another rank (EVA) or other directions
+        return x.shape != y.shape or np.abs(np.abs(x) - np.abs(y)).max() > 1e-2
+
+    assert any(
+        differs(unmasked[k]["kernel"].a, want[k]["kernel"].a) for k in ("q", "o")
+    )
+
+
+def test_input_mask_refusals():
+    padded, _ = _padded_batches(1)
+    w = {"head": {"kernel": jnp.ones((8, 2))}}
+    pooled = lambda p, b: b["x"].mean(1) @ p["head"]["kernel"]  # noqa: E731
+    with pytest.raises(ValueError, match=r"input_mask gave 21 positions.*\n.*'head"):
+        jaxlora.init(
+            w, jax.random.key(0), scheme="corda", rank=2, apply_fn=pooled,
+            batches=padded, input_mask=lambda b: b["mask"],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="input_mask is only used by the schemes"):
+        jaxlora.init(w, jax.random.key(0), rank=2, input_mask=lambda b: b["mask"])
+    with pytest.raises(TypeError, match="input_mask must be a function"):
+        jaxlora.init(
+            w, jax.random.key(0), scheme="eva", rank=2, apply_fn=pooled,
+            batches=padded, input_mask=padded[0]["mask"],
+        )  # fmt: skip
