@@ -102,25 +102,47 @@ class Rows:
     """One batch's captured inputs: ``rows[unit]`` is ``(n, fan_in)`` (a unit's rows
     are only gathered out of its weight's rows when asked for), and
     ``rows.weights(unit)`` which of them count: None (all) without an input mask,
-    else 0/1 of shape ``(n,)``, the batch's mask repeated for each use."""
+    else 0/1 of shape ``(n,)``: the batch's mask at each use whose positions have
+    the mask's shape, once per step of the scans around it."""
 
-    def __init__(self, rows: dict[str, jax.Array], layers: dict[str, list], mask):
+    def __init__(self, rows, layers, mask=None, leads=None):
         self._rows, self._layers, self._mask = rows, layers, mask
+        self._masks = {}  # per path: the mask over all its rows, or why it cannot be
+        if mask is not None:
+            for path, uses in leads.items():
+                self._masks[path] = _mask_rows(mask, jax.device_get(uses))
 
     def __getitem__(self, unit: Unit) -> jax.Array:
         path, i = (unit, 0) if isinstance(unit, str) else unit
         got, idx = self._rows[path], self._layers[path][i]
         return got if idx is None else jnp.take(got, idx, axis=0)
 
-    def count(self, unit: Unit) -> int:
-        path, i = (unit, 0) if isinstance(unit, str) else unit
-        idx = self._layers[path][i]
-        return self._rows[path].shape[0] if idx is None else len(idx)
-
     def weights(self, unit: Unit) -> jax.Array | None:
         if self._mask is None:
             return None
-        return jnp.tile(self._mask, self.count(unit) // self._mask.size)
+        path, i = (unit, 0) if isinstance(unit, str) else unit
+        idx = self._layers[path][i]
+        whole = self._masks[path]
+        return whole if idx is None else jnp.take(whole, idx, axis=0)
+
+    def misfits(self) -> dict[str, str]:
+        """Per path whose uses the mask does not fit: the shapes of their positions."""
+        return {p: m for p, m in self._masks.items() if isinstance(m, str)}
+
+
+def _mask_rows(mask: jax.Array, leads: list) -> jax.Array | str:
+    """The mask over a weight's rows, use after use (each use's positions, once per
+    step of its scans); or the use shapes, when one of them is not the mask's."""
+    parts, shapes = [], []
+    for lead in leads:
+        lead = np.asarray(lead)
+        steps = lead.shape[:-1]  # one copy of the shape per scan step
+        shape = tuple(map(int, lead[(0,) * len(steps)]))
+        shapes.append(shape)
+        parts.append(jnp.tile(mask.reshape(-1), math.prod(steps)))
+    if any(s != tuple(mask.shape) for s in shapes):
+        return ", ".join(map(str, shapes))
+    return jnp.concatenate(parts)
 
 
 def captured(
@@ -135,51 +157,48 @@ def captured(
 ) -> Iterator[Rows]:
     """Runs ``apply_fn(probe, batch)`` per batch and yields its `Rows`.
 
-    ``input_mask(batch)``, when given, says which positions of the batch count (0/1
-    or bool, e.g. ``(batch, seq)`` from an attention mask): a target's rows are its
-    inputs' leading positions in row-major order, so the mask applies to a target
-    whose inputs lead with those positions in that order (once per use, or per
-    layer of a stack).
+    ``input_mask(batch)``, when given, says which positions of the batch count
+    (nonzero; e.g. ``(batch, seq)`` from an attention mask). It applies at each use
+    of a target whose positions (the input's axes other than the contracted ones,
+    row-major) have the mask's shape, once per step of the scans around the use
+    (the layers of a stack); positions of the same sizes in another order cannot
+    be told apart.
 
     Raises:
         ValueError: naming ``scheme`` and every target whose inputs cannot be had:
             used by a convolution or an embedding lookup, inside a while loop, a
             cond branch or a ``shard_map``, through a view that changes its input
             side, never used; or a stacked target with layers no input meets; a
-            target whose number of rows is not a multiple of the mask's size. A
+            target with a use whose positions are not of the mask's shape. A
             consumer stops reading when it has enough (the batches are read lazily).
     """
     capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
     probe = _probe(params, plan, leaves)
     for batch in batches:
         check_concrete(batch, scheme)
-        rows, tags, reasons = capture((probe, batch), {})
+        rows, tags, reasons, leads = capture((probe, batch), {})
         _check_captured(plan, rows, reasons, scheme)
         layers = {t.path: _layers(t, tags[t.path]) for t in plan}
         _check_layers(layers, scheme)
         mask = None
-        if input_mask is not None:
-            mask = jnp.asarray(input_mask(batch)).reshape(-1).astype(jnp.float32)
-        out = Rows(rows, layers, mask)
+        if input_mask is not None:  # nonzero: the position counts
+            mask = jnp.asarray(input_mask(batch)) != 0
+            mask = _factored._unsplit_rows(mask.astype(jnp.float32))
+        out = Rows(rows, layers, mask, leads)
         if mask is not None:
-            _check_mask(plan, out, mask.size, scheme)
+            _check_mask(out, mask.shape, scheme)
         yield out
 
 
-def _check_mask(plan, rows: Rows, size: int, scheme: str) -> None:
-    problems = [
-        f"{u if isinstance(u, str) else f'{u[0]} (layer {u[1]})'!r}: "
-        f"{rows.count(u)} rows"
-        for t in plan
-        for u in units(t)
-        if rows.count(u) % size
-    ]
+def _check_mask(rows: Rows, shape: tuple[int, ...], scheme: str) -> None:
+    problems = [f"{p!r}: positions {m}" for p, m in rows.misfits().items()]
     if problems:
         raise ValueError(
-            f"scheme {scheme!r}: input_mask gave {size} positions, and these "
-            "targets' inputs do not have a whole number of rows per position (their "
-            "inputs do not lead with the batch's masked positions, e.g. a head on "
-            "pooled features):\n  - "
+            f"scheme {scheme!r}: input_mask gave positions of shape {shape}, and "
+            "these targets meet inputs whose positions (the axes other than the "
+            "contracted ones, per use and per step of a scan) have other shapes "
+            "(a head on pooled features, time-major inputs, a weight applied at "
+            "each step of a scan over the sequence):\n  - "
             + "\n  - ".join(problems)
             + "\nExclude them with targets=..., or drop input_mask."
         )

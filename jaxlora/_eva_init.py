@@ -91,7 +91,10 @@ def eva_nodes(
         # in the plan's order, the same in every process (each update runs the
         # collectives of a multi-process program; a set's order is per process)
         for unit in [u for u in states if u not in done]:
-            states[unit] = update(states[unit], rows[unit], rows.weights(unit))
+            keep = rows.weights(unit)
+            if keep is not None and not bool(keep.any()):
+                continue  # masked out: no new rows, no news on convergence
+            states[unit] = update(states[unit], rows[unit], keep)
             comps, _ = components(states[unit])
             if unit in previous and bool(
                 _eva.eva_converged(previous[unit], comps, tau).all()
@@ -102,6 +105,16 @@ def eva_nodes(
             break
     if seen == 0:
         raise ValueError("scheme 'eva' got no batches: pass batches=[batch, ...].")
+    empty = [u for u, s in states.items() if not float(s.count)]
+    if empty:
+        shown = [
+            repr(u) if isinstance(u, str) else f"{u[0]!r} (layer {u[1]})" for u in empty
+        ]
+        raise ValueError(
+            "scheme 'eva': input_mask left out every input row of "
+            + ", ".join(shown[:8])
+            + " in every batch. Check the mask (nonzero: the position counts)."
+        )
     found = {u: components(s) for u, s in states.items()}
     budget = sum(t.rank * len(units[t.path]) for t in plan)
     ranks = _eva.eva_rank_allocation(

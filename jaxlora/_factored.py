@@ -529,9 +529,12 @@ def _scan(ctx, eqn, invals):
     )
     for path, uses in got.items():  # each use's rows of every step
         entry = ctx.captured.setdefault(path, [])
-        if isinstance(entry, list):
+        if isinstance(entry, list):  # its lead shape, once per step: (steps, ..., k)
             entry.extend(
-                tuple(v.reshape(math.prod(v.shape[:-1]), v.shape[-1]) for v in use)
+                (
+                    *(v.reshape(math.prod(v.shape[:-1]), v.shape[-1]) for v in use[:2]),
+                    use[2],
+                )
                 for use in uses
             )
     if ctx.captured is not None:
@@ -873,7 +876,9 @@ def _capture(ctx, eqn, invals):
     entry = ctx.captured.setdefault(sym.path, [])
     if isinstance(entry, list):
         ratios = _rank_ratios(sym)
-        entry.append((rows, jax.numpy.broadcast_to(ratios, (len(rows), len(ratios)))))
+        tags = jax.numpy.broadcast_to(ratios, (len(rows), len(ratios)))
+        lead = jax.numpy.asarray([x.shape[i] for i in free], jax.numpy.int32)
+        entry.append((rows, tags, lead))  # lead: the use's positions, row-major
 
 
 def _rank_ratios(sym: Sym):
@@ -898,7 +903,7 @@ def _unsplit_rows(rows):
 
 
 def input_capturer(fn: Callable) -> Callable:
-    """A function ``(args, kwargs) -> (rows, tags, reasons)`` capturing adapted inputs.
+    """A function ``(args, kwargs) -> (rows, tags, reasons, leads)`` capturing inputs.
 
     Each call runs ``fn(*args, **kwargs)`` once (jitted; compiled once per input
     shape) and returns ``rows``: per weight path, every row of activations that met
@@ -908,7 +913,11 @@ def input_capturer(fn: Callable) -> Callable:
     that use, shaped ``(n, rank - 1)`` (which layer of a stacked weight the row met,
     when the columns were written to say so); and ``reasons``: per path that cannot
     be captured (used by a convolution or a gather, inside a while loop, a cond
-    branch or a ``shard_map``, or still stacked where it is contracted), why.
+    branch or a ``shard_map``, or still stacked where it is contracted), why;
+    ``leads``: per path and use, in the order of its rows, the shape of the
+    positions one row stands for at that use (the input's axes other than the
+    contracted ones), an int array ``(*steps, k)``: one copy per step of the
+    ``scan`` loops around the use, whose rows come step after step.
     """
     reasons: dict[str, str] = {}
 
@@ -916,18 +925,19 @@ def input_capturer(fn: Callable) -> Callable:
     def run(args, kwargs):
         ctx = _Context(warn=False, capture=True)
         _run(ctx, fn, args, kwargs)
-        rows, tags = {}, {}
+        rows, tags, leads = {}, {}, {}
         for path, got in ctx.captured.items():
             if isinstance(got, str):
                 reasons[path] = got
                 continue
-            rows[path] = _unsplit_rows(jax.numpy.concatenate([r for r, _ in got]))
-            tags[path] = jax.numpy.concatenate([t for _, t in got])
-        return rows, tags
+            rows[path] = _unsplit_rows(jax.numpy.concatenate([r for r, _, _ in got]))
+            tags[path] = jax.numpy.concatenate([t for _, t, _ in got])
+            leads[path] = [lead for _, _, lead in got]
+        return rows, tags, leads
 
     def capture(args, kwargs):
-        rows, tags = run(tuple(args), dict(kwargs))
-        return rows, tags, dict(reasons)
+        rows, tags, leads = run(tuple(args), dict(kwargs))
+        return rows, tags, dict(reasons), leads
 
     return capture
 

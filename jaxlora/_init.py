@@ -289,12 +289,14 @@ def init(
             ``apply_fn(params, batch)`` and ``batches`` instead and read the inputs
             each target meets (the layouts then come from the first batch); CorDA
             counts each batch as one sample (PEFT: one sequence per forward call).
-        input_mask: for EVA and CorDA, ``input_mask(batch)`` (0/1 or bool, e.g.
-            ``lambda b: b["attention_mask"]``) marks the positions of a batch whose
-            rows count; padded positions are then left out of the PCA or the
-            covariance (and of CorDA's ``max X``). It applies to targets whose
-            inputs lead with those positions, in that order (``(batch, seq, ...)``),
-            as PEFT's EVA assumes; None: every row counts (PEFT's CorDA).
+        input_mask: for EVA and CorDA, ``input_mask(batch)`` (nonzero: counts;
+            e.g. ``lambda b: b["attention_mask"]``) marks the positions of a batch
+            whose rows count; padded positions are then left out of the PCA or the
+            covariance (and of CorDA's ``max X``). It applies at each use of a
+            target whose positions (the input's axes other than the contracted
+            ones) have the mask's shape, e.g. ``(batch, seq)``, at every use and
+            every layer of a stack; a target with other positions is refused.
+            None: every row counts (PEFT's CorDA).
         grad_memory: LoRA-GA holds the float32 gradients of at most this many
             bytes of targets at once (default 1 GiB): targets are processed in
             groups, one pass over ``batches`` per group, so a large model never

@@ -1,6 +1,7 @@
 """CorDA (arXiv 2406.05223) through `jaxlora.init`: against real PEFT on a torch twin,
 per layer of a scanned stack, with its damping, modes and refusals."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -376,7 +377,9 @@ def test_input_mask_refusals():
     padded, _ = _padded_batches(1)
     w = {"head": {"kernel": jnp.ones((8, 2))}}
     pooled = lambda p, b: b["x"].mean(1) @ p["head"]["kernel"]  # noqa: E731
-    with pytest.raises(ValueError, match=r"input_mask gave 21 positions.*\n.*'head"):
+    with pytest.raises(
+        ValueError, match=r"shape \(3, 7\).*\n.*'head/kernel': positions \(3,\)"
+    ):
         jaxlora.init(
             w, jax.random.key(0), scheme="corda", rank=2, apply_fn=pooled,
             batches=padded, input_mask=lambda b: b["mask"],
@@ -387,4 +390,76 @@ def test_input_mask_refusals():
         jaxlora.init(
             w, jax.random.key(0), scheme="eva", rank=2, apply_fn=pooled,
             batches=padded, input_mask=padded[0]["mask"],
+        )  # fmt: skip
+
+
+class _Shared(nn.Module):
+    """One Dense used twice per call, then a scanned stack of two layers."""
+
+    @nn.compact
+    def __call__(self, b):
+        shared = nn.Dense(8, name="shared")
+        h = shared(b["x"]) + shared(jnp.tanh(b["x"]))
+        stack = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+        )
+        h, _ = stack(name="layers")(nn.Dense(16, name="up")(h), None)
+        return h
+
+
+@pytest.mark.parametrize("scheme", ["eva", "corda_kpm"])
+def test_input_mask_follows_every_use_and_every_layer(scheme):
+    """The mask applies at each use of a shared weight and at each layer of a
+    stack; a float mask counts where it is nonzero; a batch an EVA mask empties
+    is skipped (it neither feeds nor stops the PCA), CorDA refuses it."""
+    model = _Shared()
+    padded, clean = _padded_batches()
+    params = model.init(jax.random.key(0), clean[0])
+
+    def adapt(batches, **kw):
+        tree = jaxlora.init(
+            params, jax.random.key(1), scheme=scheme, rank=2, apply_fn=model.apply,
+            batches=batches, **kw,
+        )  # fmt: skip
+        factors = {p: n.a for p, n in jaxlora.adapters(tree).items()}
+        return factors, jaxlora.base(tree, allow_residual=True)
+
+    want = adapt(clean)
+    got = [adapt(padded, input_mask=lambda b: 2.5 * b["mask"])]
+    empty = {"x": padded[0]["x"], "mask": 0 * padded[0]["mask"]}
+    with_empty = [padded[0], empty, *padded[1:]]
+    if scheme == "eva":
+        got.append(adapt(with_empty, input_mask=lambda b: b["mask"]))
+    else:
+        with pytest.raises(ValueError, match="input_mask keeps none of them"):
+            adapt(with_empty, input_mask=lambda b: b["mask"])
+    assert len(want[0]) >= 3
+    for factors, base in got:
+        assert sorted(factors) == sorted(want[0])
+        for k, a in factors.items():
+            np.testing.assert_allclose(a, want[0][k], atol=2e-5, err_msg=k)
+        chex.assert_trees_all_close(base, want[1], atol=2e-5)
+
+
+def test_input_mask_refuses_positions_it_does_not_fit():
+    """A weight applied at every step of a scan over the sequence meets positions
+    (batch,) per step, not the mask's (batch, seq): refused, not mis-masked; so is
+    an EVA mask that empties every batch."""
+    padded, _ = _padded_batches(2)
+    w = {"cell": {"kernel": jnp.ones((8, 8)) / 8}}
+
+    def rnn(p, b):
+        step = lambda h, x: (jnp.tanh(x @ p["cell"]["kernel"] + h), None)  # noqa: E731
+        return jax.lax.scan(step, jnp.zeros((3, 8)), b["x"].transpose(1, 0, 2))[0]
+
+    with pytest.raises(ValueError, match=r"'cell/kernel': positions \(3,\)"):
+        jaxlora.init(
+            w, jax.random.key(0), scheme="corda", rank=2, apply_fn=rnn,
+            batches=padded, input_mask=lambda b: b["mask"],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="left out every input row of 'cell/kernel'"):
+        jaxlora.init(
+            w, jax.random.key(0), scheme="eva", rank=2,
+            apply_fn=lambda p, b: b["x"] @ p["cell"]["kernel"],
+            batches=padded, input_mask=lambda b: 0 * b["mask"],
         )  # fmt: skip
