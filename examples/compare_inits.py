@@ -251,7 +251,8 @@ def scheme_kwargs(
     The one place that knows which schemes need data. LoRA-GA needs the loss and a
     few batches (``jaxlora.init`` averages the gradient of the loss with respect to
     each full target weight over them); EVA and CorDA read the inputs each target
-    meets while a function of the params runs on the batches (the loss serves);
+    meets while a function of the params runs on the batches (the loss serves;
+    padded token batches get their attention mask as ``input_mask``);
     ``loss_and_batches()`` is called only when needed. Add future data-aware
     schemes here.
     """
@@ -260,7 +261,10 @@ def scheme_kwargs(
         return {"loss_fn": loss_fn, "batches": batches}
     if scheme in finetune.INPUT_SCHEMES:
         loss_fn, batches = loss_and_batches()
-        return {"apply_fn": loss_fn, "batches": batches}
+        kw = {"apply_fn": loss_fn, "batches": batches}
+        if isinstance(batches[0], dict) and "attention_mask" in batches[0]:
+            kw["input_mask"] = lambda b: b["attention_mask"]  # padding left out
+        return kw
     return {}
 
 

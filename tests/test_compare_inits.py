@@ -145,6 +145,9 @@ def test_only_data_aware_schemes_get_data():
     assert ci.scheme_kwargs("lora_ga", data) == {"loss_fn": len, "batches": [0]}
     assert ci.scheme_kwargs("corda", data) == {"apply_fn": len, "batches": [0]}
     assert calls == [1, 1]
+    tokens = [{"input_ids": np.ones((2, 3)), "attention_mask": np.eye(2, 3)}]
+    kw = ci.scheme_kwargs("eva", lambda: (len, tokens))
+    np.testing.assert_array_equal(kw["input_mask"](tokens[0]), np.eye(2, 3))
 
 
 def test_corda_student_starts_at_the_base():
