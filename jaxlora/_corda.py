@@ -11,7 +11,6 @@ layer of a stacked weight gets its own covariance (`jaxlora._capture`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,17 +42,11 @@ def _add(total: jax.Array, x: jax.Array, keep=None) -> tuple[jax.Array, jax.Arra
 
 
 def covariances(
-    params: PyTree,
-    plan: list,
-    leaves: dict[str, Any],
-    *,
-    apply_fn: Callable,
-    batches: Iterable,
-    scheme: str,
-    input_mask: Callable | None = None,
+    plan: list, captured: Iterable[_capture.Rows], *, scheme: str
 ) -> dict[str, jax.Array]:
     """Per target path, its inputs' covariances, ``(n_layers, fan_in, fan_in)``
-    (``n_layers = 1`` for a weight that is not stacked).
+    (``n_layers = 1`` for a weight that is not stacked), from each batch's inputs
+    of the targets in ``plan`` (`jaxlora._capture.captured`).
 
     All the rows a target meets in one batch make one sample, with one ``|max|``:
     every use of a weight the model applies several times per call (a shared or
@@ -73,15 +66,7 @@ def covariances(
         for u in units[t.path]
     }
     seen = 0
-    for rows in _capture.captured(
-        params,
-        plan,
-        leaves,
-        apply_fn=apply_fn,
-        batches=batches,
-        scheme=scheme,
-        input_mask=input_mask,
-    ):
+    for rows in captured:
         finite = []
         for unit in totals:  # in the plan's order, the same in every process
             totals[unit], ok = _add(totals[unit], rows[unit], rows.weights(unit))

@@ -13,7 +13,6 @@ had at rank ``r``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,32 +28,26 @@ PyTree = Any
 
 
 def eva_nodes(
-    params: PyTree,
     plan: list,
     leaves: dict[str, Any],
+    captured: Iterable[_capture.Rows],
     *,
-    apply_fn: Callable,
-    batches: Iterable,
     rslora: bool,
     dtype,
     rho: float = 2.0,
     tau: float = 0.99,
-    input_mask: Callable | None = None,
 ) -> dict[str, LoraWeight]:
     """EVA's adapters for the targets in ``plan`` (targets given rank 0 are left out).
 
     Args:
-        params: the plain tree.
         plan: the validated targets (`jaxlora._targets.Target`).
-        leaves: ``{path: weight}`` of ``params``.
-        apply_fn: ``apply_fn(params, batch)``, run once per batch.
-        batches: an iterable of batches; read until every target has converged.
+        leaves: ``{path: weight}`` of the plain tree.
+        captured: each batch's inputs of the targets (`jaxlora._capture.captured`),
+            read until every target has converged.
         rslora: the scale rule (decides how alpha follows the rank).
         dtype: the factor dtype.
         rho: components kept per target: ``k = ⌈ρ·r⌉``.
         tau: the convergence threshold on ``|cos|`` of successive components.
-        input_mask: ``input_mask(batch)`` marks the positions of a batch whose rows
-            count (see `jaxlora._capture.captured`); None: every row.
 
     Raises:
         ValueError: for no batches, or targets whose inputs cannot be captured (used
@@ -78,15 +71,7 @@ def eva_nodes(
     update = jax.jit(_eva.eva_pca_update)
     components = jax.jit(_eva.eva_components)
     previous, done, seen = {}, set(), 0
-    for rows in _capture.captured(
-        params,
-        plan,
-        leaves,
-        apply_fn=apply_fn,
-        batches=batches,
-        scheme="eva",
-        input_mask=input_mask,
-    ):
+    for rows in captured:
         seen += 1
         # in the plan's order, the same in every process (each update runs the
         # collectives of a multi-process program; a set's order is per process)

@@ -408,21 +408,8 @@ def init(
     dtype = jnp.dtype(dtype)
     leaves = dict(_targets.leaves_with_paths(params))
     _warn_hidden_layouts([t.path for t in plan if layout_hidden(leaves[t.path])])
-    if kind == "eva":
-        nodes = _eva_init.eva_nodes(
-            params,
-            plan,
-            leaves,
-            apply_fn=apply_fn,
-            batches=batches,
-            rslora=rslora,
-            dtype=dtype,
-            input_mask=input_mask,
-        )
-        return _attach(params, nodes)
-    covs = {}
-    if kind in ("corda", "corda_kpm"):
-        covs = _corda.covariances(
+    if kind in _CAPTURING:  # each batch's inputs of the targets, read lazily
+        captured = _capture.captured(
             params,
             plan,
             leaves,
@@ -431,6 +418,12 @@ def init(
             scheme=scheme.name,
             input_mask=input_mask,
         )
+    if kind == "eva":
+        nodes = _eva_init.eva_nodes(plan, leaves, captured, rslora=rslora, dtype=dtype)
+        return _attach(params, nodes)
+    covs = {}
+    if kind in ("corda", "corda_kpm"):
+        covs = _corda.covariances(plan, captured, scheme=scheme.name)
     groups = [plan]
     if kind == "lora_ga":
         batches = list(batches)  # read once per group of targets
