@@ -12,14 +12,12 @@ layer of a stacked weight gets its own covariance (`jaxlora._capture`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxlora import _capture
 
-PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

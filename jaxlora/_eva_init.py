@@ -24,8 +24,6 @@ from jaxlora import _eva
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 
-PyTree = Any
-
 
 def eva_nodes(
     plan: list,
