@@ -463,3 +463,21 @@ def test_input_mask_refuses_positions_it_does_not_fit():
             apply_fn=lambda p, b: b["x"] @ p["cell"]["kernel"],
             batches=padded, input_mask=lambda b: 0 * b["mask"],
         )  # fmt: skip
+
+
+def test_readme_data_aware_snippet_runs_as_written():
+    """The README's LoRA-GA/CorDA block, on the Quickstart's model."""
+    import re
+
+    readme = open("README.md", encoding="utf-8").read()
+    block = re.search(
+        r"data-aware schemes take their data in `init`:\n\n```python\n(.*?)```",
+        readme,
+        re.S,
+    ).group(1)
+    model = nn.Sequential([nn.Dense(64), nn.gelu, nn.Dense(8)])
+    scope = {"jax": jax, "jnp": jnp, "jaxlora": jaxlora, "model": model}
+    exec(block, scope)
+    for name, scheme in (("ga", "lora_ga"), ("kpm", "corda_kpm")):
+        nodes = jaxlora.adapters(scope[name])
+        assert len(nodes) == 2 and {n.spec.scheme for n in nodes.values()} == {scheme}
