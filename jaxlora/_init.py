@@ -312,10 +312,10 @@ def init(
             1-D target; odd rank with ``orthogonal``; an already adapted tree; a
             non-floating ``dtype``; an option the scheme does not use (``niter``,
             ``loss_fn``, ``batches``), or ``apply_fn`` without example inputs (or
-            the reverse); ``input_mask`` with another scheme, or a mask whose size
-            does not divide a target's rows; EVA or CorDA inside ``jax.jit`` /
-            ``jax.vmap`` (traced
-            params or batches: they decide on the values they capture).
+            the reverse); ``input_mask`` with another scheme, or a mask whose shape
+            is not that of a target's positions; EVA or CorDA inside ``jax.jit``
+            or ``jax.vmap`` (traced params or batches: they decide on the values
+            they capture).
         TypeError: ``rng`` is not one JAX key.
 
     Example:

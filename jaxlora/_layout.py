@@ -103,8 +103,9 @@ class _Walker:
                 len(ax) == 1 and shape[i] == self.shapes[leaf][next(iter(ax))]
                 for i, ax in zip(dims, order, strict=True)
             )
-            single = plain and whole and all(len(a) == 1 for a in order)
-            kernel_axes = tuple(next(iter(a)) for a in order) if single else None
+            kernel_axes = (
+                tuple(next(iter(a)) for a in order) if plain and whole else None
+            )
             use = (kernel_axes, groups, tuple(p["rhs_dilation"]))
             self.convs.setdefault(leaf, []).append(use)
 
