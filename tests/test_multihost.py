@@ -1,6 +1,7 @@
 """Several JAX processes (multi-host, as on a TPU slice): two processes on this
 machine, joined by `jax.distributed` with two CPU devices each, train an adapter of
-weights split over all four devices, then save it, load it and export it for PEFT.
+weights split over all four devices, then save it, load it and export it for PEFT;
+EVA and CorDA read inputs split over both (with and without ``input_mask``).
 The files they write are then read by this (single-process) test and compared with
 the same training run on one device.
 """
@@ -87,6 +88,26 @@ WORKER = textwrap.dedent(
     }
     if jax.process_index() == 0:
         np.savez(f"{out}/corda.npz", **whole)
+    # input_mask on batches split over the processes: padded rows interleaved, so
+    # each process holds kept and masked rows; the mask is split like the batch
+    for scheme, rows in (("eva", t.X), ("corda", t.XC)):
+        padded, keep = t.pad(rows)
+        batch = {
+            k: jax.make_array_from_callback(
+                v.shape, NamedSharding(mesh, P("data")), lambda i, v=v: v[i]
+            )
+            for k, v in (("x", padded), ("m", keep))
+        }
+        masked = t.adapt_masked(params, batch, scheme)
+        whole = {
+            f"{k}.{f}": multihost_utils.process_allgather(
+                getattr(masked[k], f), tiled=True
+            )
+            for k in specs
+            for f in ("w", "a", "b")
+        }
+        if jax.process_index() == 0:
+            np.savez(f"{out}/{scheme}-masked.npz", **whole)
 
     # a failure on the first process only (the parent is a file) raises on both
     try:
@@ -159,6 +180,29 @@ def adapt_eva(params, x, scheme="eva"):
         targets=["up", "down"],
         apply_fn=model,
         batches=[x, -x],
+    )
+
+
+def pad(rows):
+    """``rows`` with a large garbage row after each one, and the mask that keeps
+    the originals: ``(padded, mask)``."""
+    junk = 50 * np.random.default_rng(3).normal(size=rows.shape).astype(np.float32)
+    padded = np.stack([rows, junk], axis=1).reshape(-1, rows.shape[1])
+    return padded, np.tile(np.array([1, 0], np.int32), len(rows))
+
+
+def adapt_masked(params, batch, scheme):
+    """EVA or CorDA on ``batch`` and its negation with ``input_mask`` from ``m``."""
+    neg = {"x": -batch["x"], "m": batch["m"]}
+    return jaxlora.init(
+        params,
+        jax.random.key(2),
+        scheme=scheme,
+        rank=2,
+        targets=["up", "down"],
+        apply_fn=lambda p, b: model(p, b["x"]),
+        batches=[batch, neg],
+        input_mask=lambda b: b["m"],
     )
 
 
@@ -257,3 +301,15 @@ def test_two_processes_train_save_load_and_export_what_one_device_does(tmp_path)
         np.testing.assert_allclose(corda_got[f"{k}.w"], want.w, rtol=1e-4, atol=1e-5)
         delta = want.scale * corda_got[f"{k}.a"] @ corda_got[f"{k}.b"]
         np.testing.assert_allclose(delta, want.delta(), rtol=1e-4, atol=1e-5)
+    # masked padded batches on two processes = the unpadded rows on one device
+    for scheme, rows in (("eva", X), ("corda", XC)):
+        want = adapt_eva(params, jnp.asarray(rows), scheme=scheme)
+        got = np.load(tmp_path / f"{scheme}-masked.npz")
+        for k in ("up", "down"):
+            np.testing.assert_allclose(got[f"{k}.w"], want[k].w, rtol=1e-4, atol=1e-5)
+            if scheme == "eva":  # b = 0: the components, up to sign
+                got_a, want_a = np.abs(got[f"{k}.a"]), np.abs(want[k].a)
+                np.testing.assert_allclose(got_a, want_a, rtol=1e-4, atol=1e-5)
+            else:
+                delta = want[k].scale * got[f"{k}.a"] @ got[f"{k}.b"]
+                np.testing.assert_allclose(delta, want[k].delta(), rtol=1e-4, atol=1e-5)
