@@ -96,13 +96,17 @@ def _base_class(cls: type) -> type:
 
 def factored_boxes(tree: PyTree) -> PyTree:
     """``tree`` with every partitioning box around a `LoraWeight` answering Flax's
-    sharding recipes per array (see the module docstring); other leaves unchanged."""
+    sharding recipes per array (see the module docstring), and every box of ours
+    that no longer holds one (`jaxlora.merge`, `jaxlora.base`) back to the model's
+    own class, so a plain tree has the model's structure; other leaves unchanged."""
 
     def fix(x):
+        fields = lambda: {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}  # noqa: E731
         factored = _FACTORED.get(type(x))  # (a box subclass of the user's: as is)
         if factored is not None and is_lora(x.value):
-            fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-            return factored(**fields)
+            return factored(**fields())
+        if isinstance(x, _FactoredBox) and not is_lora(x.value):
+            return _base_class(type(x))(**fields())
         return x
 
     return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))

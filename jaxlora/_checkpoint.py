@@ -416,6 +416,14 @@ def _check(entries, leaves) -> list[str]:
                 "tree: re-create it with jaxlora.init(...) using the same scheme, "
                 "rank, targets and key on the original model"
             )
+        elif not e["residual"] and is_lora(leaf) and leaf.spec.residual:
+            problems.append(
+                f"{p!r}: the adapter (scheme {e['scheme']!r}) was trained on the "
+                "original weight, and this base weight is a residual (scheme "
+                f"{leaf.spec.scheme!r}: the original minus its initial low-rank part). "
+                "Load it onto the original model's params (or an adapted tree of a "
+                "scheme that keeps the weight, such as 'normal')"
+            )
     return problems
 
 
@@ -436,7 +444,8 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
         ValueError: for a truncated or corrupted checkpoint; a checkpoint path
             missing from ``params`` (all of them: another model); a base weight of
             another shape or dtype; a residual adapter whose base is not its
-            residual; adapters in ``params`` at paths the checkpoint lacks.
+            residual, or a plain adapter onto a residual base; adapters in
+            ``params`` at paths the checkpoint lacks.
     """
     path = os.path.abspath(os.fspath(path))
     meta = _read_metadata(path)

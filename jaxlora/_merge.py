@@ -25,7 +25,8 @@ def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
             "as jaxlora.adapters returns them). Put them on the base weights first: "
             "jaxlora.combine(base_params, adapters)."
         )
-    return jax.tree.map(lambda x: fn(x) if is_lora(x) else x, params, is_leaf=is_lora)
+    out = jax.tree.map(lambda x: fn(x) if is_lora(x) else x, params, is_leaf=is_lora)
+    return factored_boxes(out)
 
 
 def merge(params: PyTree) -> PyTree:

@@ -420,6 +420,28 @@ def test_residual_adapter_needs_its_residual_base(mixed, tmp_path):
     chex.assert_trees_all_equal(jaxlora.load(path, again), params)
 
 
+def test_plain_adapter_is_refused_on_a_residual_base(mixed, saved):
+    """A plain adapter loaded onto a residual tree (PiSSA's) would keep the residual
+    as its base: wrong outputs, and the residual then passes for the original."""
+    _, variables, _, _ = mixed
+    path, params = saved
+    residual = jaxlora.init(
+        variables,
+        jax.random.key(1),
+        rank=2,
+        targets=["params/mlp/kernel"],
+        scheme="pissa",
+    )
+    with pytest.raises(ValueError) as info:
+        jaxlora.load(path, residual)
+    msg = str(info.value)
+    assert (
+        "'params/mlp/kernel': the adapter (scheme 'normal') was trained on the " in msg
+    )
+    assert "is a residual (scheme 'pissa'" in msg and "original model's params" in msg
+    chex.assert_trees_all_equal(jaxlora.load(path, variables), params)
+
+
 def test_fingerprint_tells_residual_from_original(mixed):
     _, variables, _, _ = mixed
     w = variables["params"]["mlp"]["kernel"]

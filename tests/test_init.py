@@ -458,3 +458,19 @@ def test_partitioned_trees_pickle_and_name_each_factors_axes():
     back = pickle.loads(pickle.dumps(lp))
     chex.assert_trees_all_equal(back, lp)
     assert type(back["params"]["kernel"]) is type(lp["params"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "box", [nn.with_partitioning, nn.with_logical_partitioning], ids=["mesh", "logical"]
+)
+def test_merge_and_base_of_a_boxed_tree_have_the_models_structure(box):
+    """The plain trees hold the model's own box class again (not jaxlora's), so they
+    map together with the model's variables and its optimizer state."""
+    model = nn.Dense(6, kernel_init=box(nn.initializers.lecun_normal(), (None, "m")))
+    variables = model.init(KEY, jnp.ones((2, 4)))
+    lp = jaxlora.init(variables, KEY, rank=2)
+    boxed = type(variables["params"]["kernel"])
+    for plain in (jaxlora.merge(lp), jaxlora.base(lp)):
+        assert type(plain["params"]["kernel"]) is boxed
+        jax.tree.map(jnp.subtract, plain, variables)  # the same structure
+    chex.assert_trees_all_equal(jaxlora.base(lp), variables)
