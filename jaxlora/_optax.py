@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +44,10 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
 def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
     """Paths of the plain leaves ``trainable`` selects; each rule must select one.
 
+    Warns where a rule selects adapted weights as well as plain leaves: those
+    train through their factors only, which a new head meant to train in full
+    should not.
+
     Raises:
         ValueError: listing every regex, predicate or name that selects no plain
             leaf (a name of an adapted weight is reported as such).
@@ -50,15 +55,17 @@ def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     plain = [(path_str(k), x) for k, x in flat if not is_lora(x)]
     adapted = [path_str(k) for k, x in flat if is_lora(x)]
-    chosen, problems = set(), []
+    chosen, problems, partial = set(), [], []
+    # a user predicate is only ever called on plain leaves
+    by_path = not callable(trainable) or isinstance(trainable, str)
     for what, match in _rules(trainable):
         hits = {p for p, x in plain if match(p, x)}
         chosen |= hits
-        if hits:
-            continue
-        # a user predicate is only ever called on plain leaves
-        by_path = not callable(trainable) or isinstance(trainable, str)
         lora_hits = [p for p in adapted if by_path and match(p, None)]
+        if hits:
+            if lora_hits:
+                partial.append(f"{what} also selects {lora_hits[:8]}")
+            continue
         if lora_hits:
             problems.append(
                 f"{what} selects only adapted weights {lora_hits[:8]}, which are "
@@ -73,6 +80,16 @@ def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
             + f"\nPlain (non-LoRA) parameters: {examples([p for p, _ in plain])}. "
             "Names match a parameter's path or module path, or a '/'-bounded "
             "suffix of it; fix or remove these entries."
+        )
+    if partial:
+        warnings.warn(
+            "jaxlora: trainable= entries select adapted weights as well as plain "
+            "ones; the plain ones train in full, the adapted ones only through "
+            "their rank-r LoRA factors (their base stays frozen):\n  - "
+            + "\n  - ".join(partial)
+            + "\nTo train such a weight in full (a new head), leave it out of "
+            "jaxlora.init's targets; to silence this, name only the plain leaves.",
+            stacklevel=3,
         )
     return chosen
 

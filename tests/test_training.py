@@ -1,6 +1,7 @@
 """End-to-end training: the base never moves, the factors learn, merge agrees."""
 
 import re
+import warnings
 
 import chex
 import flax.linen as nn
@@ -241,6 +242,22 @@ def test_trainable_that_selects_nothing_is_an_error():
         jaxlora.freeze_base(optax.adam(1e-3), trainable=never).init(params)
     with pytest.raises(ValueError, match=r"name 'haed' matches no parameter"):
         jaxlora.lora_plus(optax.sgd, 0.1, trainable=["haed"]).init(params)
+
+
+def test_trainable_that_also_selects_adapted_weights_warns():
+    """trainable=['head'] with the head's kernel adapted (init's default targets):
+    the bias trains in full, the kernel only through its factors. Said, not silent."""
+    plain = {"head": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2)
+    with pytest.warns(UserWarning) as record:
+        labels = jaxlora.param_labels(params, trainable=["head"])
+    msg = str(record[0].message)
+    assert "name 'head' also selects ['head/kernel']" in msg
+    assert "leave it out of jaxlora.init's targets" in msg
+    assert labels["head"]["bias"] == "full" and labels["head"]["kernel"].w == "frozen"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxlora.param_labels(params, trainable=["head/bias"])
 
 
 class _NnxNet(nnx.Module):
