@@ -219,6 +219,14 @@ def staged(path: str):
 
 def _make_staging(path: str) -> str:
     parent = os.path.dirname(path)
+    above = parent
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(
+            f"Cannot save to {path!r}: {above!r} is a file, not a directory. Save "
+            "under a directory (or move that file away)."
+        )
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     # mkdtemp's 0o700 would hide the result from other users: the mode of the

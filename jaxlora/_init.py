@@ -240,7 +240,7 @@ def init(
     loss_fn: Callable | None = None,
     batches: Iterable | None = None,
     input_mask: Callable | None = None,
-    grad_memory: int = 1 << 30,
+    grad_memory: int | None = None,
 ) -> PyTree:
     """Adds LoRA factors to the targeted weights of ``params``.
 
@@ -298,7 +298,7 @@ def init(
             every layer of a stack; a target with other positions is refused.
             None: every row counts (PEFT's CorDA).
         grad_memory: LoRA-GA holds the float32 gradients of at most this many
-            bytes of targets at once (default 1 GiB): targets are processed in
+            bytes of targets at once (None: 1 GiB): targets are processed in
             groups, one pass over ``batches`` per group, so a large model never
             holds every layer's full gradient at the same time.
 
@@ -311,7 +311,9 @@ def init(
             the patterns); targets or a pattern matching nothing; a non-floating or
             1-D target; odd rank with ``orthogonal``; an already adapted tree; a
             non-floating ``dtype``; an option the scheme does not use (``niter``,
-            ``loss_fn``, ``batches``), or ``apply_fn`` without example inputs (or
+            ``loss_fn``, ``batches``, ``grad_memory``, ``compensate`` where ``a @ b``
+            starts at 0, ``embedding="peft"`` with no table targeted), or
+            ``apply_fn`` without example inputs (or
             the reverse); ``input_mask`` with another scheme, or a mask whose shape
             is not that of a target's positions; EVA or CorDA inside ``jax.jit``
             or ``jax.vmap`` (traced params or batches: they decide on the values
@@ -373,6 +375,26 @@ def init(
             f"compensate=True has no effect with {scheme.name!r}: {why}. Remove "
             "compensate."
         )
+    if compensate and (why := scheme.zero_start()) is not None:
+        raise ValueError(
+            f"compensate=True has no effect with {scheme.name!r}: {why}, so the "
+            "output is unchanged already. Remove compensate (it would only mark "
+            "the base as a residual)."
+        )
+    if grad_memory is not None and getattr(scheme, "kind", None) != "lora_ga":
+        raise ValueError(
+            f"grad_memory is only used by scheme 'lora_ga', not {scheme.name!r}; "
+            "remove it."
+        )
+    if grad_memory is not None and (
+        isinstance(grad_memory, bool)
+        or not isinstance(grad_memory, numbers.Integral)
+        or grad_memory < 1
+    ):
+        raise ValueError(
+            f"grad_memory is a number of bytes (an integer >= 1, e.g. 1 << 30), "
+            f"got {grad_memory!r}."
+        )
     kind = getattr(scheme, "kind", None)
     if kind in _CAPTURING:
         _capture.check_concrete(params, scheme.name)
@@ -405,6 +427,13 @@ def init(
         scheme=scheme,
         convs=convs,
     )
+    if embedding == "peft" and not any(t.embedding for t in plan):
+        raise ValueError(
+            "embedding='peft' sets how embedding tables start, and no target is one "
+            f"(targets: {_targets.examples([t.path for t in plan])}). Add the table "
+            "to targets (its module's name, e.g. targets=['embed', 'query', "
+            "'value']), or remove embedding='peft'."
+        )
     dtype = jnp.dtype(dtype)
     leaves = dict(_targets.leaves_with_paths(params))
     _warn_hidden_layouts([t.path for t in plan if layout_hidden(leaves[t.path])])
@@ -427,7 +456,7 @@ def init(
     groups = [plan]
     if kind == "lora_ga":
         batches = list(batches)  # read once per group of targets
-        groups = _residual.gradient_groups(plan, grad_memory)
+        groups = _residual.gradient_groups(plan, grad_memory or 1 << 30)
     nodes = {}
     for group in groups:
         grads = {}

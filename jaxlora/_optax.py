@@ -152,7 +152,20 @@ def freeze_base(
         lambda s: "frozen" if s == "frozen" else "train",
         _trained_labels(params, trainable, "freeze_base"),
     )
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    inner = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def update(updates, state, params=None, **extra_args):
+        if whole := sorted({"grad", "value_fn"} & set(extra_args)):
+            raise ValueError(
+                f"freeze_base: the wrapped transformation takes {whole} (a line "
+                "search, as in optax.lbfgs), which are about the whole parameter "
+                "tree, while it only sees the trained leaves. jaxlora does not "
+                "support line-search optimizers; use one without (optax.adamw, "
+                "optax.sgd, ...)."
+            )
+        return inner.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def _trained_labels(params: PyTree, trainable: Trainable, caller: str) -> PyTree:

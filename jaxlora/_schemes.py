@@ -48,6 +48,25 @@ class Scheme:
     b_init: Initializer
     name: str = "custom"
 
+    def __post_init__(self):
+        if type(self).factors is not Scheme.factors:  # draws its own factors
+            return
+        for field in ("a_init", "b_init"):
+            init = getattr(self, field)
+            if not callable(init):
+                raise TypeError(
+                    f"Scheme {self.name!r}: {field} must be an initializer "
+                    f"(key, shape, dtype) -> array such as "
+                    f"jax.nn.initializers.normal(0.02), got {init!r}."
+                )
+
+    def zero_start(self) -> str | None:
+        """Why ``a @ b`` is 0 at the start (one factor is drawn as zeros), or None."""
+        for field, side in (("a_init", "a"), ("b_init", "b")):
+            if getattr(self, field) is jinit.zeros:
+                return f"{side} starts at 0"
+        return None
+
     def factors(self, key, fan_in: int, fan_out: int, rank: int, dtype):
         """Draws ``(a, b)`` with shapes ``(fan_in, rank)`` and ``(rank, fan_out)``."""
         ka, kb = jax.random.split(key)
@@ -95,6 +114,9 @@ class OrthogonalScheme(Scheme):
         a = jax.random.normal(ka, (fan_in, rank // 2), jnp.float32) @ q0 / 10.0
         b = q1.T @ jax.random.normal(kb, (rank // 2, fan_out), jnp.float32) / 10.0
         return a.astype(dtype), b.astype(dtype)
+
+    def zero_start(self) -> str | None:
+        return "a @ b = 0 by construction"
 
     def check_rank(self, rank: int) -> str | None:
         if rank % 2:

@@ -257,6 +257,22 @@ def test_overwrite_never_replaces_what_save_did_not_write(mixed, tmp_path):
     ]
 
 
+def test_save_under_a_file_names_it(tmp_path):
+    plain = {"fc": {"kernel": jnp.ones((4, 3))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2)
+    (tmp_path / "notes").write_text("mine")
+    for save in (
+        jaxlora.save,
+        lambda p, t: jaxlora.save_peft(p, t, {"fc/kernel": "fc"}),
+    ):
+        with pytest.raises(NotADirectoryError) as info:
+            save(tmp_path / "notes" / "run" / "adapter", params)
+        assert f"{str(tmp_path / 'notes')!r} is a file, not a directory" in str(
+            info.value
+        )
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_save_without_adapters(mixed, tmp_path):
     _, variables, _, _ = mixed
     with pytest.raises(ValueError, match="no LoRA adapters"):

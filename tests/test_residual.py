@@ -236,6 +236,34 @@ def test_data_aware_and_option_errors():
         jaxlora.init(tree, jax.random.key(0), scheme="he", rank=2, niter=2)
     with pytest.raises(ValueError, match=r"compensate=True has no effect with 'pissa'"):
         jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, compensate=True)
+    for scheme, why in (
+        ("he", "b starts at 0"),
+        ("init_b", "a starts at 0"),
+        ("orthogonal", r"a @ b = 0 by construction"),
+    ):
+        with pytest.raises(ValueError, match=f"no effect with '{scheme}': {why}"):
+            jaxlora.init(
+                tree, jax.random.key(0), scheme=scheme, rank=2, compensate=True
+            )
+    with pytest.raises(
+        ValueError, match=r"grad_memory is only used by scheme 'lora_ga'"
+    ):
+        jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, grad_memory=8)
+    for bad in (-5, 0, 1.5, True):
+        with pytest.raises(ValueError, match=r"grad_memory is a number of bytes"):
+            jaxlora.init(
+                tree,
+                jax.random.key(0),
+                scheme="lora_ga",
+                rank=2,
+                loss_fn=lambda p, b: jnp.sum(p["kernel"]),
+                batches=[None],
+                grad_memory=bad,
+            )
+    with pytest.raises(ValueError, match=r"embedding='peft' sets how embedding tables"):
+        jaxlora.init(tree, jax.random.key(0), rank=2, embedding="peft")
+    with pytest.raises(TypeError, match=r"a_init must be an initializer.*got 0.02"):
+        jaxlora.Scheme(a_init=0.02, b_init=jax.nn.initializers.zeros)
     with pytest.raises(ValueError, match=r"'kernel': rank 9 is outside \[1, min"):
         jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=9)
     q = {"kernel": jnp.ones((8, 8), jnp.int8)}
