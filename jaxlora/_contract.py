@@ -112,7 +112,14 @@ def _one_buffer_sum(base, lora):
         return _sum(base, lora)
     one = (lora.reshape(-1)[:1] != lora.reshape(-1)[:1]).astype(base.dtype) * 0 + 1
     pair = jnp.stack([base, lora.astype(base.dtype)], axis=-1)
-    return jnp.einsum("...k,k->...", pair, jnp.concatenate([one, one]))
+    # exact on every backend (a default-precision dot is bf16 passes on TPUs, TF32
+    # on GPUs: it would round the base term)
+    return jnp.einsum(
+        "...k,k->...",
+        pair,
+        jnp.concatenate([one, one]),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 class _Plan(NamedTuple):
@@ -481,6 +488,7 @@ def conv_general_dilated(eqn, lhs, rhs):
         t,
         rhs.b.reshape(b_dims),
         preferred_element_type=base.dtype,
+        precision=p.get("precision"),  # the conv's own
         **({"out_sharding": out_sharding} if out_sharding is not None else {}),
     )
     return _one_buffer_sum(base, lora.reshape(base.shape)), "in"
@@ -578,8 +586,12 @@ def gather(eqn, operand, indices):
         if lab not in dn.collapsed_slice_dims
     )
     o_lab = "".join(r_let if lab == R else w_let[lab] for lab in oth_lab)
-    lora = jnp.einsum(
-        f"{g_lab},{o_lab}->{out_lab}", g, oth, preferred_element_type=base.dtype
+    lora = jnp.einsum(  # a lookup has no precision: as exact as the merged table's
+        f"{g_lab},{o_lab}->{out_lab}",
+        g,
+        oth,
+        preferred_element_type=base.dtype,
+        precision=jax.lax.Precision.HIGHEST,
     )
     return _one_buffer_sum(base, lora), "in" if fac is operand.a else "out"
 

@@ -109,14 +109,18 @@ class Sym:
         """The dense array ``w + scale · a @ b`` (as `LoraWeight.merged` forms it)."""
         w_let = string.ascii_letters[: self.ndim]
         sa, sb = self.letters(w_let, string.ascii_letters[self.ndim])
-        delta = jnp.einsum(
-            f"{sa},{sb}->{w_let}", self.a, self.b, precision=lax.Precision.HIGHEST
-        )
-        delta = delta * self.scale
         acc = jnp.promote_types(
             jnp.promote_types(self.w.dtype, self.a.dtype), "float32"
         )
-        return (self.w.astype(acc) + delta.astype(acc)).astype(self.w.dtype)
+        # the factors cast first, as `LoraWeight.delta` does (bf16 factors of a
+        # float32 model: a product rounded to bf16 would be ~1e-3 off the merge)
+        delta = jnp.einsum(
+            f"{sa},{sb}->{w_let}",
+            self.a.astype(acc),
+            self.b.astype(acc),
+            precision=lax.Precision.HIGHEST,
+        )
+        return (self.w.astype(acc) + delta * self.scale).astype(self.w.dtype)
 
     # -- views: each returns a new Sym or raises Unsupported -------------------------
     def convert(self, w, new_dtype):

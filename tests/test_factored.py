@@ -1038,6 +1038,51 @@ def test_precision_is_kept():
     assert "HIGHEST" in str(jaxpr)
 
 
+def _contractions(jaxpr):
+    """``(primitive, precision, lhs shape, rhs shape)`` of every dot and conv in
+    ``jaxpr`` and the jaxprs it holds."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            shapes = [tuple(v.aval.shape) for v in eqn.invars]
+            found.append((eqn.primitive.name, str(eqn.params["precision"]), *shapes))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _contractions(sub)
+    return found
+
+
+@pytest.mark.parametrize("highest", [True, False], ids=["highest", "default"])
+def test_every_added_contraction_runs_at_the_models_precision(highest):
+    """A model at HIGHEST precision (dense, conv, embedding lookup): every dot and
+    conv of the factored step, forward and backward, runs at HIGHEST, so GPUs (TF32)
+    and TPUs (bf16 passes) do not round the rank-r path. At default precision the
+    base + low-rank sum (a reduction over the stacked pair) is still HIGHEST: it
+    must not round the base term."""
+    prec = jax.lax.Precision.HIGHEST if highest else None
+    conv_kw = dict(window_strides=(1,), padding="SAME", precision=prec)
+    conv_kw["dimension_numbers"] = ("NWC", "WIO", "NWC")
+
+    def fn(p, ids):
+        h = jnp.take(p["e"], ids, axis=0)  # (batch, len, 6)
+        h = jax.lax.conv_general_dilated(h, p["c"], **conv_kw)
+        return jnp.dot(jnp.tanh(h), p["k"], precision=prec)
+
+    params = {"e": rand((11, 6), 1), "c": rand((3, 6, 6), 2), "k": rand((6, 5), 3)}
+    lays = {"e": Layout.dense(2), "c": Layout.conv(3), "k": Layout.dense(2)}
+    lp = adapt(params, lays)
+    ids = jnp.array([[0, 3, 7, 2], [10, 5, 1, 4]])
+    loss = lambda t: jnp.sum(_factored.call(fn, (t, ids), {})[0] ** 2)  # noqa: E731
+    found = _contractions(jax.make_jaxpr(jax.grad(loss))(lp).jaxpr)
+    sums = [c for c in found if c[3] == (2,)]  # the pair (..., 2) reduced by (2,)
+    assert sums and all("HIGHEST" in c[1] for c in sums), sums
+    if highest:
+        low = [c for c in found if "HIGHEST" not in c[1]]
+        assert not low, low
+
+
 @pytest.mark.parametrize("fill", [-1.0, None], ids=["fill-value", "nan-fill-masked"])
 def test_out_of_range_ids_get_the_base_fill(fill):
     """``jnp.take``'s fill mode (``nn.Embed``'s): an out-of-range id's row is the
@@ -1335,3 +1380,17 @@ def test_a_default_layout_on_scanned_layers_says_to_infer_layouts():
     assert report.status("blocks/up/kernel") == "materialized"
     assert "its input side was indexed away" in str(report), str(report)
     assert "apply_fn=" in str(report)
+
+
+def test_a_materialized_use_of_bf16_factors_is_the_merged_weight():
+    """Bfloat16 factors of a float32 model: the fallback forms the weight as
+    `LoraWeight.merged` does (factors cast to float32 first), not from a
+    bf16-rounded product (7.7e-4 relative off before)."""
+    params = {"w": rand((64, 64), 1)}
+    mask = jnp.tril(jnp.ones((64, 64)))
+    lp = adapt(params, {"w": Layout.dense(2)}, factor_dtype=jnp.bfloat16, alpha=64.0)
+    x = rand((4, 64), 2)
+    fn = lambda p, x: x @ (p["w"] * mask)  # noqa: E731  (a non-scalar product)
+    with pytest.warns(UserWarning, match="materialized"):
+        out = jaxlora.lora_apply(fn)(lp, x)
+    np.testing.assert_array_equal(out, fn(merged(lp), x))
