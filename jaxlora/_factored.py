@@ -14,10 +14,9 @@ Followed inside: nested ``jit``; ``checkpoint``/``remat`` (re-applied with the s
 policy); ``scan`` (a stacked weight passed as ``xs`` is sliced factor by factor, or
 closed over as a constant); ``while`` and ``cond`` (weights as constants or branch
 operands); ``shard_map`` (a weight enters as its shard and its factors split like
-it, so the body runs factored on every device); ``custom_jvp_call``/
-``custom_vjp_call`` — only when an adapted weight flows into one is its custom rule
-dropped and its primal body differentiated instead (recorded as "followed" by
-`explain`); otherwise it is re-bound unchanged.
+it, so the body runs factored on every device). A ``custom_jvp``/``custom_vjp``
+function keeps its own derivative rule: an adapted weight passed into one is
+materialized for that call (the rule, not the primal body, decides its gradient).
 
 Any other use (``jnp.sin(kernel)``, a weight carried through a loop, ...) is computed
 correctly by materializing ``w + s·a@b`` for that use only, with one warning per
@@ -63,7 +62,7 @@ class Use:
     """One consumer of an adapted weight: the primitive, how it ran, and why."""
 
     primitive: str
-    mode: str  # "factored", "materialized" or "followed" (custom rule dropped)
+    mode: str  # "factored" or "materialized"
     reason: str = ""
 
 
@@ -441,14 +440,17 @@ def _passed_through(jaxpr, invals, outs) -> list:
 
 
 def _custom(ctx, eqn, invals):
-    name = eqn.params.get("name", eqn.primitive.name)
-    for x in invals:
-        for path in x.paths if isinstance(x, Sym) else ():
-            ctx.record(
-                path, eqn.primitive.name, "followed", f"custom rule of '{name}' dropped"
-            )
-    closed = eqn.params["call_jaxpr"]
-    return _eval(ctx, closed.jaxpr, closed.consts, invals)
+    """A ``custom_jvp``/``custom_vjp`` function an adapted weight flows into: its
+    own derivative rule decides the gradient (a gradient scale, a straight-through
+    estimator), and a rule is not a jaxpr the engine could factor, so the weight
+    is materialized for the call and the rule kept. Differentiating its primal body
+    instead would give the body's own derivative: wrong wherever the rule differs."""
+    info = getattr(eqn.params.get("call_jaxpr"), "jaxpr", None)
+    info = getattr(info, "debug_info", None)
+    name = eqn.params.get("name") or getattr(info, "func_name", "?")
+    kind = eqn.primitive.name.removesuffix("_call").removesuffix("_call_jaxpr")
+    why = f"passed to the {kind} function '{name}', whose own derivative rule is kept"
+    return _fallback(ctx, eqn, invals, why)
 
 
 def _concrete(ctx, xs, primitive, reason):
