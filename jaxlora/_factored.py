@@ -448,6 +448,9 @@ def _custom(ctx, eqn, invals):
     info = getattr(eqn.params.get("call_jaxpr"), "jaxpr", None)
     info = getattr(info, "debug_info", None)
     name = eqn.params.get("name") or getattr(info, "func_name", "?")
+    if ctx.captured is not None:  # EVA/CorDA read forward values: no rule is involved
+        closed = eqn.params["call_jaxpr"]
+        return _eval(ctx, closed.jaxpr, closed.consts, invals)
     kind = eqn.primitive.name.removesuffix("_call").removesuffix("_call_jaxpr")
     why = f"passed to the {kind} function '{name}', whose own derivative rule is kept"
     return _fallback(ctx, eqn, invals, why)

@@ -388,12 +388,13 @@ def init(
         )
     if grad_memory is not None and (
         isinstance(grad_memory, bool)
-        or not isinstance(grad_memory, numbers.Integral)
+        or not isinstance(grad_memory, numbers.Real)
+        or not math.isfinite(grad_memory)
         or grad_memory < 1
     ):
         raise ValueError(
-            f"grad_memory is a number of bytes (an integer >= 1, e.g. 1 << 30), "
-            f"got {grad_memory!r}."
+            f"grad_memory is a number of bytes (>= 1, e.g. 1 << 30 or 2e9), got "
+            f"{grad_memory!r}."
         )
     kind = getattr(scheme, "kind", None)
     if kind in _CAPTURING:
@@ -430,8 +431,9 @@ def init(
     if embedding == "peft" and not any(t.embedding for t in plan):
         raise ValueError(
             "embedding='peft' sets how embedding tables start, and no target is one "
-            f"(targets: {_targets.examples([t.path for t in plan])}). Add the table "
-            "to targets (its module's name, e.g. targets=['embed', 'query', "
+            "(a table is a leaf named 'embedding', as nn.Embed and nnx.Embed name "
+            f"it; targets: {_targets.examples([t.path for t in plan])}). Add the "
+            "table to targets (its module's name, e.g. targets=['embed', 'query', "
             "'value']), or remove embedding='peft'."
         )
     dtype = jnp.dtype(dtype)
@@ -456,7 +458,7 @@ def init(
     groups = [plan]
     if kind == "lora_ga":
         batches = list(batches)  # read once per group of targets
-        groups = _residual.gradient_groups(plan, grad_memory or 1 << 30)
+        groups = _residual.gradient_groups(plan, int(grad_memory or 1 << 30))
     nodes = {}
     for group in groups:
         grads = {}

@@ -137,6 +137,11 @@ def freeze_base(
         tx: any optax transformation (``optax.adamw(1e-3)``).
         trainable: plain leaves to train in full with ``tx`` as well.
 
+    Raises:
+        ValueError: if ``tx`` holds a line search (``optax.lbfgs``): put it outside,
+            ``optax.chain(freeze_base(optax.scale_by_lbfgs()), optax.scale(-1.0),
+            optax.scale_by_zoom_linesearch(...))``.
+
     Example:
         >>> import optax, jaxlora
         >>> tx = jaxlora.freeze_base(optax.adam(1e-3))
@@ -152,20 +157,32 @@ def freeze_base(
         lambda s: "frozen" if s == "frozen" else "train",
         _trained_labels(params, trainable, "freeze_base"),
     )
-    inner = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    _refuse_line_search(tx, "freeze_base")
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
-    def update(updates, state, params=None, **extra_args):
-        if whole := sorted({"grad", "value_fn"} & set(extra_args)):
-            raise ValueError(
-                f"freeze_base: the wrapped transformation takes {whole} (a line "
-                "search, as in optax.lbfgs), which are about the whole parameter "
-                "tree, while it only sees the trained leaves. jaxlora does not "
-                "support line-search optimizers; use one without (optax.adamw, "
-                "optax.sgd, ...)."
-            )
-        return inner.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(inner.init, update)
+def _refuse_line_search(tx: optax.GradientTransformation, caller: str) -> None:
+    """Refuses a ``tx`` holding a line search (``optax.lbfgs``): its value_fn and
+    grad are about the whole parameter tree, while inside ``caller`` it sees only
+    the trained leaves. Read off the state ``tx`` makes for a one-leaf tree."""
+    searches = (
+        optax.ScaleByZoomLinesearchState,
+        optax.ScaleByBacktrackingLinesearchState,
+    )
+    is_search = lambda x: isinstance(x, searches)  # noqa: E731
+    try:
+        state = jax.eval_shape(tx.init, {"x": jax.ShapeDtypeStruct((1,), "float32")})
+    except Exception:  # a transformation that needs its real tree: nothing to read
+        return
+    if any(is_search(x) for x in jax.tree.leaves(state, is_leaf=is_search)):
+        raise ValueError(
+            f"{caller}: the wrapped optimizer holds a line search (as optax.lbfgs "
+            "does), whose value_fn and grad are about the whole parameter tree "
+            f"while inside {caller} it sees only the trained leaves. Put the line "
+            "search outside: optax.chain(jaxlora.freeze_base("
+            "optax.scale_by_lbfgs()), optax.scale(-1.0), "
+            "optax.scale_by_zoom_linesearch(...))."
+        )
 
 
 def _trained_labels(params: PyTree, trainable: Trainable, caller: str) -> PyTree:
@@ -223,6 +240,7 @@ def lora_plus(
     else:
         lr_b = ratio * learning_rate
     make = lambda lr: optimizer(learning_rate=lr, **optimizer_kwargs)  # noqa: E731
+    _refuse_line_search(make(learning_rate), "lora_plus")
     return optax.multi_transform(
         {
             "lora_a": make(learning_rate),

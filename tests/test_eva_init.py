@@ -465,3 +465,35 @@ def test_eva_refuses_a_stack_scanned_in_part():
 
     with pytest.raises(ValueError, match=r"'w': layers \[2\] of its 3 meet no input"):
         eva_rank_2({"w": _STACK}, first_two, batches, "w")
+
+
+@jax.custom_vjp
+def _scaled_grad_matmul(x, w):
+    return x @ w
+
+
+_scaled_grad_matmul.defvjp(
+    lambda x, w: (x @ w, (x, w)),
+    lambda res, g: (g @ res[1].T, 0.1 * (res[0].T @ g)),
+)
+
+
+@pytest.mark.parametrize("scheme", ["eva", "corda"])
+def test_a_target_inside_a_custom_vjp_function_is_captured(scheme):
+    """The capture reads forward values, which a custom rule does not change: a
+    weight used through a custom_vjp matmul gets what the plain matmul gives (in
+    training its rule is kept, and the weight materialized for it)."""
+    params = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
+    batches = [jax.random.normal(jax.random.key(i), (12, 16)) for i in range(3)]
+    kw = dict(scheme=scheme, rank=2, batches=batches, targets=["w"])
+    got = jaxlora.init(
+        params,
+        jax.random.key(1),
+        apply_fn=lambda p, x: _scaled_grad_matmul(x, p["w"]),
+        **kw,
+    )["w"]
+    want = jaxlora.init(
+        params, jax.random.key(1), apply_fn=lambda p, x: x @ p["w"], **kw
+    )["w"]
+    np.testing.assert_allclose(got.a, want.a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.b, want.b, rtol=1e-5, atol=1e-6)

@@ -249,7 +249,7 @@ def test_data_aware_and_option_errors():
         ValueError, match=r"grad_memory is only used by scheme 'lora_ga'"
     ):
         jaxlora.init(tree, jax.random.key(0), scheme="pissa", rank=2, grad_memory=8)
-    for bad in (-5, 0, 1.5, True):
+    for bad in (-5, 0, 0.5, float("inf"), True, "1GB"):
         with pytest.raises(ValueError, match=r"grad_memory is a number of bytes"):
             jaxlora.init(
                 tree,

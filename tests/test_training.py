@@ -386,3 +386,37 @@ def test_readme_nnx_recipe_trains_stacked_layers():
     np.testing.assert_array_equal(trained.w, base)
     assert float(jnp.abs(trained.b).max()) > 0
     assert float(jnp.abs(model.blocks.layers[1].mean[...]).sum()) > 0
+
+
+def test_a_line_search_goes_outside_freeze_base():
+    """Inside, a line search would see only the trained leaves while value_fn and
+    grad are about the whole tree: refused with the fix. Outside (the
+    optax.chain the message gives), L-BFGS trains the factors, base unchanged."""
+    tree = {"w": jax.random.normal(jax.random.key(0), (6, 4))}
+    p = jaxlora.init(
+        tree, jax.random.key(1), rank=2, scheme="both_random", targets=["w"]
+    )
+    with pytest.raises(ValueError, match=r"holds a line search.*Put the line search"):
+        jaxlora.freeze_base(optax.lbfgs())
+    with pytest.raises(ValueError, match=r"lora_plus: the wrapped optimizer holds"):
+        jaxlora.lora_plus(optax.lbfgs, 1.0)
+    x = jax.random.normal(jax.random.key(2), (16, 6))
+    y = jax.random.normal(jax.random.key(3), (16, 4))
+    apply = jaxlora.lora_apply(lambda q, x: x @ q["w"])
+    loss = lambda q: jnp.mean((apply(q, x) - y) ** 2)  # noqa: E731
+    tx = optax.chain(
+        jaxlora.freeze_base(optax.scale_by_lbfgs()),
+        optax.scale(-1.0),  # optax.lbfgs's own order
+        optax.scale_by_zoom_linesearch(max_linesearch_steps=8),
+    )
+    state, start = tx.init(p), float(loss(p))
+    value_and_grad = optax.value_and_grad_from_state(loss)
+    q = p
+    for _ in range(5):
+        value, grad = value_and_grad(q, state=state)
+        updates, state = tx.update(
+            grad, state, q, value=value, grad=grad, value_fn=loss
+        )
+        q = optax.apply_updates(q, updates)
+    assert float(loss(q)) < 0.9 * start
+    np.testing.assert_array_equal(q["w"].w, p["w"].w)
