@@ -98,7 +98,7 @@ WORKER = textwrap.dedent(
             )
             for k, v in (("x", padded), ("m", keep))
         }
-        masked = t.adapt_masked(params, batch, scheme)
+        masked = t.adapt_eva(params, batch, scheme, masked=True)
         whole = {
             f"{k}.{f}": multihost_utils.process_allgather(
                 getattr(masked[k], f), tiled=True
@@ -170,16 +170,19 @@ def adapt(params, scheme):
     )
 
 
-def adapt_eva(params, x, scheme="eva"):
-    """EVA (or another input-reading scheme) on two batches, ``x`` and ``-x``."""
+def adapt_eva(params, x, scheme="eva", *, masked=False):
+    """EVA (or another input-reading scheme) on two batches, ``x`` and ``-x``; with
+    ``masked``, ``x`` is ``{"x": rows, "m": mask}`` and ``input_mask`` reads ``m``."""
+    neg = {"x": -x["x"], "m": x["m"]} if masked else -x
     return jaxlora.init(
         params,
         jax.random.key(2),
         scheme=scheme,
         rank=2,
         targets=["up", "down"],
-        apply_fn=model,
-        batches=[x, -x],
+        apply_fn=(lambda p, b: model(p, b["x"])) if masked else model,
+        batches=[x, neg],
+        input_mask=(lambda b: b["m"]) if masked else None,
     )
 
 
@@ -189,21 +192,6 @@ def pad(rows):
     junk = 50 * np.random.default_rng(3).normal(size=rows.shape).astype(np.float32)
     padded = np.stack([rows, junk], axis=1).reshape(-1, rows.shape[1])
     return padded, np.tile(np.array([1, 0], np.int32), len(rows))
-
-
-def adapt_masked(params, batch, scheme):
-    """EVA or CorDA on ``batch`` and its negation with ``input_mask`` from ``m``."""
-    neg = {"x": -batch["x"], "m": batch["m"]}
-    return jaxlora.init(
-        params,
-        jax.random.key(2),
-        scheme=scheme,
-        rank=2,
-        targets=["up", "down"],
-        apply_fn=lambda p, b: model(p, b["x"]),
-        batches=[batch, neg],
-        input_mask=lambda b: b["m"],
-    )
 
 
 def model(p, x):

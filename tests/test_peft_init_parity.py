@@ -7,43 +7,22 @@ torch's draws cannot be reproduced. PEFT orientation: ``A`` (r, in) = ``aᵀ``, 
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require
+from peft_twin import N_LAYERS
+from peft_twin import Net
+from peft_twin import torch_twin
 
 import jaxlora
 from jaxlora import _residual
 
-N_LAYERS = 2
 TARGETS = ["fc1", "layers.0", "layers.1", "head"]
 # PEFT's rank and alpha patterns and jaxlora's, for the same targets
 PEFT_PATTERNS = {"rank_pattern": {"head": 3}, "alpha_pattern": {"fc1": 4}}
 JAX_PATTERNS = {"rank_pattern": {".*head.*": 3}, "alpha_pattern": {".*fc1.*": 4}}
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return nn.gelu(nn.Dense(16, name="layer")(x)), None
-
-
-class Net(nn.Module):
-    """fc1 (8 → 16), a scanned stack of two 16 → 16 layers, head (16 → 6)."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.gelu(nn.Dense(16, name="fc1")(x))
-        stack = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=N_LAYERS,
-        )
-        x, _ = stack(name="layers")(x, None)
-        return nn.Dense(6, name="head")(x)
 
 
 NET = Net()
@@ -78,40 +57,6 @@ def _torch():
     torch = require("torch", "pip install torch==2.13.0 transformers peft")
     peft = require("peft", "pip install peft")
     return torch, peft
-
-
-def _torch_twin(torch, params):
-    p = jax.tree.map(np.asarray, params["params"])
-    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
-
-    class Twin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(8, 16)
-            self.layers = torch.nn.ModuleList(
-                [torch.nn.Linear(16, 16) for _ in range(N_LAYERS)]
-            )
-            self.head = torch.nn.Linear(16, 6)
-
-        def forward(self, x):
-            x = gelu(self.fc1(x))
-            for layer in self.layers:
-                x = gelu(layer(x))
-            return self.head(x)
-
-    net = Twin()
-    with torch.no_grad():
-        for name in ("fc1", "head"):
-            getattr(net, name).weight.copy_(
-                torch.from_numpy(p[name]["kernel"].T.copy())
-            )
-            getattr(net, name).bias.copy_(torch.from_numpy(p[name]["bias"].copy()))
-        for i, layer in enumerate(net.layers):
-            layer.weight.copy_(
-                torch.from_numpy(p["layers"]["layer"]["kernel"][i].T.copy())
-            )
-            layer.bias.copy_(torch.from_numpy(p["layers"]["layer"]["bias"][i].copy()))
-    return net
 
 
 def _peft_layers(model):
@@ -185,7 +130,7 @@ def test_weight_aware_factors_and_residuals_match_peft(scheme, params, rslora):
         init_lora_weights=scheme,
         **PEFT_PATTERNS,
     )
-    ref = _peft_layers(peft.get_peft_model(_torch_twin(torch, params), config))
+    ref = _peft_layers(peft.get_peft_model(torch_twin(torch, params), config))
     got = _jax_layers(
         jaxlora.init(
             params,
@@ -282,7 +227,7 @@ def lora_ga():
     from peft.tuners.lora.config import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    net = _torch_twin(torch, PARAMS)
+    net = torch_twin(torch, PARAMS)
     config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
@@ -377,7 +322,7 @@ def test_milora_minor_directions_are_peft_mica_ones():
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="mica"
     )
-    ref = _peft_layers(peft.get_peft_model(_torch_twin(torch, PARAMS), config))
+    ref = _peft_layers(peft.get_peft_model(torch_twin(torch, PARAMS), config))
     got = _jax_layers(
         jaxlora.init(
             PARAMS,
