@@ -523,8 +523,10 @@ def gather_indexed_axes(params: dict, shape: tuple[int, ...]) -> tuple[int, ...]
     )
 
 
-def gather(eqn, operand, indices):
-    """Row lookup (``nn.Embed``): gather the factor holding the indexed axes, then @."""
+def _gather_parts(eqn, operand, indices):
+    """A row gather of an adapted weight as ``base`` plus the factor holding the
+    indexed axes gathered (``g``, unscaled) and the other factor, with einsum
+    subscripts: ``base + scale · einsum(g, other)`` is the gathered weight."""
     if not isinstance(operand, Sym) or isinstance(indices, Sym):
         raise Unsupported("the adapted weight is used as gather indices")
     p = eqn.params
@@ -570,7 +572,6 @@ def gather(eqn, operand, indices):
         indices,
         **{**factor_fill(p), "dimension_numbers": fdn, "slice_sizes": f_sizes},
     )
-    g = g * jnp.asarray(operand.scale, g.dtype)
     letters = fresh_letters(base.ndim + operand.ndim + 1)
     w_let, r_let = letters[: operand.ndim], letters[-1]
     batch_let = iter(letters[operand.ndim : operand.ndim + n_batch])
@@ -586,6 +587,14 @@ def gather(eqn, operand, indices):
         if lab not in dn.collapsed_slice_dims
     )
     o_lab = "".join(r_let if lab == R else w_let[lab] for lab in oth_lab)
+    route = "in" if fac is operand.a else "out"
+    return base, g, g_lab, oth, o_lab, out_lab, r_let, route
+
+
+def gather(eqn, operand, indices):
+    """Row lookup (``nn.Embed``): gather the factor holding the indexed axes, then @."""
+    base, g, g_lab, oth, o_lab, out_lab, _, route = _gather_parts(eqn, operand, indices)
+    g = g * jnp.asarray(operand.scale, g.dtype)
     lora = jnp.einsum(  # a lookup has no precision: as exact as the merged table's
         f"{g_lab},{o_lab}->{out_lab}",
         g,
@@ -593,7 +602,25 @@ def gather(eqn, operand, indices):
         preferred_element_type=base.dtype,
         precision=jax.lax.Precision.HIGHEST,
     )
-    return _one_buffer_sum(base, lora), "in" if fac is operand.a else "out"
+    return _one_buffer_sum(base, lora), route
+
+
+def gather_view(eqn, operand, indices) -> Sym:
+    """A gather whose result is used as a weight (``x @ w[:, perm]``: columns
+    permuted or picked): the gathered weight kept symbolic, its indexed factor
+    gathered, for the contraction that consumes it to run factored."""
+    base, g, g_lab, oth, o_lab, out_lab, r_let, route = _gather_parts(
+        eqn, operand, indices
+    )
+    if not set(o_lab) - {r_let} <= set(out_lab):
+        raise Unsupported("the other factor's axis is collapsed by the gather")
+    pos = {c: k for k, c in enumerate(out_lab)} | {r_let: R}
+    g_pos = tuple(pos[c] for c in g_lab)
+    o_pos = tuple(pos[c] for c in o_lab)
+    a, b, a_lab, b_lab = (
+        (g, oth, g_pos, o_pos) if route == "in" else (oth, g, o_pos, g_pos)
+    )
+    return operand._with(base, a, b, a_lab, b_lab)
 
 
 def ragged_dot(eqn, lhs, rhs, group_sizes):

@@ -5,7 +5,8 @@ evaluates the jaxpr with an interpreter in which values derived from an adapted 
 are symbolic (`jaxlora._symbolic.Sym`). Contractions (``dot_general``, convolutions,
 row gathers) run factored, ``W0·x + s·b(a(x))``, with ``W0`` frozen so a backward
 pass computes the input gradient but no weight gradient (`jaxlora._contract`).
-Views of the weight (casts, transposes, reshapes, slices, scalar multiples) and tags
+Views of the weight (casts, transposes, reshapes, slices, scalar multiples, a gather
+of rows or columns used only as a contraction's weight: ``x @ w[:, perm]``) and tags
 on it (``with_sharding_constraint``, ``checkpoint_name``) keep it symbolic, and so do
 ``concatenate`` and ``stack`` of adapted weights (`jaxlora._symbolic.concatenate`,
 `jaxlora._symbolic.stack`).
@@ -78,6 +79,7 @@ class _Context:
         # the traced bodies (loops, branches, shard_map) being evaluated: values
         # seen inside one cannot be captured out of it
         self.inside: list[str] = []
+        self.views: dict[int, tuple] = {}  # id -> (view, gather, its operands)
 
     @contextlib.contextmanager
     def within(self, what: str):
@@ -92,6 +94,22 @@ class _Context:
         uses = self.uses.setdefault(path, [])
         if use not in uses:
             uses.append(use)
+
+    def gathered(self, eqn, invals, view):
+        """Notes ``view``, a gathered weight kept symbolic for a contraction."""
+        self.views[id(view)] = (view, eqn, invals)
+        return view
+
+    def looked_up(self, x):
+        """A gathered weight the contraction could not factor: the lookup's rows
+        (`_contract.gather`) instead, as if it had not been kept symbolic."""
+        if not isinstance(x, Sym) or id(x) not in self.views:
+            return x
+        _, eqn, invals = self.views[id(x)]
+        out, route = _contract.gather(eqn, *invals)
+        for path in x.paths:
+            self.record(path, "gather", "factored", f"via {route}-axes")
+        return out
 
     def materialize(self, x, primitive, reason):
         if not isinstance(x, Sym):
@@ -113,7 +131,9 @@ class _Context:
 # -- the interpreter ---------------------------------------------------------------
 
 
-def _eval(ctx, jaxpr, consts, args):
+def _eval(ctx, jaxpr, consts, args, weight_outs=frozenset()):
+    """``weight_outs``: positions of outputs the caller uses only as contraction
+    weights (a nested ``jit``'s ``jnp.take(w, ids, 1)`` before ``x @ .``)."""
     env = {}
 
     def read(v):
@@ -123,10 +143,20 @@ def _eval(ctx, jaxpr, consts, args):
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
+    consumers = None
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(x, Sym) for x in invals):
-            outs = _eval_sym_eqn(ctx, eqn, invals)
+            as_weight = False
+            if eqn.primitive.name in ("gather", "jit", "pjit"):
+                consumers = consumers or _consumers(jaxpr)
+                weights = {
+                    k
+                    for k, v in enumerate(eqn.outvars)
+                    if _used_as_weight(v, consumers, env, weight_outs)
+                }
+                as_weight = weights if eqn.primitive.name != "gather" else bool(weights)
+            outs = _eval_sym_eqn(ctx, eqn, invals, as_weight)
         else:
             outs = _bind(eqn, invals)
         if not eqn.primitive.multiple_results:
@@ -134,6 +164,43 @@ def _eval(ctx, jaxpr, consts, args):
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+
+_WEIGHT_USES = ("dot_general", "conv_general_dilated")
+
+
+def _consumers(jaxpr) -> dict:
+    """Each variable's consuming equations (the jaxpr's k-th output: ``k``)."""
+    uses: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, Literal):
+                uses.setdefault(v, []).append(eqn)
+    for k, v in enumerate(jaxpr.outvars):
+        if not isinstance(v, Literal):
+            uses.setdefault(v, []).append(k)
+    return uses
+
+
+def _used_as_weight(var, consumers, env, weight_outs) -> bool:
+    """Whether a gathered adapted weight is used only as the weight of contractions
+    whose other operands are plain arrays already computed (``x @ w[:, perm]``):
+    then it stays symbolic and the contraction runs factored. Otherwise (an
+    embedding lookup, whose rows are activations) the lookup rule forms the rows."""
+    uses = consumers.get(var, [])
+    for eqn in uses:
+        if isinstance(eqn, int):  # an output: as the caller uses it
+            if eqn not in weight_outs:
+                return False
+            continue
+        if eqn.primitive.name not in _WEIGHT_USES:
+            return False
+        for v in eqn.invars:
+            if v is var or isinstance(v, Literal):
+                continue
+            if v not in env or isinstance(env[v], Sym):
+                return False
+    return bool(uses)
 
 
 def _bind(eqn, invals):
@@ -144,19 +211,24 @@ def _bind(eqn, invals):
 
 def _fallback(ctx, eqn, invals, reason):
     name = eqn.primitive.name
+    invals = [ctx.looked_up(x) for x in invals]
     return _bind(eqn, [ctx.materialize(x, name, reason) for x in invals])
 
 
-def _eval_sym_eqn(ctx, eqn, invals):
+def _eval_sym_eqn(ctx, eqn, invals, as_weight=False):
     # in the equation's own context (its mesh: e.g. automatic axes in auto_axes)
     with eqn.ctx.manager:
-        return _eval_sym_eqn_here(ctx, eqn, invals)
+        return _eval_sym_eqn_here(ctx, eqn, invals, as_weight)
 
 
-def _eval_sym_eqn_here(ctx, eqn, invals):
+def _eval_sym_eqn_here(ctx, eqn, invals, as_weight):
     name = eqn.primitive.name
     if name == "gather" and _picks_layers(eqn, invals):  # a view, not a use
         return _gather_stacked(eqn, *invals)
+    # columns picked or permuted: a view (EVA/CorDA capture refuses gathers)
+    if name == "gather" and as_weight and ctx.captured is None:
+        with contextlib.suppress(Unsupported):
+            return ctx.gathered(eqn, invals, _contract.gather_view(eqn, *invals))
     if ctx.captured is not None and name in _contract.RULES:
         _capture(ctx, eqn, invals)
     try:
@@ -181,6 +253,8 @@ def _eval_sym_eqn_here(ctx, eqn, invals):
             return out
         if name in _VIEWS:
             return _VIEWS[name](eqn, *invals)
+        if name in ("jit", "pjit") and as_weight:
+            return _jit(ctx, eqn, invals, frozenset(as_weight))
         if name in _HIGHER:
             return _HIGHER[name](ctx, eqn, invals)
     except Unsupported as e:
@@ -410,9 +484,9 @@ _VIEWS = {
 # -- higher-order primitives ---------------------------------------------------------
 
 
-def _jit(ctx, eqn, invals):
+def _jit(ctx, eqn, invals, weight_outs=frozenset()):
     closed = eqn.params["jaxpr"]
-    return _eval(ctx, closed.jaxpr, closed.consts, invals)
+    return _eval(ctx, closed.jaxpr, closed.consts, invals, weight_outs)
 
 
 def _remat(ctx, eqn, invals):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlora._node import is_lora
@@ -158,7 +159,19 @@ def freeze_base(
         _trained_labels(params, trainable, "freeze_base"),
     )
     _refuse_line_search(tx, "freeze_base")
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": tx, "frozen": _unchanged()}, labels)
+
+
+def _unchanged() -> optax.GradientTransformation:
+    """Updates that leave every frozen leaf bitwise as it was: ``-0.0``, the one
+    value with ``p + u == p`` for every float ``p`` (``optax.set_to_zero``'s
+    ``+0.0`` turns a ``-0.0`` weight into ``+0.0`` outside ``jit``)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: -jnp.zeros_like(u), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def _refuse_line_search(tx: optax.GradientTransformation, caller: str) -> None:
@@ -246,7 +259,7 @@ def lora_plus(
             "lora_a": make(learning_rate),
             "lora_b": make(lr_b),
             "full": make(learning_rate),
-            "frozen": optax.set_to_zero(),
+            "frozen": _unchanged(),
         },
         lambda params: _trained_labels(params, trainable, "lora_plus"),
     )

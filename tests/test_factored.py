@@ -277,6 +277,57 @@ def test_embed_lookup_and_attend():
     assert prims == {"gather", "dot_general"}
 
 
+def _by_columns(p, x):  # output features permuted
+    return x @ p["w"][:, jnp.array([6, 0, 2, 1, 3, 5, 4])]
+
+
+def _by_rows(p, x):  # input features picked (one twice)
+    return x[:, :4] @ jnp.take(p["w"], jnp.array([4, 0, 0, 2]), axis=0)
+
+
+def _by_column_ids(p, x, ids):  # columns picked by a traced index
+    return x @ jnp.take(p["w"], ids, axis=1)
+
+
+@pytest.mark.parametrize("fn", [_by_columns, _by_rows, _by_column_ids])
+def test_a_kernel_gathered_before_its_matmul_runs_factored(fn):
+    """``x @ w[:, perm]``: the gather is a view of the weight (its indexed factor
+    gathered), so the matmul runs factored; it used to form the whole gathered
+    update, with ``explain`` saying factored. No contraction of the step lacks a
+    batch-sized operand (the dense ``a @ b`` would be (5, r) x (r, 7))."""
+    lp = adapt({"w": rand((5, 7), seed=2)}, {"w": Layout.dense(2)})
+    ids = (jnp.array([3, 3, 0, 6]),) if fn is _by_column_ids else ()
+    args = (rand((9, 5)), *ids)
+    report = check(fn, lp, *args)
+    assert {u.primitive for u in report.uses["w"]} == {"dot_general"}, str(report)
+    loss = lambda t: jnp.sum(_factored.call(fn, (t, *args), {}) ** 2)  # noqa: E731
+    found = _contractions(jax.make_jaxpr(jax.grad(loss))(lp).jaxpr)
+    assert found and all(9 in lhs + rhs for _, _, lhs, rhs in found), found
+
+
+class EmbedProject(nn.Module):  # an embedding projected (ALBERT's factorization)
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(5)(nn.Embed(11, 4)(ids))
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [("Embed_0/embedding",), ("Embed_0/embedding", "Dense_0/kernel")],
+    ids=["table", "table-and-kernel"],
+)
+def test_an_embedding_fed_to_a_dense_layer(targets):
+    """A lookup whose rows go straight into a matmul: with the kernel plain the
+    gathered table stays symbolic into it (factored), with the kernel adapted the
+    lookup forms the rows; both factored, no warning."""
+    ids = jnp.array([[0, 3, 10], [5, 5, 1]])
+    p = EmbedProject().init(jax.random.key(0), ids)
+    lp = adapt(p, {f"params/{t}": Layout.dense(2) for t in targets})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(EmbedProject().apply, lp, ids)
+
+
 class Block(nn.Module):
     @nn.compact
     def __call__(self, h, _):

@@ -97,6 +97,32 @@ def test_optimizer_holds_no_state_for_base_weights():
     assert n_state == 2 * n_factors + 1  # mu and nu of a and b, plus Adam's step count
 
 
+@pytest.mark.parametrize("make", ["freeze_base", "lora_plus"])
+def test_frozen_leaves_stay_bitwise_equal_outside_jit(make):
+    """An eager step leaves every frozen leaf's bits as they were, ``-0.0`` included
+    (``optax.set_to_zero``'s ``+0.0`` update turned it into ``+0.0``)."""
+    params = {
+        "d": {
+            "kernel": jnp.array([[-0.0, 1.0], [2.0, -0.0]]),
+            "bias": jnp.array([-0.0, 3.0]),
+        }
+    }
+    lp = jaxlora.init(params, jax.random.key(0), rank=1, targets=["kernel"])
+    if make == "freeze_base":
+        tx = jaxlora.freeze_base(optax.adam(1e-2))
+    else:
+        tx = jaxlora.lora_plus(optax.adam, 1e-2)
+    grads = jax.tree.map(jnp.ones_like, lp)
+    new = optax.apply_updates(lp, tx.update(grads, tx.init(lp), lp)[0])
+    for before, after in [
+        (lp["d"]["bias"], new["d"]["bias"]),
+        (lp["d"]["kernel"].w, new["d"]["kernel"].w),
+    ]:
+        np.testing.assert_array_equal(np.signbit(after), np.signbit(before))
+        np.testing.assert_array_equal(after, before)
+    assert not np.array_equal(new["d"]["kernel"].b, lp["d"]["kernel"].b)
+
+
 def test_trainable_head_is_trained_in_full():
     model, variables, x, y = teacher_task(jax.random.key(0))
     params = jaxlora.init(variables, jax.random.key(1), rank=4, targets=["fc1"])
