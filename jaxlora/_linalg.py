@@ -8,9 +8,11 @@ range finder costs O(n² q) for ``q`` sketch columns.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -86,7 +88,7 @@ def svd_lowrank(
     """
     x = jnp.asarray(x)
     _check_svd_args(x, rank, niter, oversample)
-    return _svd_lowrank(key, x, rank, niter, oversample)
+    return _svd_lowrank(key, x, int(rank), int(niter), int(oversample))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -108,6 +110,10 @@ def _svd_lowrank(key, x, rank, niter, oversample):
     return u, s[:rank], vt[:rank]
 
 
+def _is_int(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_))
+
+
 def _check_svd_args(x: jax.Array, rank: int, niter: int, oversample: int) -> None:
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
@@ -115,13 +121,13 @@ def _check_svd_args(x: jax.Array, rank: int, niter: int, oversample: int) -> Non
             f"dtype {x.dtype} and shape {x.shape}. Reshape stacked weights to 2-D "
             "(or jax.vmap over the stack) and cast integer arrays to float."
         )
-    if not isinstance(rank, int) or rank < 1:
+    if not _is_int(rank) or rank < 1:
         raise ValueError(f"svd_lowrank: rank must be a positive int, got {rank!r}.")
-    if not isinstance(niter, int) or niter < 0:
+    if not _is_int(niter) or niter < 0:
         raise ValueError(
             f"svd_lowrank: niter must be a non-negative int, got {niter!r}."
         )
-    if not isinstance(oversample, int) or oversample < 0:
+    if not _is_int(oversample) or oversample < 0:
         raise ValueError(
             f"svd_lowrank: oversample must be a non-negative int, got {oversample!r}."
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ from jaxlora._boxes import factored_boxes
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import is_floating
 
 PyTree = Any
 #: Adapters of a tree: ``{path: LoraWeight(w=None, a, b, spec)}``.
@@ -90,6 +92,28 @@ def adapters(params: PyTree) -> Adapters:
     return {path_str(p): x.replace(w=None) for p, x in flat if is_lora(x)}
 
 
+def _check_adapter_tree(adapter_tree) -> None:
+    """Refuses anything but a mapping of path -> adapter (``adapters``' output)."""
+    if isinstance(adapter_tree, Mapping):
+        bad = {
+            p: x
+            for p, x in adapter_tree.items()
+            if not (isinstance(p, str) and is_lora(x) and x.w is None)
+        }
+        if not bad:
+            return
+        p, x = next(iter(bad.items()))
+        held = "an adapter with its base" if is_lora(x) else type(x).__name__
+        got = f"a mapping whose entry {p!r} is {held}"
+    else:
+        got = type(adapter_tree).__name__
+    raise TypeError(
+        "combine's adapter_tree must map paths to adapters without their base, as "
+        f"jaxlora.adapters(params) returns them; got {got}. Pass "
+        "jaxlora.adapters(params) (or what jaxlora.load returned for adapters)."
+    )
+
+
 def combine(
     base_params: PyTree, adapter_tree: Adapters, *, allow_residual: bool = False
 ) -> PyTree:
@@ -108,6 +132,7 @@ def combine(
             shape that does not fit, every path already adapted in ``base_params``
             and, unless ``allow_residual``, every residual adapter.
     """
+    _check_adapter_tree(adapter_tree)
     found, problems = set(), []
     residual = sorted(p for p, x in adapter_tree.items() if x.spec.residual)
     if residual and not allow_residual:
@@ -130,6 +155,14 @@ def combine(
                 f"{p!r}: base_params already holds an adapter here ({leaf!r}); pass "
                 "the plain tree jaxlora.base(params) (allow_residual=True for a "
                 "residual base) instead of the adapted tree"
+            )
+            return leaf
+        if not is_floating(leaf) or leaf.ndim != node.layout.ndim:
+            got = getattr(leaf, "dtype", type(leaf).__name__)
+            problems.append(
+                f"{p!r}: the base holds {got}{list(getattr(leaf, 'shape', ()))} here; "
+                f"the adapter needs a floating {node.layout.ndim}-D weight (init "
+                "adapts floating kernels only)"
             )
             return leaf
         want = node.layout.factor_shapes(tuple(leaf.shape), node.rank)

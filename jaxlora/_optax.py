@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import re
 import warnings
 from collections.abc import Callable
@@ -11,10 +10,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import check_names
 from jaxlora._targets import check_regex
 from jaxlora._targets import examples
 from jaxlora._targets import name_matches
@@ -36,6 +37,7 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
         return [(f"regex {trainable!r}", match)]
     if callable(trainable):
         return [(f"predicate {getattr(trainable, '__name__', trainable)!r}", trainable)]
+    check_names(trainable, "trainable")
     return [
         (f"name {n!r}", lambda p, x, n=n: name_matches(n, p, any_leaf=True))
         for n in trainable
@@ -162,6 +164,19 @@ def freeze_base(
     return optax.multi_transform({"train": tx, "frozen": _unchanged()}, labels)
 
 
+def _positive_real(x) -> bool:
+    """A finite real > 0: a Python or NumPy number or a scalar array (not a bool,
+    a string or complex); a traced one (under ``optax.inject_hyperparams``) passes."""
+    if isinstance(x, jax.core.Tracer):
+        return True
+    if isinstance(x, (bool, np.bool_, str, bytes)) or np.shape(x) != ():
+        return False
+    try:
+        return 0 < float(x) < float("inf")
+    except (TypeError, ValueError):  # complex, or no number at all
+        return False
+
+
 def _unchanged() -> optax.GradientTransformation:
     """Updates that leave every frozen leaf bitwise as it was: ``-0.0``, the one
     value with ``p + u == p`` for every float ``p`` (``optax.set_to_zero``'s
@@ -229,7 +244,8 @@ def lora_plus(
         **optimizer_kwargs: passed to ``optimizer`` (e.g. ``weight_decay``).
 
     Raises:
-        ValueError: if ``ratio`` is not a finite number > 0 (0 would freeze ``b``).
+        ValueError: if ``ratio`` is not a finite number > 0 (0 would freeze ``b``),
+            or ``learning_rate`` is neither a finite number > 0 nor a schedule.
 
     Example:
         >>> import optax, jaxlora
@@ -241,12 +257,15 @@ def lora_plus(
             f"optimizer per learning rate), got {optimizer!r}. Pass optax.adamw, not "
             "optax.adamw(1e-3)."
         )
-    if isinstance(ratio, bool) or not (
-        isinstance(ratio, numbers.Real) and 0 < ratio < float("inf")
-    ):
+    if not _positive_real(ratio):
         raise ValueError(
             f"ratio is eta_b / eta_a and must be a finite number > 0, got {ratio!r}"
             " (LoRA+ uses about 16; ratio=1 is plain LoRA)."
+        )
+    if not callable(learning_rate) and not _positive_real(learning_rate):
+        raise ValueError(
+            f"learning_rate is the learning rate of a (b's is ratio times it) and must "
+            f"be a finite number > 0 or an optax schedule, got {learning_rate!r}."
         )
     if callable(learning_rate):
         lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731

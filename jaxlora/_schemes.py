@@ -10,12 +10,14 @@ factor shapes ``(fan_in, r)`` for ``a`` and ``(r, fan_out)`` for ``b``, so
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.nn import initializers as jinit
 
 from jaxlora._residual import WeightAware
@@ -49,6 +51,11 @@ class Scheme:
     name: str = "custom"
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(
+                f"Scheme name is the label stored with each adapter and in checkpoints "
+                f"and must be a non-empty string, got {self.name!r}."
+            )
         if type(self).factors is not Scheme.factors:  # draws its own factors
             return
         for field in ("a_init", "b_init"):
@@ -59,6 +66,13 @@ class Scheme:
                     f"(key, shape, dtype) -> array such as "
                     f"jax.nn.initializers.normal(0.02), got {init!r}."
                 )
+        if self.a_init is jinit.zeros and self.b_init is jinit.zeros:
+            raise ValueError(
+                f"Scheme {self.name!r}: a_init and b_init are both zeros, so a @ b "
+                "starts at a saddle: every gradient of a and b is 0 and the adapter "
+                "never trains. Draw one factor at random (a_init="
+                "jax.nn.initializers.normal(0.02), as scheme='normal')."
+            )
 
     def zero_start(self) -> str | None:
         """Why ``a @ b`` is 0 at the start (one factor is drawn as zeros), or None."""
@@ -201,9 +215,12 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
                     "remove it."
                 )
             if niter is not None and (
-                isinstance(niter, bool) or not isinstance(niter, int) or niter < 0
+                isinstance(niter, (bool, np.bool_))
+                or not isinstance(niter, numbers.Integral)
+                or niter < 0
             ):
                 raise ValueError(f"niter must be an integer >= 0, got {niter!r}.")
+            niter = None if niter is None else int(niter)
             fast = (
                 name == "pissa" and niter is not None
             )  # niter=0: a sketch, no iteration

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -86,6 +87,30 @@ def examples(paths: Sequence[str], n: int = 8) -> str:
     return shown + more
 
 
+def check_names(names: Any, arg: str) -> bool:
+    """Checks ``names`` is a sequence of strings (module names or paths); True.
+
+    Raises:
+        TypeError: for bytes, a mapping, a non-iterable, or a non-string entry,
+            naming ``arg`` and the entry.
+    """
+    if isinstance(names, (bytes, bytearray, Mapping)) or not isinstance(
+        names, Iterable
+    ):
+        raise TypeError(
+            f"{arg} takes module names as a list of strings (e.g. {arg}=['head']), a "
+            f"regex string or a predicate (path, leaf) -> bool; got "
+            f"{type(names).__name__} {names!r}."
+        )
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(
+            f"{arg} names must be strings (module names or '/'-joined paths), got "
+            f"{bad[0]!r} ({type(bad[0]).__name__}) in {list(names)!r}."
+        )
+    return True
+
+
 def select(params: PyTree, targets: Targets) -> list[str]:
     """The paths of the leaves ``targets`` selects (before validation).
 
@@ -134,7 +159,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
     elif callable(targets):
         chosen = [p for p, leaf in arrays if targets(p, leaf)]
         what = f"the targets predicate {getattr(targets, '__name__', targets)!r}"
-    elif isinstance(targets, Sequence):
+    elif isinstance(targets, Sequence) and check_names(targets, "targets"):
         unmatched = [
             n for n in targets if not any(name_matches(n, p) for p, _ in arrays)
         ]
@@ -152,8 +177,20 @@ def select(params: PyTree, targets: Targets) -> list[str]:
             f"predicate (path, leaf) -> bool; got {type(targets).__name__}."
         )
     if not chosen:
+        skipped = [
+            f"{p} ({leaf.dtype})"
+            for p, leaf in arrays
+            if leaf_name(p) == "kernel" and leaf.ndim >= 2 and not is_floating(leaf)
+        ]
+        note = (
+            f" Kernels that are not floating (quantized) are not adapted: "
+            f"{examples(skipped)}; cast them to a floating dtype first."
+            if skipped and targets is None
+            else ""
+        )
         raise ValueError(
-            f"{what} matched no parameter. Available paths: {examples(available)}."
+            f"{what} matched no parameter.{note} Available paths: "
+            f"{examples(available)}."
         )
     return chosen
 

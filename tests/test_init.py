@@ -96,6 +96,26 @@ def test_init_is_pure(mixed):
     )
 
 
+def test_paths_whose_31_bit_hashes_collide_get_different_factors():
+    """Each target's key came from crc32(path) & 0x7FFFFFFF; these two paths share
+    that value, so same-shape targets got bitwise equal factors."""
+    import zlib
+
+    paths = ["params/decoder/layers_290/attn/q_proj/kernel", "layer_16/mlp/fc1/kernel"]
+    hashes = {zlib.crc32(p.encode()) & 0x7FFFFFFF for p in paths}
+    assert len(hashes) == 1
+    tree = {}
+    for path in paths:
+        *mods, leaf = path.split("/")
+        node = tree
+        for m in mods:
+            node = node.setdefault(m, {})
+        node[leaf] = jnp.ones((6, 6))
+    adapted = jaxlora.init(tree, KEY, rank=2, scheme="both_random")
+    x, y = jaxlora.adapters(adapted).values()
+    assert not np.array_equal(x.a, y.a) and not np.array_equal(x.b, y.b)
+
+
 def test_nnx_state_and_its_pure_dict_give_the_same_adapters():
     from flax import nnx
 
@@ -361,6 +381,10 @@ def _mlp_params():
         ({"alpha": -16}, r"alpha must be > 0, got -16"),
         ({"alpha_pattern": {"layers_1": -2.0}}, r"must be > 0, got -2.0"),
         ({"dtype": "foo"}, r"dtype is the dtype of the LoRA factors, got 'foo'"),
+        ({"dtype": None}, r"dtype is the dtype of the LoRA factors, got None"),
+        ({"dtype": jnp.float64}, r"dtype=float64 .* 64-bit types are off in JAX"),
+        ({"dtype": float}, r"dtype=float64 .*'jax_enable_x64'"),
+        ({"alpha": 10**400}, r"alpha must be finite, got 1000"),
     ],
 )
 def test_bad_patterns_and_values_are_named(kw, match):
@@ -368,6 +392,44 @@ def test_bad_patterns_and_values_are_named(kw, match):
     earlier one was silently unused, a negative alpha silently flipped the update."""
     with pytest.raises(ValueError, match=match):
         jaxlora.init(_mlp_params(), KEY, rank=2, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (
+            {"targets": ["layers_0", 1]},
+            r"targets names must be strings .* got 1 \(int\)",
+        ),
+        ({"targets": [None]}, r"targets names must be strings .* got None"),
+        ({"targets": b"layers_0"}, r"targets takes module names .* got bytes"),
+    ],
+)
+def test_target_names_must_be_strings(kw, match):
+    """A non-string name used to raise a bare 'can only concatenate str' from the
+    matcher; bytes were read as a sequence of ints."""
+    with pytest.raises(TypeError, match=match):
+        jaxlora.init(_mlp_params(), KEY, rank=2, **kw)
+
+
+def test_quantized_kernels_are_named_when_nothing_is_targeted():
+    tree = {"d1": {"kernel": jnp.ones((4, 4), jnp.int8)}}
+    with pytest.raises(
+        ValueError,
+        match=r"not floating \(quantized\) are not adapted: 'd1/kernel \(int8\)'",
+    ):
+        jaxlora.init(tree, KEY, rank=2)
+
+
+def test_numpy_integers_are_integers():
+    tree = {"d": {"kernel": jax.random.normal(KEY, (8, 6))}}
+    got = jaxlora.init(tree, KEY, rank=2, scheme="pissa", niter=np.int64(2))
+    want = jaxlora.init(tree, KEY, rank=2, scheme="pissa", niter=2)
+    chex.assert_trees_all_equal(got, want)
+    u, s, vt = jaxlora.svd_lowrank(
+        KEY, tree["d"]["kernel"], np.int32(2), niter=np.int64(1)
+    )
+    assert u.shape == (8, 2) and s.shape == (2,) and vt.shape == (2, 6)
 
 
 @pytest.mark.parametrize("flag", ["rslora", "compensate"])

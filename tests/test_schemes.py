@@ -136,6 +136,16 @@ def test_custom_scheme_from_jax_initializers():
     assert p.spec.scheme == "halves"
 
 
+def test_a_custom_scheme_is_checked_when_made():
+    """Both factors at zero (a saddle: no gradient ever) and a non-string name used
+    to be accepted; the adapter never trained / the name went into checkpoints."""
+    zeros = jax.nn.initializers.zeros
+    with pytest.raises(ValueError, match=r"'zz': a_init and b_init are both zeros"):
+        jaxlora.Scheme(zeros, zeros, name="zz")
+    with pytest.raises(TypeError, match=r"must be a non-empty string, got 3"):
+        jaxlora.Scheme(jax.nn.initializers.normal(0.02), zeros, name=3)
+
+
 def test_peft_embedding_convention():
     tree = {"embed": {"embedding": jnp.zeros((500, 64))}}
     p = jaxlora.init(

@@ -161,6 +161,41 @@ def test_lora_plus_gives_b_a_larger_learning_rate():
     np.testing.assert_allclose(node.b, -0.4 * np.ones((2, 8)), rtol=1e-6)
 
 
+def test_lora_plus_learning_rate_is_checked_and_works_under_inject_hyperparams():
+    """A string or negative learning rate used to fail deep in optax or silently
+    ascend; a ratio made an array by optax.inject_hyperparams was refused."""
+    for lr in ("1e-3", None, -0.1, 0.0, float("inf"), True):
+        with pytest.raises(ValueError, match=r"learning_rate .* must be a finite"):
+            jaxlora.lora_plus(optax.sgd, lr)
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), scheme="both_random"
+    )
+    tx = optax.inject_hyperparams(
+        lambda learning_rate, ratio: jaxlora.lora_plus(
+            optax.sgd, learning_rate, ratio=ratio
+        )
+    )(learning_rate=0.1, ratio=4.0)
+    grads = jax.tree.map(jnp.ones_like, params)
+    node = jax.jit(tx.update)(grads, tx.init(params), params)[0]["k"]["kernel"]
+    np.testing.assert_allclose(node.a, np.full(node.a.shape, -0.1), rtol=1e-6)
+    np.testing.assert_allclose(node.b, np.full(node.b.shape, -0.4), rtol=1e-6)
+
+
+def test_trainable_names_must_be_strings():
+    params = jaxlora.init(
+        {"enc": {"kernel": jnp.ones((8, 6))}, "head": {"bias": jnp.zeros(3)}},
+        jax.random.key(0),
+        rank=2,
+    )
+    for bad, match in [
+        (["head", 0], r"trainable names must be strings .* got 0 \(int\)"),
+        ({"head": False}, r"trainable takes module names .* got dict"),
+        (5, r"trainable takes module names .* got int 5"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            jaxlora.param_labels(params, trainable=bad)
+
+
 def test_lora_plus_ratio_must_be_positive():
     for ratio in (0, -16, float("nan"), "16"):
         with pytest.raises(
@@ -200,6 +235,36 @@ def test_combine_reports_missing_paths_and_bad_shapes():
         match=r"'k/kernel': factors .* do not fit a base weight of shape \(8, 4\)",
     ):
         jaxlora.combine({"k": {"kernel": jnp.ones((8, 4))}}, ads)
+
+
+def test_combine_names_what_it_was_given():
+    """combine used to fail with AttributeError/IndexError (no path) on the adapted
+    tree, a list, a 1-D or string leaf, and silently cast factors onto an int8
+    base (merge then truncated the update)."""
+    p = jaxlora.init(
+        {"d": {"kernel": jnp.ones((8, 6)), "bias": jnp.zeros(6)}},
+        jax.random.key(0),
+        scheme="both_random",
+        rank=2,
+    )
+    base, ads = jaxlora.base(p), jaxlora.adapters(p)
+    for tree, match in [
+        (p, r"entry 'd' is dict"),
+        (list(ads.values()), r"got list"),
+        ({"d/kernel": p["d"]["kernel"]}, r"'d/kernel' is an adapter with its base"),
+    ]:
+        with pytest.raises(TypeError, match=match + r".*jaxlora.adapters\(params\)"):
+            jaxlora.combine(base, tree)
+    bias = base["d"]["bias"]
+    for leaf, got in [
+        (jnp.ones(48), r"float32\[48\]"),
+        ("oops", r"str\[\]"),
+        (jnp.ones((8, 6), jnp.int8), r"int8\[8, 6\]"),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"'d/kernel': the base holds {got} here; .* floating 2-D"
+        ):
+            jaxlora.combine({"d": {"kernel": leaf, "bias": bias}}, ads)
 
 
 def test_combine_refuses_an_adapted_base_tree():
