@@ -50,6 +50,20 @@ VERSION = 1
 METADATA = "jaxlora.json"
 ARRAYS = "arrays"
 _SPEC_FIELDS = ("scheme", "rank", "alpha", "rslora", "residual", "embedding")
+# every field `_entry` writes and `load` reads ("conv" may be absent: older saves)
+_ENTRY_FIELDS = (
+    "path",
+    "key",
+    *_SPEC_FIELDS,
+    "layout",
+    "base_shape",
+    "base_dtype",
+    "a_shape",
+    "a_dtype",
+    "b_shape",
+    "b_dtype",
+    "residual_fingerprint",
+)
 
 
 def _fingerprint(w: Any) -> list[float]:
@@ -217,6 +231,12 @@ def staged(path: str):
             raise OSError(f"Could not move the saved files to {path!r}: {failed}")
 
 
+def _short(path: str) -> str:
+    """The start of ``path``'s name (at most 64 bytes) for a hidden sibling's name:
+    a long name plus a suffix would pass the file system's 255-byte limit."""
+    return os.path.basename(path).encode()[:64].decode(errors="ignore")
+
+
 def _make_staging(path: str) -> str:
     parent = os.path.dirname(path)
     above = parent
@@ -228,7 +248,7 @@ def _make_staging(path: str) -> str:
             "under a directory (or move that file away)."
         )
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{_short(path)}.tmp-", dir=parent)
     # mkdtemp's 0o700 would hide the result from other users: the mode of the
     # directory it replaces, else what the umask gives a new directory
     if os.path.isdir(path):
@@ -272,9 +292,7 @@ def _replace(src: str, dst: str) -> None:
     if not os.path.exists(dst):
         os.rename(src, dst)
         return
-    old = os.path.join(
-        os.path.dirname(dst), f".{os.path.basename(dst)}.old-{uuid.uuid4().hex}"
-    )
+    old = os.path.join(os.path.dirname(dst), f".{_short(dst)}.old-{uuid.uuid4().hex}")
     os.rename(dst, old)
     try:
         os.rename(src, dst)
@@ -326,10 +344,22 @@ def _unrecorded_conv(path: str, leaf: Any, layout: Layout) -> Conv | None:
 
 
 def _entry_problems(entries: list[dict[str, Any]]) -> list[str]:
-    """Where an entry's rank, layout and base shape do not give its factor shapes."""
+    """Where an entry lacks a field, names no dtype, or its rank, layout and base
+    shape do not give its factor shapes."""
+    if not isinstance(entries, list):
+        return [f"'targets' is a {type(entries).__name__}, not a list of entries"]
     problems = []
-    for e in entries:
+    fields = set(_ENTRY_FIELDS)
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict):
+            problems.append(f"entry {k} is a {type(e).__name__}, not a record")
+            continue
+        if lacking := sorted(fields - e.keys()):
+            problems.append(f"{e.get('path', f'entry {k}')!r}: no {lacking}")
+            continue
         try:
+            for f in ("base_dtype", "a_dtype", "b_dtype"):
+                jnp.dtype(e[f])
             layout = Layout(**{k: tuple(v) for k, v in e["layout"].items()})
             want = layout.factor_shapes(tuple(e["base_shape"]), e["rank"])
             got = (tuple(e["a_shape"]), tuple(e["b_shape"]))
@@ -353,8 +383,8 @@ def _check_entries(path: str, entries: list[dict[str, Any]]) -> None:
     problems = _entry_problems(entries)
     if problems:
         raise ValueError(
-            f"Corrupted jaxlora checkpoint {path!r}: {METADATA} contradicts "
-            "itself:\n  - " + "\n  - ".join(problems) + "\nSave it again."
+            f"Corrupted jaxlora checkpoint {path!r}: {METADATA} is incomplete or "
+            "contradicts itself:\n  - " + "\n  - ".join(problems) + "\nSave it again."
         )
 
 
@@ -386,16 +416,49 @@ def _restore_arrays(
         )
     checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = checkpointer.restore(arrays_dir, abstract)
-    except Exception as e:  # orbax/tensorstore raise many types for broken files
-        raise ValueError(
-            f"Could not read the factors of jaxlora checkpoint {path!r} (truncated or "
-            f"corrupted {ARRAYS}/): {type(e).__name__}: {e}"
-        ) from e
+        try:
+            stored = checkpointer.metadata(arrays_dir).item_metadata.tree
+            restored = None
+            if not (problems := _stored_problems(entries, stored)):
+                restored = checkpointer.restore(arrays_dir, abstract)
+        except Exception as e:  # orbax/tensorstore raise many types for broken files
+            raise ValueError(
+                f"Could not read the factors of jaxlora checkpoint {path!r} (truncated "
+                f"or corrupted {ARRAYS}/): {type(e).__name__}: {e}"
+            ) from e
     finally:
         checkpointer.close()
+    if not problems:  # what orbax handed back (a numpy target takes what is stored)
+        problems = _stored_problems(entries, restored)
+    if problems:
+        raise ValueError(
+            f"Corrupted jaxlora checkpoint {path!r}: its {ARRAYS}/ do not hold the "
+            f"factors {METADATA} records (mixed-up copy of another checkpoint?):\n  - "
+            + "\n  - ".join(problems)
+            + "\nRestore the whole checkpoint directory from one save."
+        )
     on_host = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
     return jax.tree.map(on_host, restored)
+
+
+def _stored_problems(entries, stored) -> list[str]:
+    """Factors in ``stored`` (key -> {'a', 'b'}: arrays or orbax's array metadata)
+    whose shape or dtype is not what ``entries`` record, or that are missing."""
+    problems = []
+    for e in entries:
+        for side in ("a", "b"):
+            want = (tuple(e[f"{side}_shape"]), jnp.dtype(e[f"{side}_dtype"]))
+            x = (stored or {}).get(e["key"], {}).get(side)
+            if x is None:
+                problems.append(f"{e['path']!r}: no factor {side}")
+                continue
+            got = (tuple(x.shape), jnp.dtype(x.dtype))
+            if got != want:
+                problems.append(
+                    f"{e['path']!r}: {side} is stored as {got[1].name}{list(got[0])} "
+                    f"where {METADATA} records {want[1].name}{list(want[0])}"
+                )
+    return problems
 
 
 def _check(entries, leaves) -> list[str]:
@@ -457,7 +520,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     """
     path = os.path.abspath(os.fspath(path))
     meta = _read_metadata(path)
-    entries = meta["targets"]
+    entries = meta.get("targets")
     _check_entries(path, entries)
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     leaves = {path_str(k): x for k, x in flat}

@@ -120,7 +120,7 @@ class _Context:
                 self.warned.add(path)
                 warnings.warn(
                     f"jaxlora: the adapted weight '{path}' is used by '{primitive}' "
-                    f"({reason}), which has no factored rule; it is materialized as "
+                    f"({reason}), which it cannot run factored; it is materialized as "
                     "w + scale * a @ b for that use (correct, but it costs a dense "
                     "weight and its gradient).",
                     stacklevel=2,

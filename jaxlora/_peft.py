@@ -339,6 +339,15 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
     """
     path = os.path.abspath(os.fspath(path))
     config = _peft_config.read(path)
+    if not os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(
+        os.path.join(path, "adapter_model.bin")
+    ):
+        raise ValueError(
+            f"{path!r} holds adapter_model.bin (PEFT's pickled format, from "
+            "save_pretrained(..., safe_serialization=False)), which jaxlora does not "
+            "read: unpickling can run arbitrary code. Save the adapter again in PEFT "
+            f"with save_pretrained(..., safe_serialization=True) to get {WEIGHTS}."
+        )
     tensors = _safetensors.read(os.path.join(path, WEIGHTS))
     nodes = _adapted(params)
     if not nodes:

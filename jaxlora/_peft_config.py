@@ -71,6 +71,14 @@ _NEUTRAL = {
 }  # fmt: skip
 # (not {}: an empty ``*_config`` may switch a variant on with its defaults)
 _NEUTRAL_VALUES = (None, False, "none", [], "")
+
+
+def _neutral(v) -> bool:
+    """Whether ``v`` is one of `_NEUTRAL_VALUES` by type as well as value (``0 ==
+    False``: ``layers_to_transform=0`` is layer 0, not "every layer")."""
+    return any(type(v) is type(n) and v == n for n in _NEUTRAL_VALUES)
+
+
 #: init_lora_weights that leave a residual in the base weights the adapter needs
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -102,9 +110,7 @@ def read(path: str) -> dict:
             f"{file!r} has peft_type {got!r}; only LoRA adapters ('LORA') load."
         )
     bad = [
-        f"{k}={v!r}"
-        for k, v in config.items()
-        if k not in _NEUTRAL and not any(v == n for n in _NEUTRAL_VALUES)
+        f"{k}={v!r}" for k, v in config.items() if k not in _NEUTRAL and not _neutral(v)
     ]
     if bad:
         raise ValueError(

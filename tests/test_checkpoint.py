@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 
 import chex
@@ -324,6 +325,60 @@ def test_newer_format_version(mixed, saved):
         json.dump(meta, f)
     with pytest.raises(ValueError, match="format version 99; .* reads version 1"):
         jaxlora.load(path, mixed[1])
+
+
+def test_factors_of_another_checkpoint_are_refused(tmp_path):
+    """arrays/ of a rank-4 save under a rank-2 save's metadata (a mixed-up copy)
+    used to load with rank 2 and (8, 4) factors: the update scaled by alpha/2."""
+    variables = {"d": {"kernel": jnp.ones((8, 6))}}
+    key = jax.random.key(0)
+    two = jaxlora.save(tmp_path / "two", jaxlora.init(variables, key, rank=2))
+    four = jaxlora.save(tmp_path / "four", jaxlora.init(variables, key, rank=4))
+    shutil.rmtree(os.path.join(two, _checkpoint.ARRAYS))
+    shutil.copytree(
+        os.path.join(four, _checkpoint.ARRAYS), os.path.join(two, _checkpoint.ARRAYS)
+    )
+    with pytest.raises(ValueError) as e:
+        jaxlora.load(two, variables)
+    msg = str(e.value)
+    assert "do not hold the factors jaxlora.json records" in msg
+    assert re.search(r"a is stored as float32\[8, 4\] where .* float32\[8, 2\]", msg)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda t: t[0].pop("base_dtype"), r"no \['base_dtype'\]"),
+        (lambda t: t[0].update(a_dtype="float99"), r"data type 'float99' not under"),
+        (lambda t: t.clear() or t.append("x"), r"entry 0 is a str"),
+    ],
+    ids=["missing-field", "bad-dtype", "not-a-record"],
+)
+def test_metadata_with_a_broken_field_names_it(mixed, saved, edit, match):
+    """A missing field or an unknown dtype name used to raise a bare KeyError or
+    TypeError naming no checkpoint."""
+    path, _ = saved
+    meta_file = os.path.join(path, _checkpoint.METADATA)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    edit(meta["targets"])
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(
+        ValueError, match=r"(?s)Corrupted jaxlora checkpoint .*" + match
+    ):
+        jaxlora.load(path, mixed[1])
+
+
+def test_a_long_directory_name_saves_and_overwrites(tmp_path):
+    """The hidden staging / aside names embedded the whole name: a legal 245-byte
+    name failed with 'File name too long', and overwriting a 230-byte one too."""
+    p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+    for name in ("a" * 245, "é" * 120):
+        d = jaxlora.save(tmp_path / name, p)
+        jaxlora.save(tmp_path / name, p, overwrite=True)
+        chex.assert_trees_all_equal(jaxlora.load(d, {"kernel": jnp.ones((4, 3))}), p)
+    assert sorted(os.listdir(tmp_path)) == sorted(["a" * 245, "é" * 120])
 
 
 def test_metadata_that_contradicts_itself(mixed, saved):

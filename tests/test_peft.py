@@ -483,6 +483,7 @@ def test_peft_extras_are_read_or_refused(tmp_path):
         ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights"),
         ({"kasa_config": {}}, r"sets kasa_config=\{\}"),
         ({"layers_to_transform": [0]}, r"sets layers_to_transform=\[0\]"),
+        ({"layers_to_transform": 0}, r"sets layers_to_transform=0"),  # 0 == False
         ({"alpha_pattern": {"lm_head": 1}}, r"'lm_head' is tied to 'embed_tokens'"),
         ({"ensure_weight_tying": False}, r"tensors no target reads: \['base_model"),
     ):
@@ -498,6 +499,17 @@ def test_tables_warn_that_peft_adapts_lookups_only(stacked, tmp_path):
         jaxlora.save_peft(tmp_path / "a", lp, dotted)
     with pytest.warns(UserWarning, match=r"load_peft: \['embed'\] are embedding"):
         jaxlora.load_peft(tmp_path / "a", lp, dotted)
+
+
+def test_a_pickled_peft_adapter_is_named_not_read(tmp_path):
+    """PEFT's safe_serialization=False writes adapter_model.bin: a raw
+    FileNotFoundError for the .safetensors used to be all the user got."""
+    _, lp = _small()
+    names = {"enc/fc/kernel": "enc.fc"}
+    d = jaxlora.save_peft(tmp_path / "a", lp, names)
+    os.rename(os.path.join(d, _peft.WEIGHTS), os.path.join(d, "adapter_model.bin"))
+    with pytest.raises(ValueError, match=r"holds adapter_model.bin .* safe_serial"):
+        jaxlora.load_peft(d, lp, names)
 
 
 def test_saving_keeps_the_model_card_and_the_directory_readable(tmp_path):
