@@ -20,6 +20,7 @@ from jaxlora._node import is_lora
 from jaxlora._optax import freeze_base
 from jaxlora._optax import lora_plus
 from jaxlora._optax import param_labels
+from jaxlora._optax import schedule_free_eval_params
 from jaxlora._optax import trainable_mask
 from jaxlora._peft import load_peft
 from jaxlora._peft import save_peft
@@ -55,6 +56,7 @@ __all__ = [
     "param_labels",
     "save",
     "save_peft",
+    "schedule_free_eval_params",
     "svd_lowrank",
     "to_plain_lora",
     "trainable_mask",

@@ -164,6 +164,43 @@ def freeze_base(
     return optax.multi_transform({"train": tx, "frozen": _unchanged()}, labels)
 
 
+def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
+    """The parameters to evaluate under schedule-free training placed inside
+    `freeze_base` or `lora_plus` (``freeze_base(optax.contrib.schedule_free_adamw(
+    1e-3))``): ``optax.contrib.schedule_free_eval_params`` for each trained leaf,
+    the frozen leaves as they are (optax's own function cannot read the
+    partitioned, masked state).
+
+    Args:
+        state: the optimizer state of ``freeze_base``/``lora_plus``.
+        params: the adapted tree being trained.
+
+    Raises:
+        ValueError: if ``state`` holds no schedule-free state.
+    """
+    kind = optax.contrib.ScheduleFreeState
+    states = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, kind))
+        if isinstance(s, kind)
+    ]
+    if not states:
+        raise ValueError(
+            "schedule_free_eval_params: the optimizer state holds no schedule-free "
+            "state; make the optimizer with optax.contrib.schedule_free (or "
+            "schedule_free_adamw / schedule_free_sgd) inside freeze_base or lora_plus."
+        )
+    masked = lambda z: isinstance(z, optax.MaskedNode)  # noqa: E731
+    out = params
+    for sf in states:  # one per group of leaves (lora_plus: a, b, full)
+
+        def eval_leaf(y, z, b1=sf.b1):
+            return y if masked(z) else ((y - (1.0 - b1) * z) / b1).astype(y.dtype)
+
+        out = jax.tree.map(eval_leaf, out, sf.z, is_leaf=masked)
+    return out
+
+
 def _positive_real(x) -> bool:
     """A finite real > 0: a Python or NumPy number or a scalar array (not a bool,
     a string or complex); a traced one (under ``optax.inject_hyperparams``) passes."""

@@ -123,6 +123,47 @@ def test_frozen_leaves_stay_bitwise_equal_outside_jit(make):
     assert not np.array_equal(new["d"]["kernel"].b, lp["d"]["kernel"].b)
 
 
+@pytest.mark.parametrize("make", ["freeze_base", "lora_plus"])
+def test_schedule_free_eval_params_inside_freeze_base(make):
+    """optax's schedule_free_eval_params cannot read freeze_base's partitioned,
+    masked state; jaxlora's gives what optax gives for a schedule-free optimizer
+    run on each factor alone (lora_plus: b at 4x the learning rate)."""
+    w = jax.random.normal(jax.random.key(1), (8, 6))
+    lp = jaxlora.init(
+        {"d": {"kernel": w}}, jax.random.key(0), scheme="both_random", rank=2, alpha=1
+    )
+    x = jax.random.normal(jax.random.key(2), (4, 8))
+    loss = lambda a, b: jnp.sum(jnp.tanh(x @ (w + a @ b * 0.5)) ** 2)  # noqa: E731
+    sf = optax.contrib.schedule_free_adamw
+    if make == "freeze_base":
+        tx, lr_b = jaxlora.freeze_base(sf(1e-2)), 1e-2
+    else:
+        tx, lr_b = jaxlora.lora_plus(sf, 1e-2, ratio=4.0), 4e-2
+    refs = {"a": sf(1e-2), "b": sf(lr_b)}
+    node = lp["d"]["kernel"]
+    assert node.scale == 0.5
+    state, ref = tx.init(lp), {"a": node.a, "b": node.b}
+    ref_states = {k: refs[k].init(ref[k]) for k in refs}
+    for _ in range(3):
+        g = jax.grad(loss, argnums=(0, 1))(ref["a"], ref["b"])
+        g = dict(zip("ab", g, strict=True))
+        grads = {"d": {"kernel": node.replace(w=jnp.zeros_like(w), **g)}}
+        u, state = tx.update(grads, state, lp)
+        lp = optax.apply_updates(lp, u)
+        node = lp["d"]["kernel"]
+        for k in refs:
+            ru, ref_states[k] = refs[k].update(g[k], ref_states[k], ref[k])
+            ref[k] = optax.apply_updates(ref[k], ru)
+    got = jaxlora.schedule_free_eval_params(state, lp)["d"]["kernel"]
+    np.testing.assert_array_equal(got.w, w)
+    for k in refs:
+        want = optax.contrib.schedule_free_eval_params(ref_states[k], ref[k])
+        np.testing.assert_allclose(getattr(got, k), want, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(want, ref[k])  # the evaluation point is not the iterate
+    with pytest.raises(ValueError, match="holds no schedule-free state"):
+        jaxlora.schedule_free_eval_params(optax.adam(1.0).init(lp), lp)
+
+
 def test_trainable_head_is_trained_in_full():
     model, variables, x, y = teacher_task(jax.random.key(0))
     params = jaxlora.init(variables, jax.random.key(1), rank=4, targets=["fc1"])
