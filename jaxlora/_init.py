@@ -8,6 +8,7 @@ import itertools
 import math
 import numbers
 import warnings
+import zlib
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -37,14 +38,28 @@ from jaxlora._paths import path_str
 PyTree = Any
 
 
-def path_key(rng: jax.Array, path: str) -> jax.Array:
-    """The key of one target: ``rng`` folded with a stable 128-bit hash of its path,
-    one 32-bit word at a time (a 31-bit hash gave two targets of a large model the
-    same factors about once per 10^5 path pairs)."""
-    digest = hashlib.blake2b(path.encode(), digest_size=16).digest()
-    for word in np.frombuffer(digest, dtype="<u4"):
-        rng = jax.random.fold_in(rng, np.uint32(word))
-    return rng
+def _hash31(path: str) -> int:
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def path_keys(rng: jax.Array, paths: list[str]) -> dict[str, jax.Array]:
+    """Each target's key: ``rng`` folded with a stable 31-bit hash of its path
+    (what every checkpoint so far was made with). Targets whose hashes collide
+    (about one pair per 10^5 path pairs: a large mixture of experts can have one)
+    would draw equal factors, so each of those also folds in a 128-bit hash of
+    its path, one 32-bit word at a time."""
+    counts: dict[int, int] = {}
+    for p in paths:
+        counts[_hash31(p)] = counts.get(_hash31(p), 0) + 1
+    keys = {}
+    for p in paths:
+        key = jax.random.fold_in(rng, _hash31(p))
+        if counts[_hash31(p)] > 1:
+            digest = hashlib.blake2b(p.encode(), digest_size=16).digest()
+            for word in np.frombuffer(digest, dtype="<u4"):
+                key = jax.random.fold_in(key, np.uint32(word))
+        keys[p] = key
+    return keys
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
@@ -475,7 +490,7 @@ def init(
     if kind == "lora_ga":
         batches = list(batches)  # read once per group of targets
         groups = _residual.gradient_groups(plan, int(grad_memory or 1 << 30))
-    nodes = {}
+    nodes, keys = {}, path_keys(rng, [t.path for t in plan])
     for group in groups:
         grads = {}
         if kind == "lora_ga":
@@ -490,7 +505,7 @@ def init(
             spec = LoraSpec(
                 t.layout, t.rank, t.alpha, rslora, s.name, False, t.embedding, t.conv
             )
-            key = path_key(rng, t.path)
+            key = keys[t.path]
             if isinstance(s, _residual.WeightAware):
                 nodes[t.path] = _residual.adapt(
                     s,

@@ -110,7 +110,8 @@ def _check_adapter_tree(adapter_tree) -> None:
     raise TypeError(
         "combine's adapter_tree must map paths to adapters without their base, as "
         f"jaxlora.adapters(params) returns them; got {got}. Pass "
-        "jaxlora.adapters(params) (or what jaxlora.load returned for adapters)."
+        "jaxlora.adapters(params). (jaxlora.load already returns the base with its "
+        "adapters on it: nothing to combine.)"
     )
 
 

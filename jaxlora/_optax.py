@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,14 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
         (f"name {n!r}", lambda p, x, n=n: name_matches(n, p, any_leaf=True))
         for n in trainable
     ]
+
+
+def _once(trainable: Trainable) -> Trainable:
+    """A one-shot iterable of names (a generator, ``map(...)``) read into a tuple,
+    so every later reading (labels at init and at each update) sees all of it."""
+    if isinstance(trainable, Iterator):
+        return tuple(trainable)
+    return trainable
 
 
 def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
@@ -114,6 +123,7 @@ def param_labels(params: PyTree, *, trainable: Trainable = None) -> PyTree:
         ValueError: if the regex, the predicate or any name selects no plain leaf
             (a typo would otherwise leave the head silently frozen).
     """
+    trainable = _once(trainable)
     full = _full_paths(params, trainable)
 
     def label(keypath, x):
@@ -126,6 +136,7 @@ def param_labels(params: PyTree, *, trainable: Trainable = None) -> PyTree:
 
 def trainable_mask(params: PyTree, *, trainable: Trainable = None) -> PyTree:
     """True for every leaf that is trained (factors, and ``trainable`` leaves)."""
+    trainable = _once(trainable)
     return jax.tree.map(
         lambda s: s != "frozen", param_labels(params, trainable=trainable)
     )
@@ -149,6 +160,7 @@ def freeze_base(
         >>> import optax, jaxlora
         >>> tx = jaxlora.freeze_base(optax.adam(1e-3))
     """
+    trainable = _once(trainable)
     if not (
         callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
     ):
@@ -214,6 +226,12 @@ def _positive_real(x) -> bool:
         return False
 
 
+def _no_move(u):
+    """``-0.0`` for a float leaf; 0 for integers and bools (no negative zero)."""
+    zero = jnp.zeros_like(u)
+    return -zero if jnp.issubdtype(zero.dtype, jnp.inexact) else zero
+
+
 def _unchanged() -> optax.GradientTransformation:
     """Updates that leave every frozen leaf bitwise as it was: ``-0.0``, the one
     value with ``p + u == p`` for every float ``p`` (``optax.set_to_zero``'s
@@ -221,7 +239,7 @@ def _unchanged() -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u: -jnp.zeros_like(u), updates), state
+        return jax.tree.map(_no_move, updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -288,6 +306,7 @@ def lora_plus(
         >>> import optax, jaxlora
         >>> tx = jaxlora.lora_plus(optax.adamw, 2e-4, ratio=16, weight_decay=0.0)
     """
+    trainable = _once(trainable)
     if isinstance(optimizer, optax.GradientTransformation) or not callable(optimizer):
         raise TypeError(
             f"lora_plus needs an optimizer factory such as optax.adamw (it makes one "

@@ -114,6 +114,14 @@ def test_paths_whose_31_bit_hashes_collide_get_different_factors():
     adapted = jaxlora.init(tree, KEY, rank=2, scheme="both_random")
     x, y = jaxlora.adapters(adapted).values()
     assert not np.array_equal(x.a, y.a) and not np.array_equal(x.b, y.b)
+    # every other path keeps the key checkpoints were made with (a residual base
+    # re-created by init must be the one saved)
+    from jaxlora._init import path_keys
+
+    keys = path_keys(KEY, [*paths, "params/Dense_0/kernel"])
+    want = jax.random.fold_in(KEY, zlib.crc32(b"params/Dense_0/kernel") & 0x7FFFFFFF)
+    got = keys["params/Dense_0/kernel"]
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
 
 
 def test_nnx_state_and_its_pure_dict_give_the_same_adapters():

@@ -222,6 +222,39 @@ def test_lora_plus_learning_rate_is_checked_and_works_under_inject_hyperparams()
     np.testing.assert_allclose(node.b, np.full(node.b.shape, -0.4), rtol=1e-6)
 
 
+def test_trainable_names_from_a_generator_are_all_read():
+    """A generator of names was read up by the name check, leaving no rule: the
+    head was silently frozen."""
+    params = jaxlora.init(
+        {"enc": {"kernel": jnp.ones((8, 6))}, "head": {"bias": jnp.zeros(3)}},
+        jax.random.key(0),
+        rank=2,
+    )
+    labels = jaxlora.param_labels(params, trainable=(n for n in ["head"]))
+    assert labels["head"]["bias"] == "full"
+    assert jaxlora.trainable_mask(params, trainable=map(str, ["head"]))["head"]["bias"]
+    tx = jaxlora.freeze_base(optax.sgd(0.1), trainable=iter(["head"]))
+    grads = jax.tree.map(jnp.ones_like, params)
+    u = tx.update(grads, tx.init(params), params)[0]  # labels read twice
+    np.testing.assert_allclose(u["head"]["bias"], -0.1 * np.ones(3), rtol=1e-6)
+
+
+def test_a_bool_leaf_gets_a_zero_update():
+    """-0.0 updates for frozen leaves must not negate a bool (a flag in the tree)."""
+    params = jaxlora.init(
+        {"d": {"kernel": jnp.ones((8, 6))}, "flag": jnp.array(True)},
+        jax.random.key(0),
+        rank=2,
+    )
+    for tx in (
+        jaxlora.freeze_base(optax.adam(1e-2)),
+        jaxlora.lora_plus(optax.adam, 1e-2),
+    ):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        u = tx.update(grads, tx.init(params), params)[0]
+        assert u["flag"].dtype == jnp.bool_ and not bool(u["flag"])
+
+
 def test_trainable_names_must_be_strings():
     params = jaxlora.init(
         {"enc": {"kernel": jnp.ones((8, 6))}, "head": {"bias": jnp.zeros(3)}},
