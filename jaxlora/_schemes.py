@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,11 +68,13 @@ class Scheme:
                     f"jax.nn.initializers.normal(0.02), got {init!r}."
                 )
         if self.a_init is jinit.zeros and self.b_init is jinit.zeros:
-            raise ValueError(
+            # a warning, not an error: the saddle is a claim users test
+            warnings.warn(
                 f"Scheme {self.name!r}: a_init and b_init are both zeros, so a @ b "
                 "starts at a saddle: every gradient of a and b is 0 and the adapter "
                 "never trains. Draw one factor at random (a_init="
-                "jax.nn.initializers.normal(0.02), as scheme='normal')."
+                "jax.nn.initializers.normal(0.02), as scheme='normal') to train.",
+                stacklevel=3,
             )
 
     def zero_start(self) -> str | None:

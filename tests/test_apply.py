@@ -82,7 +82,10 @@ def test_init_b_gives_zero_grad_for_b_only(mixed):
 
 def test_both_zero_is_a_saddle(mixed):
     model, variables, tokens, image = mixed
-    zeros = jaxlora.Scheme(jax.nn.initializers.zeros, jax.nn.initializers.zeros, "zero")
+    with pytest.warns(UserWarning, match="starts at a saddle"):
+        zeros = jaxlora.Scheme(
+            jax.nn.initializers.zeros, jax.nn.initializers.zeros, "zero"
+        )
     for g in lora_grads(model, adapt(variables, zeros), tokens, image).values():
         assert not np.asarray(g.a).any() and not np.asarray(g.b).any()
 
