@@ -73,6 +73,21 @@ def _peft_layers(model):
     return out
 
 
+def _adapt(params, scheme, **kw):
+    """jaxlora's side of a parity test: rank 4, alpha 8 (as the PEFT configs), key 1,
+    layouts inferred from the model."""
+    return jaxlora.init(
+        params,
+        jax.random.key(1),
+        scheme=scheme,
+        rank=4,
+        alpha=8,
+        apply_fn=NET.apply,
+        example_args=(BATCHES[0],),
+        **kw,
+    )
+
+
 def _jax_layers(tree):
     """``{target: (a, b, w, scale, spec)}`` of an adapted tree, PEFT's target names."""
     got = tree["params"]
@@ -131,19 +146,7 @@ def test_weight_aware_factors_and_residuals_match_peft(scheme, params, rslora):
         **PEFT_PATTERNS,
     )
     ref = _peft_layers(peft.get_peft_model(torch_twin(torch, params), config))
-    got = _jax_layers(
-        jaxlora.init(
-            params,
-            jax.random.key(1),
-            scheme=scheme,
-            rank=4,
-            alpha=8,
-            rslora=rslora,
-            apply_fn=NET.apply,
-            example_args=(BATCHES[0],),
-            **JAX_PATTERNS,
-        )
-    )
+    got = _jax_layers(_adapt(params, scheme, rslora=rslora, **JAX_PATTERNS))
     assert sorted(ref) == sorted(TARGETS)
     scales = {name: ref[name][3] for name in TARGETS}
     assert len(set(scales.values())) == 3  # fc1 (alpha 4), head (rank 3), layers
@@ -253,18 +256,7 @@ def lora_ga():
         return jnp.mean(NET.apply(p, x) ** 2)
 
     got = _jax_layers(
-        jaxlora.init(
-            PARAMS,
-            jax.random.key(1),
-            scheme="lora_ga",
-            rank=4,
-            alpha=8,
-            loss_fn=loss_fn,
-            batches=BATCHES,
-            apply_fn=NET.apply,
-            example_args=(BATCHES[0],),
-            **JAX_PATTERNS,
-        )
+        _adapt(PARAMS, "lora_ga", loss_fn=loss_fn, batches=BATCHES, **JAX_PATTERNS)
     )
     paths = ["params/fc1/kernel", "params/layers/layer/kernel", "params/head/kernel"]
     ours = _residual.average_gradients(loss_fn, PARAMS, BATCHES, paths)
@@ -323,17 +315,7 @@ def test_milora_minor_directions_are_peft_mica_ones():
         r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="mica"
     )
     ref = _peft_layers(peft.get_peft_model(torch_twin(torch, PARAMS), config))
-    got = _jax_layers(
-        jaxlora.init(
-            PARAMS,
-            jax.random.key(1),
-            scheme="milora",
-            rank=4,
-            alpha=8,
-            apply_fn=NET.apply,
-            example_args=(BATCHES[0],),
-        )
-    )
+    got = _jax_layers(_adapt(PARAMS, "milora"))
     assert sorted(ref) == sorted(TARGETS)
     for name, (A, B, W, _) in ref.items():
         a, b, *_ = got[name]
