@@ -144,6 +144,7 @@ def _eval(ctx, jaxpr, consts, args, weight_outs=frozenset()):
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
     consumers = None
+    plain = lambda v: v in env and not isinstance(env[v], Sym)  # noqa: E731
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(x, Sym) for x in invals):
@@ -153,7 +154,7 @@ def _eval(ctx, jaxpr, consts, args, weight_outs=frozenset()):
                 weights = {
                     k
                     for k, v in enumerate(eqn.outvars)
-                    if _used_as_weight(v, consumers, env, weight_outs)
+                    if _used_as_weight(v, consumers, plain, weight_outs)
                 }
                 as_weight = weights if eqn.primitive.name != "gather" else bool(weights)
             outs = _eval_sym_eqn(ctx, eqn, invals, as_weight)
@@ -182,25 +183,56 @@ def _consumers(jaxpr) -> dict:
     return uses
 
 
-def _used_as_weight(var, consumers, env, weight_outs) -> bool:
+def _used_as_weight(var, consumers, plain, weight_outs) -> bool:
     """Whether a gathered adapted weight is used only as the weight of contractions
-    whose other operands are plain arrays already computed (``x @ w[:, perm]``):
-    then it stays symbolic and the contraction runs factored. Otherwise (an
-    embedding lookup, whose rows are activations) the lookup rule forms the rows."""
+    whose other operands are plain arrays (``x @ w[:, perm]``), directly or inside
+    the body of a ``jit``, ``scan`` or ``remat`` it is passed to: then it stays
+    symbolic and the contraction runs factored. Otherwise (an embedding lookup,
+    whose rows are activations) the lookup rule forms the rows. ``plain(v)``: the
+    variable is known to hold no adapted weight."""
     uses = consumers.get(var, [])
     for eqn in uses:
         if isinstance(eqn, int):  # an output: as the caller uses it
             if eqn not in weight_outs:
                 return False
-            continue
-        if eqn.primitive.name not in _WEIGHT_USES:
-            return False
-        for v in eqn.invars:
-            if v is var or isinstance(v, Literal):
-                continue
-            if v not in env or isinstance(env[v], Sym):
+        elif eqn.primitive.name in _BODIES:
+            if not _used_as_weight_in_body(eqn, var, plain):
                 return False
+        elif eqn.primitive.name not in _WEIGHT_USES or not all(
+            v is var or isinstance(v, Literal) or plain(v) for v in eqn.invars
+        ):
+            return False
     return bool(uses)
+
+
+_BODIES = ("jit", "pjit", "scan", "checkpoint", "remat2")
+
+
+def _used_as_weight_in_body(eqn, var, plain) -> bool:
+    """`_used_as_weight` for ``var`` passed to ``eqn``'s body (a scan's constant or
+    scanned-over input; not its carry, which is materialized). In the body a
+    variable may hold an adapted weight if it is computed from one by anything but
+    a contraction (whose result is an activation)."""
+    body = eqn.params["jaxpr"]
+    body = getattr(body, "jaxpr", body)
+    at = [k for k, v in enumerate(eqn.invars) if v is var]
+    if eqn.primitive.name == "scan":
+        nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+        if any(nc <= k < nc + nk for k in at):
+            return False
+    held = {
+        bv
+        for v, bv in zip(eqn.invars, body.invars, strict=True)
+        if not isinstance(v, Literal) and (v is var or not plain(v))
+    }
+    for e in body.eqns:
+        if e.primitive.name not in _WEIGHT_USES and any(v in held for v in e.invars):
+            held.update(e.outvars)
+    consumers = _consumers(body)
+    return all(
+        _used_as_weight(body.invars[k], consumers, lambda v: v not in held, frozenset())
+        for k in at
+    )
 
 
 def _bind(eqn, invals):

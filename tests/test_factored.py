@@ -305,6 +305,68 @@ def test_a_kernel_gathered_before_its_matmul_runs_factored(fn):
     assert found and all(9 in lhs + rhs for _, _, lhs, rhs in found), found
 
 
+_PERM = jnp.array([3, 0, 2, 1])
+
+
+def _scanned_over_permuted(p, x):  # the stacked kernel's columns permuted, scanned
+    ws = p["w"][:, :, _PERM]
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+
+def _scanned_remat(p, x):  # ... with each layer's body rematerialized
+    step = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None))
+    return jax.lax.scan(step, x, p["w"][:, :, _PERM])[0]
+
+
+def _jit_of_permuted(p, x):  # a layer's permuted kernel passed to a jitted matmul
+    return jax.jit(lambda w, h: h @ w)(p["w"][1][:, _PERM], x)
+
+
+def _carried_permuted(p, x):  # carried through the loop and changed there
+    step = lambda c, _: ((jnp.tanh(c[0] @ c[1]), c[1] * 0.5), None)  # noqa: E731
+    return jax.lax.scan(step, (x, p["w"][0][:, _PERM]), None, length=2)[0][0]
+
+
+def _carried_unchanged(p, x):  # carried unchanged: JAX makes it a loop constant
+    step = lambda c, _: ((jnp.tanh(c[0] @ c[1]), c[1]), None)  # noqa: E731
+    return jax.lax.scan(step, (x, p["w"][0][:, _PERM]), None, length=2)[0][0]
+
+
+@pytest.mark.parametrize(
+    "fn", [_scanned_over_permuted, _scanned_remat, _jit_of_permuted, _carried_unchanged]
+)
+def test_a_gathered_kernel_passed_into_a_loop_or_jit_runs_factored(fn):
+    """A gathered kernel used as a weight inside the body it is passed to (a scan
+    over layers, a nested ``jit``, a ``remat`` body) is followed there: it used to
+    be formed whole by the lookup rule, the weight gradient with it, while
+    ``explain`` said factored."""
+    lp = adapt({"w": rand((3, 4, 4), seed=3) * 0.5}, {"w": _PER_LAYER})
+    x = rand((9, 4), seed=9)
+    report = check(fn, lp, x)
+    assert {u.primitive for u in report.uses["w"]} == {"dot_general"}, str(report)
+    loss = lambda t: jnp.sum(_factored.call(fn, (t, x), {}) ** 2)  # noqa: E731
+    found = _contractions(jax.make_jaxpr(jax.grad(loss))(lp).jaxpr)
+    assert found and all(9 in lhs + rhs for _, _, lhs, rhs in found), found
+
+
+def _scanned_and_summed(p, x):  # in the body also an activation (its sum)
+    step = lambda h, w: (jnp.tanh(h @ w) + jnp.sum(w), None)  # noqa: E731
+    return jax.lax.scan(step, x, p["w"][:, :, _PERM])[0]
+
+
+@pytest.mark.parametrize("fn", [_scanned_and_summed, _carried_permuted])
+def test_a_gathered_kernel_used_otherwise_in_a_body_is_looked_up(fn):
+    """Where the body uses the gathered kernel as more than a contraction's
+    weight, the lookup rule forms it (or the loop's carry materializes it): the
+    values and factor gradients still agree with the merged model."""
+    lp = adapt({"w": rand((3, 4, 4), seed=3) * 0.5}, {"w": _PER_LAYER})
+    x = rand((9, 4), seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = check(fn, lp, x)
+    assert "gather" in {u.primitive for u in report.uses["w"]}, str(report)
+
+
 class EmbedProject(nn.Module):  # an embedding projected (ALBERT's factorization)
     @nn.compact
     def __call__(self, ids):
