@@ -678,9 +678,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.steps -= args.steps % args.eval_every
     args.width_schemes = tuple(args.width_schemes.split(","))
     args.schemes = tuple(args.schemes.split(",")) if args.schemes else default_schemes()
-    unknown = [s for s in args.schemes if s not in jaxlora.SCHEMES]
-    if unknown:
-        p.error(f"unknown schemes {unknown}; available: {', '.join(jaxlora.SCHEMES)}")
+    for name in args.schemes:
+        try:
+            finetune.scheme_name(name)
+        except argparse.ArgumentTypeError as e:
+            p.error(str(e))
     return args
 
 

@@ -26,8 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -271,6 +273,17 @@ def make_optimizer(
 
 #: Schemes that read the inputs each target meets (``apply_fn=``, ``batches=``).
 INPUT_SCHEMES = ("eva", "corda", "corda_ipm", "corda_kpm")
+
+
+def scheme_name(text: str) -> str:
+    """An argparse ``type=`` for a scheme name: one of ``jaxlora.SCHEMES`` or a
+    fast PiSSA with its power iterations, PEFT's ``pissa_niter_K``."""
+    if text in jaxlora.SCHEMES or re.fullmatch(r"pissa_niter_\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown scheme {text!r}; available: {', '.join(jaxlora.SCHEMES)}, "
+        "pissa_niter_K"
+    )
 
 
 def adapt(

@@ -198,7 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m examples.hamlet", description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
-        "--scheme", default="normal", choices=jaxlora.SCHEMES, metavar="NAME"
+        "--scheme", default="normal", type=finetune.scheme_name, metavar="NAME"
     )
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)

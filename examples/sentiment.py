@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--scheme",
         default=d.scheme,
-        choices=jaxlora.SCHEMES,
+        type=finetune.scheme_name,
         metavar="NAME",
-        help="LoRA init scheme, one of jaxlora.SCHEMES (%(default)s)",
+        help="LoRA init scheme, one of jaxlora.SCHEMES or pissa_niter_K (%(default)s)",
     )
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (%(default)s)")
     p.add_argument(

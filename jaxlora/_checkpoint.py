@@ -485,7 +485,8 @@ def _check(entries, leaves) -> list[str]:
                 "residual base (the original weight minus its initial low-rank part), "
                 "and this base weight is not that residual. Load it onto the residual "
                 "tree: re-create it with jaxlora.init(...) using the same scheme, "
-                "rank, targets and key on the original model"
+                "rank, targets and key on the original model (LoRA-GA and CorDA: "
+                "and the same batches)"
             )
         elif not e["residual"] and is_lora(leaf) and leaf.spec.residual:
             problems.append(

@@ -176,7 +176,8 @@ _NAMED: dict[str, Scheme] = {
 }
 _ALIASES = {"kaiming_normal": "he", "reversed": "init_b", "corda_ipm": "corda"}
 
-#: The names accepted by ``jaxlora.init(..., scheme=NAME)``, aliases included.
+#: The names accepted by ``jaxlora.init(..., scheme=NAME)``, aliases included; also
+#: accepted: ``pissa_niter_K`` and ``lora_ga_niter_K`` (K power iterations).
 SCHEMES: tuple[str, ...] = (
     tuple(sorted(_NAMED))
     + ("pissa", "olora", "milora", "lora_ga", "eva", "corda", "corda_kpm")
@@ -194,7 +195,9 @@ _WEIGHT_AWARE = ("pissa", "milora", "olora", "lora_ga", "eva", "corda", "corda_k
 def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
     """Returns the `Scheme` (or weight-aware scheme) for a name, alias or instance.
 
-    ``"pissa_niter_K"`` (PEFT's spelling) is ``"pissa"`` with ``niter=K``.
+    ``"pissa_niter_K"`` (PEFT's spelling) is ``"pissa"`` with ``niter=K``, and
+    ``"lora_ga_niter_K"`` is ``"lora_ga"`` with ``niter=K`` (the label stored for
+    LoRA-GA run with other than its default 4 power iterations).
 
     Raises:
         ValueError: for an unknown name (the message lists the available ones).
@@ -204,13 +207,13 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
         return scheme
     if isinstance(scheme, str):
         name = _ALIASES.get(scheme, scheme)
-        if (m := re.fullmatch(r"pissa_niter_(\d+)", name)) is not None:
-            if niter is not None and niter != int(m.group(1)):
+        if (m := re.fullmatch(r"(pissa|lora_ga)_niter_(\d+)", name)) is not None:
+            if niter is not None and niter != int(m.group(2)):
                 raise ValueError(
-                    f"scheme {scheme!r} already sets niter={int(m.group(1))}, but "
+                    f"scheme {scheme!r} already sets niter={int(m.group(2))}, but "
                     f"niter={niter!r} was passed. Pass one of them."
                 )
-            name, niter = "pissa", int(m.group(1))
+            name, niter = m.group(1), int(m.group(2))
         if name in _WEIGHT_AWARE:
             if niter is not None and name not in ("pissa", "lora_ga"):
                 raise ValueError(
@@ -224,10 +227,10 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
             ):
                 raise ValueError(f"niter must be an integer >= 0, got {niter!r}.")
             niter = None if niter is None else int(niter)
-            fast = (
-                name == "pissa" and niter is not None
-            )  # niter=0: a sketch, no iteration
-            label = f"pissa_niter_{niter}" if fast else name
+            # the label stored with the adapter says how its residual was made:
+            # fast PiSSA (niter=0: a sketch, no iteration), LoRA-GA other than its 4
+            fast = niter is not None and (name == "pissa" or niter != 4)
+            label = f"{name}_niter_{niter}" if fast else name
             return WeightAware(label, name, niter)
         if niter is not None:
             raise ValueError(
@@ -236,8 +239,10 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
         if name in _NAMED:
             return _NAMED[name]
         raise ValueError(
-            f"Unknown LoRA scheme {scheme!r}. Available schemes: {', '.join(SCHEMES)}; "
-            "or pass jaxlora.Scheme(a_init=..., b_init=...) for a custom one."
+            f"Unknown LoRA scheme {scheme!r}. Available schemes: {', '.join(SCHEMES)}"
+            ", pissa_niter_K and lora_ga_niter_K (K power iterations, e.g. "
+            "'pissa_niter_4'); or pass jaxlora.Scheme(a_init=..., b_init=...) for a "
+            "custom one."
         )
     raise TypeError(
         f"scheme must be a name or a jaxlora.Scheme, got {type(scheme).__name__}: "

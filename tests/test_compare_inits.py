@@ -111,6 +111,16 @@ def test_lora_training_reduces_the_loss_well_below_its_start():
     assert r.final_loss[0, 0] < 0.1
 
 
+def test_scheme_names_with_power_iterations_are_accepted(capsys):
+    """``pissa_niter_K`` (the README's fast PiSSA) is a scheme the examples take;
+    an unknown name is refused with the names that exist."""
+    args = ci.parse_args(["--schemes", "he,pissa_niter_4"])
+    assert args.schemes == ("he", "pissa_niter_4")
+    with pytest.raises(SystemExit):
+        ci.parse_args(["--schemes", "he,pissa_niter"])
+    assert "unknown scheme 'pissa_niter'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ end to end
 
 

@@ -220,6 +220,26 @@ def test_lora_ga_through_init_preserves_output_and_uses_the_gradient():
     np.testing.assert_allclose(np.linalg.norm(u[:, :4].T @ q, axis=0), 1.0, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "niter,label", [(None, "lora_ga"), (4, "lora_ga"), (1, "lora_ga_niter_1")]
+)
+def test_lora_ga_records_a_non_default_niter(niter, label):
+    """The stored scheme says how the residual was made: LoRA-GA with other than
+    its default 4 power iterations is ``lora_ga_niter_K``, a name ``init`` takes
+    back (the same factors)."""
+    model = nn.Dense(6)
+    x = jax.random.normal(jax.random.key(0), (16, 8))
+    variables = model.init(jax.random.key(2), x)
+    loss_fn = lambda p, b: jnp.mean(model.apply(p, b) ** 2)  # noqa: E731
+    kw = dict(rank=2, loss_fn=loss_fn, batches=[x])
+    got = jaxlora.init(
+        variables, jax.random.key(3), scheme="lora_ga", niter=niter, **kw
+    )
+    assert got["params"]["kernel"].spec.scheme == label
+    again = jaxlora.init(variables, jax.random.key(3), scheme=label, **kw)
+    chex.assert_trees_all_equal(got, again)
+
+
 def test_data_aware_and_option_errors():
     tree = {"kernel": jnp.ones((8, 8))}
     with pytest.raises(
