@@ -4,6 +4,7 @@ from jaxlora._apply import explain
 from jaxlora._apply import lora_apply
 from jaxlora._checkpoint import load
 from jaxlora._checkpoint import save
+from jaxlora._eva_init import EvaConfig
 from jaxlora._init import init
 from jaxlora._linalg import svd_lowrank
 from jaxlora._merge import Adapters
@@ -35,6 +36,7 @@ __all__ = [
     "SCHEMES",
     "Adapters",
     "Conv",
+    "EvaConfig",
     "Layout",
     "LoraSpec",
     "LoraWeight",

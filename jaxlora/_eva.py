@@ -131,7 +131,7 @@ def _merge(state: EvaPCAState, x: jax.Array, mask: jax.Array) -> EvaPCAState:
     x = x.astype(jnp.float32)
     w = mask.astype(jnp.float32)
     n_b = w.sum()
-    mean_b = (w @ x) / jnp.maximum(n_b, 1.0)
+    mean_b = jnp.matmul(w, x, precision=_HIGHEST) / jnp.maximum(n_b, 1.0)
     centred = (x - mean_b[None, :]) * w[:, None]
     m2_b = jnp.matmul(centred.T, centred, precision=_HIGHEST)
     n = state.count + n_b
@@ -174,6 +174,22 @@ def eva_components(state: EvaPCAState) -> tuple[jax.Array, jax.Array]:
     top = top * jnp.where(pivot < 0, -1.0, 1.0)
     total = jnp.maximum(eigval.sum(), jnp.finfo(eigval.dtype).tiny)
     return top, eigval[::-1][: state.k] / total
+
+
+@jax.jit
+def eva_singular_values(state: EvaPCAState) -> jax.Array:
+    """The top-``k`` singular values of the centred inputs seen, ``√λᵢ(M₂)``
+    (descending; what PEFT's ``whiten=True`` divides by the square root of).
+
+    Example:
+        >>> import jax
+        >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+        >>> s = eva_singular_values(eva_pca_update(eva_pca_init(8, 3), x))
+        >>> s.shape, bool((s[:-1] >= s[1:]).all())
+        ((3,), True)
+    """
+    eigval = jnp.maximum(jnp.linalg.eigvalsh(state.m2), 0.0)
+    return jnp.sqrt(eigval[::-1][: state.k])
 
 
 def eva_converged(

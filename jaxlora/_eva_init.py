@@ -12,7 +12,10 @@ had at rank ``r``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +28,63 @@ from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaConfig:
+    """EVA's options, as PEFT's ``EvaConfig`` names them (``init(..., eva_config=)``).
+
+    Attributes:
+        rho: each target keeps ``k = ⌈ρ·r⌉`` components, the most rank it can be
+            given (``ρ >= 1``; 1: every target keeps rank ``r``, only the
+            components are data-driven).
+        tau: a target is done when successive estimates of its top components
+            agree, ``|cos| >= τ`` (``0 < τ <= 1``).
+        whiten: divide each component by the square root of its singular value
+            (of the centred inputs seen), as PEFT's ``whiten=True`` does.
+        adjust_scaling_factors: ``alpha_l = alpha·r_l/r`` (``alpha·√(r_l/r)`` with
+            rsLoRA) so every target keeps the scale it had at rank ``r`` (PEFT's
+            default); False keeps ``alpha``, so the scale follows ``r_l``.
+
+    Raises:
+        ValueError: for ``rho < 1``, ``tau`` outside ``(0, 1]`` (or not a finite
+            number) or non-bool flags.
+
+    Example:
+        >>> import jaxlora
+        >>> jaxlora.EvaConfig(rho=1.5, whiten=True)
+        EvaConfig(rho=1.5, tau=0.99, whiten=True, adjust_scaling_factors=True)
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self):
+        def real(x):
+            return (
+                isinstance(x, numbers.Real)
+                and not isinstance(x, bool)
+                and math.isfinite(x)
+            )
+
+        if not real(self.rho) or self.rho < 1:
+            raise ValueError(
+                f"EvaConfig: rho must be a finite number >= 1 (k = ceil(rho * r) "
+                f"components per target; PEFT's default is 2), got {self.rho!r}."
+            )
+        if not real(self.tau) or not 0 < self.tau <= 1:
+            raise ValueError(
+                f"EvaConfig: tau is a threshold on |cos| of successive components, "
+                f"in (0, 1] (the paper's 0.99), got {self.tau!r}."
+            )
+        for name in ("whiten", "adjust_scaling_factors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"EvaConfig: {name} must be True or False, got "
+                    f"{getattr(self, name)!r}."
+                )
+
+
 def eva_nodes(
     plan: list,
     leaves: dict[str, Any],
@@ -32,8 +92,7 @@ def eva_nodes(
     *,
     rslora: bool,
     dtype,
-    rho: float = 2.0,
-    tau: float = 0.99,
+    config: EvaConfig = EvaConfig(),
 ) -> dict[str, LoraWeight]:
     """EVA's adapters for the targets in ``plan`` (targets given rank 0 are left out).
 
@@ -44,8 +103,7 @@ def eva_nodes(
             read until every target has converged.
         rslora: the scale rule (decides how alpha follows the rank).
         dtype: the factor dtype.
-        rho: components kept per target: ``k = ⌈ρ·r⌉``.
-        tau: the convergence threshold on ``|cos|`` of successive components.
+        config: ``ρ``, ``τ``, whitening and the alpha rule (`EvaConfig`).
 
     Raises:
         ValueError: for no batches, or targets whose inputs cannot be captured (used
@@ -56,7 +114,9 @@ def eva_nodes(
             met: each layer is a unit of the PCA and of the rank budget.
     """
     ks = {
-        t.path: min(_eva.eva_num_components(t.rank, rho), min(t.layout.fans(t.shape)))
+        t.path: min(
+            _eva.eva_num_components(t.rank, config.rho), min(t.layout.fans(t.shape))
+        )
         for t in plan
     }
     # one PCA per unit: a weight, or one layer of a stacked weight (``(path, l)``)
@@ -68,7 +128,7 @@ def eva_nodes(
     }
     update = jax.jit(_eva.eva_pca_update)
     components = jax.jit(_eva.eva_components)
-    previous, done, seen = {}, set(), 0
+    previous, agreed, done, seen = {}, {}, set(), 0
     for rows in captured:
         seen += 1
         # in the plan's order, the same in every process (each update runs the
@@ -79,10 +139,10 @@ def eva_nodes(
                 continue  # masked out: no new rows, no news on convergence
             states[unit] = update(states[unit], rows[unit], keep)
             comps, _ = components(states[unit])
-            if unit in previous and bool(
-                _eva.eva_converged(previous[unit], comps, tau).all()
-            ):
-                done.add(unit)
+            if unit in previous:
+                agreed[unit] = _eva.eva_converged(previous[unit], comps, config.tau)
+                if bool(agreed[unit].all()):
+                    done.add(unit)
             previous[unit] = comps
         if len(done) == len(states):
             break
@@ -103,6 +163,10 @@ def eva_nodes(
     ranks = _eva.eva_rank_allocation(
         {u: r for u, (_, r) in found.items()}, budget, max(ks.values())
     )
+    _warn_unconverged(ranks, agreed, seen, config.tau)
+    comps = {u: c for u, (c, _) in found.items()}
+    if config.whiten:
+        comps = {u: _whitened(u, comps[u], states[u], ranks[u]) for u in comps}
     nodes = {}
     for t in plan:
         r = max(ranks[u] for u in units[t.path])
@@ -110,14 +174,14 @@ def eva_nodes(
             continue
         _, fan_out = t.layout.fans(t.shape)
         parts = [
-            _eva.eva_factors(found[u][0], ranks[u], fan_out, dtype)
-            for u in units[t.path]
+            _eva.eva_factors(comps[u], ranks[u], fan_out, dtype) for u in units[t.path]
         ]
         # a layer given less than the stack's rank r gets zero columns of a (and
         # zero rows of b): they stay zero in training, so it keeps its own rank
         a = jnp.stack([jnp.pad(a, ((0, 0), (0, r - a.shape[1]))) for a, _ in parts])
         a_shape, b_shape = t.layout.factor_shapes(t.shape, r)
         ratio = math.sqrt(r / t.rank) if rslora else r / t.rank
+        ratio = ratio if config.adjust_scaling_factors else 1.0
         spec = LoraSpec(
             t.layout, r, t.alpha * ratio, rslora, "eva", False, t.embedding, t.conv
         )
@@ -125,3 +189,49 @@ def eva_nodes(
             leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape, dtype), spec
         )
     return nodes
+
+
+def _unit_name(u) -> str:
+    return repr(u) if isinstance(u, str) else f"{u[0]!r} (layer {u[1]})"
+
+
+def _warn_unconverged(ranks: dict, agreed: dict, seen: int, tau: float) -> None:
+    """Warns of the units given rank whose top components (as many as their rank)
+    had not settled when the batches ran out (PEFT raises there): their factors
+    are the exact PCA of the rows seen, but EVA's stopping rule did not hold."""
+    late = [
+        u
+        for u, r in ranks.items()
+        if r and (u not in agreed or not bool(agreed[u][:r].all()))
+    ]
+    if not late:
+        return
+    names = [_unit_name(u) for u in late]
+    shown = ", ".join(names[:8]) + (f" (and {len(names) - 8} more)" * (len(names) > 8))
+    why = (
+        "one batch cannot show that (EVA compares successive batches' estimates)"
+        if seen == 1
+        else f"successive estimates still differed (|cos| < tau={tau}) after "
+        f"{seen} batches"
+    )
+    warnings.warn(
+        f"jaxlora: EVA's components of {shown} had not converged: {why}. Their "
+        "factors are the exact PCA of the rows seen; pass more batches (or lower "
+        "eva_config=jaxlora.EvaConfig(tau=...)) for EVA's stopping rule to hold.",
+        stacklevel=4,
+    )
+
+
+def _whitened(unit, components, state, rank: int):
+    """PEFT's ``whiten=True``: component i divided by √σᵢ, σᵢ the i-th singular
+    value of the centred inputs seen (``√λᵢ(M₂)``)."""
+    sigma = _eva.eva_singular_values(state)
+    if rank and not bool((sigma[:rank] > 0).all()):
+        raise ValueError(
+            f"EvaConfig(whiten=True) divides each component by the square root of "
+            f"its singular value, and the inputs of {_unit_name(unit)} span fewer "
+            f"than the {rank} directions it was given (a singular value is 0). "
+            "Lower the rank, pass more varied batches, or set whiten=False."
+        )
+    scale = jnp.where(sigma > 0, jax.lax.rsqrt(jnp.maximum(sigma, 1e-30)), 0.0)
+    return components * scale[:, None]

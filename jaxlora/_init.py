@@ -261,6 +261,7 @@ def init(
     batches: Iterable | None = None,
     input_mask: Callable | None = None,
     grad_memory: int | None = None,
+    eva_config: _eva_init.EvaConfig | None = None,
 ) -> PyTree:
     """Adds LoRA factors to the targeted weights of ``params``.
 
@@ -321,6 +322,8 @@ def init(
             bytes of targets at once (None: 1 GiB): targets are processed in
             groups, one pass over ``batches`` per group, so a large model never
             holds every layer's full gradient at the same time.
+        eva_config: EVA's options (`jaxlora.EvaConfig`: ``rho``, ``tau``,
+            ``whiten``, ``adjust_scaling_factors``); None: PEFT's defaults.
 
     Returns:
         A new tree in which every target is a `LoraWeight`.
@@ -331,9 +334,9 @@ def init(
             the patterns); targets or a pattern matching nothing; a non-floating or
             1-D target; odd rank with ``orthogonal``; an already adapted tree; a
             non-floating ``dtype``; an option the scheme does not use (``niter``,
-            ``loss_fn``, ``batches``, ``grad_memory``, ``compensate`` where ``a @ b``
-            starts at 0, ``embedding="peft"`` with no table targeted), or
-            ``apply_fn`` without example inputs (or
+            ``loss_fn``, ``batches``, ``grad_memory``, ``eva_config``,
+            ``compensate`` where ``a @ b`` starts at 0, ``embedding="peft"`` with
+            no table targeted), or ``apply_fn`` without example inputs (or
             the reverse); ``input_mask`` with another scheme, or a mask whose shape
             is not that of a target's positions; EVA or CorDA inside ``jax.jit``
             or ``jax.vmap`` (traced params or batches: they decide on the values
@@ -428,6 +431,16 @@ def init(
             f"{grad_memory!r}."
         )
     kind = getattr(scheme, "kind", None)
+    if eva_config is not None and kind != "eva":
+        raise ValueError(
+            f"eva_config is only used by scheme 'eva', not {scheme.name!r}; remove it."
+        )
+    if eva_config is not None and not isinstance(eva_config, _eva_init.EvaConfig):
+        raise TypeError(
+            "eva_config must be a jaxlora.EvaConfig (e.g. "
+            f"jaxlora.EvaConfig(rho=1.5)), got {type(eva_config).__name__}: "
+            f"{eva_config!r}."
+        )
     if kind in _CAPTURING:
         _capture.check_concrete(params, scheme.name)
     if kind in _CAPTURING and not example_args:
@@ -481,7 +494,14 @@ def init(
             input_mask=input_mask,
         )
     if kind == "eva":
-        nodes = _eva_init.eva_nodes(plan, leaves, captured, rslora=rslora, dtype=dtype)
+        nodes = _eva_init.eva_nodes(
+            plan,
+            leaves,
+            captured,
+            rslora=rslora,
+            dtype=dtype,
+            config=eva_config or _eva_init.EvaConfig(),
+        )
         return _attach(params, nodes)
     covs = {}
     if kind in ("corda", "corda_kpm"):

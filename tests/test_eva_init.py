@@ -1,5 +1,7 @@
 """EVA through `jaxlora.init`: inputs captured by the engine, ranks by variance."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,6 +126,75 @@ def test_eva_errors():
             apply_fn=conv.apply,
             batches=[x],
         )
+
+
+def eva(batches, target=None, **kw):
+    """EVA at rank 2 on ``two_inputs`` (``target``: one of its weights)."""
+    kw = dict(rank=2, apply_fn=two_inputs, batches=batches, **kw)
+    if target is not None:
+        kw["targets"] = [target]
+    return jaxlora.init(PARAMS, jax.random.key(0), scheme="eva", **kw)
+
+
+def test_eva_config_rho_1_keeps_every_rank_and_alpha_can_stay():
+    """``rho=1`` keeps ``r`` components per target, so the budget cannot move;
+    ``adjust_scaling_factors=False`` keeps alpha (the scale follows ``r_l``)."""
+    cfg = jaxlora.EvaConfig(rho=1.0)
+    with pytest.warns(UserWarning, match="had not converged"):  # A is isotropic
+        ads = jaxlora.adapters(eva(make_batches(3), eva_config=cfg))
+    assert {p: n.rank for p, n in ads.items()} == {"A/kernel": 2, "B/kernel": 2}
+    cfg = jaxlora.EvaConfig(adjust_scaling_factors=False)
+    with pytest.warns(UserWarning, match="had not converged"):
+        node = eva(make_batches(3), alpha=4, eva_config=cfg)["B"]["kernel"]
+    assert node.rank == 4 and node.spec.alpha == 4.0 and node.scale == 1.0
+
+
+def test_eva_config_whiten_divides_by_the_root_of_the_singular_values():
+    """PEFT's ``whiten=True``: component i / √σᵢ, σ the singular values of the
+    centred inputs (here one batch of them); directions as without it."""
+    batch = make_batches(1, DECAYING)[0]
+    with pytest.warns(UserWarning, match="one batch cannot show"):
+        plain = eva([batch], "B")["B"]["kernel"].a
+        white = eva([batch], "B", eva_config=jaxlora.EvaConfig(whiten=True))
+    x = np.asarray(batch[1], np.float64)
+    sigma = np.linalg.svd(x - x.mean(0), compute_uv=False)[:2]
+    np.testing.assert_allclose(
+        np.asarray(white["B"]["kernel"].a),
+        np.asarray(plain) / np.sqrt(sigma),
+        rtol=1e-4,
+    )
+
+
+def test_eva_warns_only_where_the_components_had_not_settled():
+    """EVA stops feeding a target once successive estimates agree; a target
+    given rank whose components had not (one batch; PEFT raises) is named in a
+    warning. Well separated variances settle: no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eva(make_batches(8, DECAYING), "B")
+    with pytest.warns(UserWarning, match=r"'B/kernel' had not converged: one batch"):
+        eva(make_batches(1, DECAYING), "B")
+
+
+@pytest.mark.parametrize(
+    "kw,error",
+    [
+        (dict(rho=0.5), r"rho must be a finite number >= 1.*got 0.5"),
+        (dict(tau=0.0), r"tau is a threshold .* in \(0, 1\].*got 0.0"),
+        (dict(tau=float("nan")), r"tau is a threshold"),
+        (dict(whiten="yes"), r"whiten must be True or False, got 'yes'"),
+    ],
+)
+def test_eva_config_errors(kw, error):
+    with pytest.raises(ValueError, match=error):
+        jaxlora.EvaConfig(**kw)
+
+
+def test_eva_config_only_with_eva():
+    with pytest.raises(ValueError, match=r"eva_config is only used by scheme 'eva'"):
+        jaxlora.init(PARAMS, jax.random.key(0), eva_config=jaxlora.EvaConfig())
+    with pytest.raises(TypeError, match=r"eva_config must be a jaxlora.EvaConfig"):
+        eva(make_batches(2), eva_config={"rho": 1.0})
 
 
 @pytest.mark.parametrize(
