@@ -25,6 +25,7 @@ from jaxlora import _factored
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._paths import path_str
+from jaxlora._targets import shown
 
 PyTree = Any
 Unit = str | tuple[str, int]  # a weight's path, or (path, layer) of a stacked weight
@@ -93,7 +94,8 @@ def _layers(t, tags) -> list | str:
     unused = [i for i, rows in enumerate(found) if not len(rows)]
     if unused:
         return (
-            f"layers {unused[:8]} of its {n} meet no input (a loop over part of them?)"
+            f"layers {shown([str(i) for i in unused])} of its {n} meet no input "
+            "(a loop over part of them?)"
         )
     return found
 

@@ -42,6 +42,8 @@ from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 from jaxlora._targets import default_conv
 from jaxlora._targets import default_layout
+from jaxlora._targets import examples
+from jaxlora._targets import shown
 
 PyTree = Any
 
@@ -139,7 +141,7 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     baseless = [p for p, x in nodes if not hasattr(x.w, "shape")]
     if baseless:
         raise ValueError(
-            f"{baseless[:8]} hold adapters without a base weight (w={None!r}, as "
+            f"{examples(baseless)} hold adapters without a base weight (w={None!r}, as "
             "returned by jaxlora.adapters); a checkpoint records the base shapes and "
             "dtypes. Save the adapted tree, e.g. jaxlora.combine(base, adapters)."
         )
@@ -151,8 +153,8 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     if os.path.lexists(path) and (foreign := _foreign_entries(path)) is not None:
         raise ValueError(
             f"Cannot overwrite {path!r}: it is not a jaxlora checkpoint (it holds "
-            f"{foreign}), and overwrite=True only replaces a directory written by "
-            "jaxlora.save. Choose another path, or move its contents away first."
+            f"{shown(foreign)}), and overwrite=True only replaces a directory written "
+            "by jaxlora.save. Choose another path, or move its contents away first."
         )
     local = [
         p
@@ -162,10 +164,10 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     ]
     if local:
         raise ValueError(
-            f"{local[:8]}: with {jax.process_count()} JAX processes, jaxlora.save "
-            "writes each factor as one array spread over them (orbax), and these "
-            "factors are held by each process on its own devices. Put them on a "
-            "mesh of every process's devices first (jax.device_put(x, "
+            f"{examples(local)}: with {jax.process_count()} JAX processes, "
+            "jaxlora.save writes each factor as one array spread over them (orbax), "
+            "and these factors are held by each process on its own devices. Put them "
+            "on a mesh of every process's devices first (jax.device_put(x, "
             "NamedSharding(mesh, PartitionSpec())), or init on weights laid out "
             "so), or write a PEFT adapter with jaxlora.save_peft."
         )
@@ -275,7 +277,7 @@ def _foreign_entries(path: str) -> list[str] | None:
     if os.path.islink(path) or not os.path.isdir(path):
         return ["a file" if os.path.isfile(path) else "not a directory"]
     held = set(os.listdir(path))
-    foreign = sorted(held - {METADATA, ARRAYS})
+    foreign = [repr(name) for name in sorted(held - {METADATA, ARRAYS})]
     if not foreign and held:  # save writes both at once: the metadata must be ours
         try:
             with open(os.path.join(path, METADATA), encoding="utf-8") as f:
@@ -284,7 +286,7 @@ def _foreign_entries(path: str) -> list[str] | None:
             is_ours = False
         if not is_ours:
             foreign = [f"{sorted(held)} without a {METADATA} written by jaxlora.save"]
-    return foreign[:8] or None
+    return foreign or None
 
 
 def _replace(src: str, dst: str) -> None:
@@ -538,8 +540,9 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     extra = sorted(p for p, x in leaves.items() if is_lora(x) and p not in wanted)
     if extra:
         problems.append(
-            f"params already holds adapters the checkpoint lacks: {extra[:8]}; pass "
-            "jaxlora.base(params) to load onto the base weights only"
+            "params already holds adapters the checkpoint lacks: "
+            f"{examples(extra)}; pass jaxlora.base(params) to load onto the base "
+            "weights only"
         )
     if problems:
         raise ValueError(

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import _capture
+from jaxlora._targets import shown
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -74,7 +75,7 @@ def covariances(
         if bad:
             raise ValueError(
                 f"scheme {scheme!r}: in batch {seen} the inputs of "
-                + ", ".join(map(_name, bad[:8]))
+                + shown([_name(u) for u in bad])
                 + " are not finite once divided by their largest value, as CorDA "
                 "scales each sample, or their covariance overflows float32 (the "
                 "largest value is 0 or tiny next to the others, the inputs hold "

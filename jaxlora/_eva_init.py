@@ -26,6 +26,7 @@ from jaxlora import _capture
 from jaxlora import _eva
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
+from jaxlora._targets import shown as shown_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,7 @@ def eva_nodes(
         ]
         raise ValueError(
             "scheme 'eva': input_mask left out every input row of "
-            + ", ".join(shown[:8])
+            + shown_items(shown)
             + " in every batch. Check the mask (nonzero: the position counts)."
         )
     found = {u: components(s) for u, s in states.items()}
@@ -207,7 +208,7 @@ def _warn_unconverged(ranks: dict, agreed: dict, seen: int, tau: float) -> None:
     if not late:
         return
     names = [_unit_name(u) for u in late]
-    shown = ", ".join(names[:8]) + (f" (and {len(names) - 8} more)" * (len(names) > 8))
+    shown = shown_items(names)
     why = (
         "one batch cannot show that (EVA compares successive batches' estimates)"
         if seen == 1

@@ -54,6 +54,7 @@ from jaxlora._paths import path_str
 from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
 from jaxlora._symbolic import Unsupported
+from jaxlora._targets import shown
 
 PyTree = Any
 
@@ -891,7 +892,7 @@ def _write_back(ctx, tree, new: dict, keys: list, before: dict) -> None:
     if problems:
         raise ValueError(
             "jaxlora.lora_apply: the function replaced argument values in place that "
-            f"cannot be stored back: {', '.join(problems[:8])}. Only NNX Variables "
+            f"cannot be stored back: {shown(problems)}. Only NNX Variables "
             "other than the adapted weights can be updated in place; return other "
             "new values from the function instead."
         )

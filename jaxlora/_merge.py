@@ -11,6 +11,7 @@ from jaxlora._boxes import factored_boxes
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import examples
 from jaxlora._targets import is_floating
 
 PyTree = Any
@@ -23,9 +24,9 @@ def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
     baseless = [path_str(p) for p, x in flat if is_lora(x) and x.w is None]
     if baseless:
         raise ValueError(
-            f"{caller}: {baseless[:8]} hold adapters without a base weight (w=None, "
-            "as jaxlora.adapters returns them). Put them on the base weights first: "
-            "jaxlora.combine(base_params, adapters)."
+            f"{caller}: {examples(baseless)} hold adapters without a base weight "
+            "(w=None, as jaxlora.adapters returns them). Put them on the base weights "
+            "first: jaxlora.combine(base_params, adapters)."
         )
     out = jax.tree.map(lambda x: fn(x) if is_lora(x) else x, params, is_leaf=is_lora)
     return factored_boxes(out)
@@ -67,7 +68,7 @@ def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
         ]
         if residual:
             raise ValueError(
-                f"{residual[:8]} hold a residual base (scheme "
+                f"{examples(residual)} hold a residual base (scheme "
                 f"{_first_scheme(params)!r}), not the original weights. Use "
                 "jaxlora.merge(params) for the fine-tuned model, "
                 "jaxlora.to_plain_lora(params, original_params) for a portable "
@@ -139,8 +140,8 @@ def combine(
     if residual and not allow_residual:
         scheme = adapter_tree[residual[0]].spec.scheme
         problems.append(
-            f"{residual[:8]} were trained on a residual base (scheme {scheme!r}), "
-            "not on the original weights: combine them with "
+            f"{examples(residual)} were trained on a residual base (scheme "
+            f"{scheme!r}), not on the original weights: combine them with "
             "jaxlora.base(params, allow_residual=True) and pass allow_residual=True, "
             "or convert them with jaxlora.to_plain_lora(params, original_params)"
         )
@@ -178,7 +179,7 @@ def combine(
     out = jax.tree_util.tree_map_with_path(attach, base_params, is_leaf=is_lora)
     missing = sorted(set(adapter_tree) - found)
     if missing:
-        problems.append(f"adapter paths not in the base tree: {missing[:8]}")
+        problems.append(f"adapter paths not in the base tree: {examples(missing)}")
     if problems:
         raise ValueError(
             "Cannot combine these adapters with this base tree:\n  - "

@@ -76,11 +76,11 @@ def _full_paths(params: PyTree, trainable: Trainable) -> set[str]:
         lora_hits = [p for p in adapted if by_path and match(p, None)]
         if hits:
             if lora_hits:
-                partial.append(f"{what} also selects {lora_hits[:8]}")
+                partial.append(f"{what} also selects {examples(lora_hits)}")
             continue
         if lora_hits:
             problems.append(
-                f"{what} selects only adapted weights {lora_hits[:8]}, which are "
+                f"{what} selects only adapted weights {examples(lora_hits)}, which are "
                 "trained through their LoRA factors, never in full"
             )
         else:

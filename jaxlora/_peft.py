@@ -47,6 +47,8 @@ from jaxlora._node import is_lora
 from jaxlora._node import placed_like_weight
 from jaxlora._paths import path_str
 from jaxlora._peft_config import CONFIG
+from jaxlora._targets import examples
+from jaxlora._targets import shown
 
 PyTree = Any
 Names = Callable[[str, tuple], str] | Mapping[str, Any]
@@ -234,7 +236,7 @@ def save_peft(
     residual = [f"{p!r} ({x.spec.scheme})" for p, x in nodes if x.spec.residual]
     if residual:
         raise ValueError(
-            f"{', '.join(residual[:8])}: residual adapters apply to a modified base "
+            f"{shown(residual)}: residual adapters apply to a modified base "
             "weight, and a PEFT adapter applies to the original model's weights. "
             "Convert first: jaxlora.to_plain_lora(params, original_params)."
         )
@@ -305,7 +307,7 @@ def _check_target(path: str, overwrite: bool) -> None:
     foreign = sorted(set(os.listdir(path)) - {CONFIG, WEIGHTS, "README.md"})
     if foreign:
         raise ValueError(
-            f"Cannot overwrite {path!r}: it holds {foreign[:8]}, which a PEFT "
+            f"Cannot overwrite {path!r}: it holds {examples(foreign)}, which a PEFT "
             "adapter does not. Choose another path, or move its contents away first."
         )
 

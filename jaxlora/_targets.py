@@ -82,9 +82,14 @@ def pattern_matches(pattern: str, path: str) -> bool:
 
 
 def examples(paths: Sequence[str], n: int = 8) -> str:
-    shown = ", ".join(repr(p) for p in paths[:n])
-    more = f" (and {len(paths) - n} more)" if len(paths) > n else ""
-    return shown + more
+    """The first ``n`` paths, quoted, and how many more there are."""
+    return shown([repr(p) for p in paths], n)
+
+
+def shown(items: Sequence[str], n: int = 8) -> str:
+    """The first ``n`` of ``items`` (already formatted), and how many more."""
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 def check_names(names: Any, arg: str) -> bool:

@@ -301,7 +301,7 @@ def test_combine_reports_missing_paths_and_bad_shapes():
     )
     ads = jaxlora.adapters(params)
     with pytest.raises(
-        ValueError, match=r"adapter paths not in the base tree: \['k/kernel'\]"
+        ValueError, match=r"adapter paths not in the base tree: 'k/kernel'"
     ):
         jaxlora.combine({"other": {"kernel": jnp.ones((8, 8))}}, ads)
     with pytest.raises(
@@ -363,7 +363,7 @@ def test_combine_refuses_residual_adapters_unless_told():
     with pytest.raises(ValueError) as e:
         jaxlora.combine(plain, ads)
     msg = str(e.value)
-    assert "['k/kernel'] were trained on a residual base (scheme 'pissa')" in msg
+    assert "'k/kernel' were trained on a residual base (scheme 'pissa')" in msg
     assert "allow_residual=True" in msg and "to_plain_lora" in msg
     residual = jaxlora.base(params, allow_residual=True)
     again = jaxlora.combine(residual, ads, allow_residual=True)
@@ -394,7 +394,7 @@ def test_trainable_that_selects_nothing_is_an_error():
         jaxlora.param_labels(params, trainable=["haed", "head", "body"])
     msg = str(e.value)
     assert "name 'haed' matches no parameter" in msg
-    assert "name 'body' selects only adapted weights ['body/kernel']" in msg
+    assert "name 'body' selects only adapted weights 'body/kernel'" in msg
     assert msg.count("\n  - ") == 2  # 'head' selects the head and is not listed
     assert "Plain (non-LoRA) parameters: 'head/kernel'" in msg
     with pytest.raises(ValueError, match=r"regex 'nothing' matches no parameter"):
@@ -417,7 +417,7 @@ def test_trainable_that_also_selects_adapted_weights_warns():
     with pytest.warns(UserWarning) as record:
         labels = jaxlora.param_labels(params, trainable=["head"])
     msg = str(record[0].message)
-    assert "name 'head' also selects ['head/kernel']" in msg
+    assert "name 'head' also selects 'head/kernel'" in msg
     assert "leave it out of jaxlora.init's targets" in msg
     assert labels["head"]["bias"] == "full" and labels["head"]["kernel"].w == "frozen"
     with warnings.catch_warnings():
@@ -585,3 +585,16 @@ def test_a_line_search_goes_outside_freeze_base():
         q = optax.apply_updates(q, updates)
     assert float(loss(q)) < 0.9 * start
     np.testing.assert_array_equal(q["w"].w, p["w"].w)
+
+
+def test_a_long_list_of_failing_paths_says_how_many_more():
+    """Errors list the first 8 paths and count the rest (all are failing, and a
+    user must not think the 8 shown are all)."""
+    plain = {
+        f"l{i:02d}": jax.random.normal(jax.random.key(i), (6, 6)) for i in range(12)
+    }
+    params = jaxlora.init(
+        plain, jax.random.key(0), scheme="pissa", rank=2, targets=".*"
+    )
+    with pytest.raises(ValueError, match=r"'l07' \(and 4 more\) hold a residual base"):
+        jaxlora.base(params)
