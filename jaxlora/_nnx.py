@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -10,6 +11,8 @@ import optax
 from flax import nnx
 
 from jaxlora._node import is_lora
+from jaxlora._paths import path_str
+from jaxlora._targets import examples
 
 PyTree = Any
 
@@ -34,6 +37,50 @@ def _opt_variable(x: Any) -> Any:
     return nnx.OptVariable(x.get_value(), **meta)
 
 
+def _freezes(opt_state: PyTree) -> bool:
+    """Whether ``opt_state`` comes from `jaxlora.freeze_base` or `jaxlora.lora_plus`
+    (alone or inside a chain, ``MultiSteps``, ...): a partition with a frozen part."""
+    partition = optax.transforms.PartitionState
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, partition))
+    return any(isinstance(x, partition) and "frozen" in x.inner_states for x in found)
+
+
+def _adapted(state: PyTree) -> dict[str, str]:
+    """``{path: Variable type}`` of the adapted weights in an NNX state."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
+    return {
+        path_str(kp): type(v).__name__
+        for kp, v in flat
+        if _is_variable(v) and is_lora(v.get_value())
+    }
+
+
+def _check_wrt(every: PyTree, chosen: PyTree, wrt: Any) -> None:
+    left_out = {p: t for p, t in _adapted(every).items() if p not in _adapted(chosen)}
+    if left_out:
+        kinds = sorted(set(left_out.values()))
+        name = getattr(wrt, "__name__", wrt)
+        raise ValueError(
+            f"jaxlora.NnxOptimizer: wrt={name} leaves out the adapted weights "
+            f"{examples(sorted(left_out))} (held by {', '.join(kinds)} variables), "
+            "so their factors would never train. Pass a filter that includes them, "
+            f"e.g. wrt=(nnx.Param, {kinds[0]})."
+        )
+
+
+def _warn_unfrozen(params: PyTree, opt_state: PyTree) -> None:
+    adapted = [x for x in jax.tree.leaves(params, is_leaf=is_lora) if is_lora(x)]
+    if adapted and not _freezes(opt_state):
+        warnings.warn(
+            "jaxlora.NnxOptimizer: tx does not freeze the base weights (it is not "
+            "made by jaxlora.freeze_base or jaxlora.lora_plus), so it treats each "
+            "adapted kernel's frozen w as a parameter: weight decay moves it and "
+            "the optimizer keeps full-size moments for it. Wrap the optimizer: "
+            "jaxlora.freeze_base(optax.adamw(...)).",
+            stacklevel=3,
+        )
+
+
 class NnxOptimizer(nnx.Optimizer):
     """``nnx.Optimizer`` whose state may hold `LoraWeight`s.
 
@@ -56,8 +103,11 @@ class NnxOptimizer(nnx.Optimizer):
         >>> tx = jaxlora.freeze_base(optax.adam(1e-2))
         >>> opt = jaxlora.NnxOptimizer(model, tx, wrt=nnx.Param)
         >>> apply = jaxlora.lora_apply(lambda m, x: m(x))
-        >>> grads = nnx.grad(lambda m: apply(m, jnp.ones((3, 4))).sum())(model)
-        >>> _ = opt.update(model, grads)
+        >>> loss = lambda m: apply(m, jnp.ones((3, 4))).sum()
+        >>> for _ in range(2):  # nnx.Optimizer's second step fails here
+        ...     _ = opt.update(model, nnx.grad(loss)(model))
+        >>> int(opt.step[...]), bool(jnp.abs(model.kernel.get_value().b).sum() > 0)
+        (2, True)
     """
 
     def __init__(
@@ -66,7 +116,10 @@ class NnxOptimizer(nnx.Optimizer):
         self.graph = graph
         self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
         self.tx = tx
-        state = tx.init(nnx.state(model, wrt, graph=graph))
+        params = nnx.state(model, wrt, graph=graph)
+        _check_wrt(nnx.state(model, graph=graph), params, wrt)
+        state = tx.init(params)
+        _warn_unfrozen(params, state)
         self.opt_state = nnx.data(
             jax.tree.map(_opt_variable, state, is_leaf=_is_variable)
         )

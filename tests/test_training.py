@@ -477,6 +477,34 @@ def test_nnx_optimizer_trains_the_factors_step_after_step(make_tx):
     assert any(jaxlora.is_lora(m) for m in moments)
 
 
+class _Frozen(nnx.Variable):  # a weight kept out of nnx.Param on purpose
+    pass
+
+
+def test_nnx_optimizer_names_a_base_that_would_move_or_factors_left_out():
+    """``NnxOptimizer`` exists for adapted models: an optimizer that does not
+    freeze the base (weight decay moves it) is warned of, and a ``wrt`` filter
+    that leaves out adapted weights is refused (they used to get "params hold no
+    LoRA adapters", or silently no training)."""
+    graphdef, state = nnx.split(_NnxNet(nnx.Rngs(0)))
+    model = nnx.merge(graphdef, jaxlora.init(state, jax.random.key(1), rank=2))
+    with pytest.warns(UserWarning, match=r"tx does not freeze the base weights"):
+        jaxlora.NnxOptimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = optax.MultiSteps(jaxlora.freeze_base(optax.adamw(1e-2)), 2)
+        jaxlora.NnxOptimizer(model, wrapped, wrt=nnx.Param)
+    model.l2.kernel = _Frozen(model.l2.kernel.get_value())
+    with pytest.raises(
+        ValueError,
+        match=r"wrt=Param leaves out the adapted weights 'l2/kernel' "
+        r"\(held by _Frozen variables\).*wrt=\(nnx.Param, _Frozen\)",
+    ):
+        jaxlora.NnxOptimizer(
+            model, jaxlora.freeze_base(optax.adam(1e-2)), wrt=nnx.Param
+        )
+
+
 def test_optimizers_refuse_a_tree_without_adapters_and_wrong_arguments():
     """A tree without LoraWeights (``init`` forgotten, or ``merge`` of it) used to be
     'trained' with all-zero updates and no error."""
