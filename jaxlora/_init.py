@@ -138,7 +138,7 @@ def _plan(
     alphas = _targets.resolve_pattern(alpha_pattern, paths, "alpha_pattern")
     user_layouts = _targets.resolve_pattern(layouts, paths, "layouts")
     base_alpha = rank if alpha is None else alpha
-    plan, problems, uninferred, guessed = [], [], [], []
+    plan, problems, uninferred, guessed, windows = [], [], [], [], []
     for p in paths:
         leaf = leaves[p]
         shape = tuple(getattr(leaf, "shape", ()))
@@ -166,6 +166,10 @@ def _plan(
             elif len(shape) >= 3 and layout == Layout.dense(len(shape)):
                 if shape[0] < min(shape[1:]):  # a small first axis as the input side
                     guessed.append(f"{p!r} {shape}: {layout}")
+            elif conv is not None and (
+                len(shape) >= 5 or (len(shape) == 4 and shape[0] != shape[1])
+            ):  # a 3-D conv or a non-square window: or a stack of convs?
+                windows.append(f"{p!r} {shape}: window {shape[:-2]}")
         r = ranks.get(p, rank)
         if not _is_int(r):
             problems.append(
@@ -223,6 +227,16 @@ def _plan(
             "apply_fn= and "
             "example_args= to infer each layout from the model, or layouts={pattern: "
             "jaxlora.Layout(...)}.",
+            stacklevel=3,
+        )
+    if windows:
+        warnings.warn(
+            "jaxlora.init: these kernels of modules named *conv* get the default "
+            "convolution layout (*window, in, out), every leading axis a window "
+            "axis:\n  - " + "\n  - ".join(windows) + "\nIf the first axis stacks "
+            "layers (nn.scan, nnx.vmap), the layers would share one b and the "
+            "fan-in would count them: pass apply_fn= and example_args= to infer "
+            "each layout from the model, or layouts={pattern: jaxlora.Layout(...)}.",
             stacklevel=3,
         )
     if uninferred:
