@@ -13,6 +13,8 @@ from jaxlora._merge import base
 from jaxlora._merge import combine
 from jaxlora._merge import merge
 from jaxlora._nnx import NnxOptimizer
+from jaxlora._nnx import nnx_named_sharding
+from jaxlora._nnx import nnx_partition_spec
 from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
@@ -55,6 +57,8 @@ __all__ = [
     "lora_apply",
     "lora_plus",
     "merge",
+    "nnx_named_sharding",
+    "nnx_partition_spec",
     "param_labels",
     "save",
     "save_peft",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlora._boxes import factor_names
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
 from jaxlora._targets import examples
@@ -79,6 +80,59 @@ def _warn_unfrozen(params: PyTree, opt_state: PyTree) -> None:
             "jaxlora.freeze_base(optax.adamw(...)).",
             stacklevel=3,
         )
+
+
+def nnx_partition_spec(tree: PyTree) -> PyTree:
+    """``nnx.get_partition_spec`` for an NNX state holding `LoraWeight`s.
+
+    Flax's recipe gives a variable's whole value the kernel's ``PartitionSpec``
+    (``nnx.with_partitioning`` metadata): ``a`` and ``b`` would get the kernel's
+    axes, the rank axis split (or, where the mesh does not divide the rank, an
+    error from ``nnx.get_named_sharding``). Here an adapted kernel's variable holds
+    a `LoraWeight` of specs: ``w`` the kernel's, ``a`` those of its stacked and
+    input axes, ``b`` those of its stacked and output axes, the rank axis none (as
+    `jaxlora.init` lays the factors out). Everything else is Flax's.
+
+    Args:
+        tree: an NNX state (``nnx.state(model)``) or a tree holding variables.
+
+    Returns:
+        The tree of ``PartitionSpec``s (inside the variables), for
+        ``jax.lax.with_sharding_constraint`` or `nnx_named_sharding`.
+
+    Example:
+        >>> import jax, jaxlora
+        >>> from flax import nnx
+        >>> init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("d", "m"))
+        >>> with jax.set_mesh(jax.make_mesh((1, 1), ("d", "m"))):
+        ...     linear = nnx.Linear(8, 4, kernel_init=init, rngs=nnx.Rngs(0))
+        ...     state = jaxlora.init(nnx.state(linear), jax.random.key(1), rank=2)
+        >>> node = jaxlora.nnx_partition_spec(state)["kernel"].get_value()
+        >>> node.w, node.a, node.b
+        (P('d', 'm'), P('d', None), P(None, 'm'))
+    """
+
+    def spec(x):
+        node = x.get_value() if _is_variable(x) else None
+        if not is_lora(node) or node.w is None:
+            return nnx.get_partition_spec(x)
+        names = tuple(nnx.spmd.get_var_pspec(x) or ())
+        a_names, b_names = factor_names(node.layout, names)
+        pspec = jax.sharding.PartitionSpec
+        return x.replace(
+            node.replace(w=pspec(*names), a=pspec(*a_names), b=pspec(*b_names))
+        )
+
+    return jax.tree.map(spec, tree, is_leaf=_is_variable)
+
+
+def nnx_named_sharding(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+    """``nnx.get_named_sharding`` for an NNX state holding `LoraWeight`s: the specs
+    of `nnx_partition_spec` on ``mesh`` (for ``jax.device_put``, ``nnx.jit``'s
+    shardings or an orbax restore target)."""
+    return jax.tree.map(
+        lambda p: jax.sharding.NamedSharding(mesh, p), nnx_partition_spec(tree)
+    )
 
 
 class NnxOptimizer(nnx.Optimizer):

@@ -209,6 +209,24 @@ SCRIPT = textwrap.dedent(
             assert spec2(node.a) == ("data", None), node.a.sharding
             assert spec2(node.b) == (None, "model"), node.b.sharding
 
+        # Flax's recipe gives a and b the kernel's spec (rank 3 on a 2-way 'model':
+        # an IndivisibleError); jaxlora's names each array's own axes
+        state = nnx.state(model)
+        spec = jaxlora.nnx_partition_spec(state)["up"]["kernel"].get_value()
+        assert (spec.w, spec.a, spec.b) == (
+            P("data", "model"), P("data", None), P(None, "model")
+        ), spec
+        placed = jax.device_put(state, jaxlora.nnx_named_sharding(state, mesh))
+        node = placed["up"]["kernel"].get_value()
+        assert spec2(node.a) == ("data", None) and spec2(node.b) == (None, "model")
+        assert spec2(node.w) == ("data", "model"), node.w.sharding
+        pinned = jax.jit(
+            lambda t: jax.lax.with_sharding_constraint(
+                t, jaxlora.nnx_partition_spec(t)
+            )
+        )(state)
+        assert spec2(pinned["up"]["kernel"].get_value().b) == (None, "model")
+
     # Linen boxes (nn.with_logical_partitioning, also under nn.scan): Flax's own
     # recipe (get_partition_spec -> logical_to_mesh_sharding) gives each factor its
     # own layout (it gave a and b the kernel's: the rank axis split, or an error)
