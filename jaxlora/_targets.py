@@ -193,6 +193,15 @@ def select(params: PyTree, targets: Targets) -> list[str]:
             if skipped and targets is None
             else ""
         )
+        named = isinstance(targets, str) and any(
+            name_matches(targets, p) for p, _ in arrays
+        )
+        if named:
+            note += (  # a module name given as a string: a regex of the whole path
+                f" {targets!r} is a module name in these paths, and a string is a "
+                f"regex fully matched against the whole path: pass targets="
+                f"[{targets!r}] (module names) or {'.*' + targets + '.*'!r}."
+            )
         raise ValueError(
             f"{what} matched no parameter.{note} Available paths: "
             f"{examples(available)}."

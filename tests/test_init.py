@@ -268,6 +268,10 @@ def test_targets_matching_nothing():
         ValueError, match=r"targets='.*q_proj.*' .*matched no parameter.*Dense_0/kernel"
     ):
         jaxlora.init(tree, KEY, targets=".*q_proj.*", rank=2)
+    with pytest.raises(  # a module name as a string: a whole-path regex
+        ValueError, match=r"'Dense_0' is a module name.*targets=\['Dense_0'\]"
+    ):
+        jaxlora.init(tree, KEY, targets="Dense_0", rank=2)
     with pytest.raises(ValueError, match=r"predicate .*matched no parameter"):
         jaxlora.init(tree, KEY, targets=lambda p, x: False, rank=2)
     with pytest.raises(ValueError, match=r"default targets .*matched no parameter"):
