@@ -41,8 +41,10 @@ def merge(params: PyTree) -> PyTree:
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
         >>> p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
-        >>> jaxlora.merge(p)["kernel"].shape
-        (4, 3)
+        >>> node = p["kernel"].replace(b=jnp.ones((2, 3)))  # as if trained
+        >>> want = node.w + node.scale * node.a @ node.b
+        >>> bool(jnp.allclose(jaxlora.merge({"kernel": node})["kernel"], want))
+        True
     """
     return _map_lora(LoraWeight.merged, params, "merge")
 

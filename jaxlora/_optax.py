@@ -157,8 +157,13 @@ def freeze_base(
             optax.scale_by_zoom_linesearch(...))``.
 
     Example:
-        >>> import optax, jaxlora
-        >>> tx = jaxlora.freeze_base(optax.adam(1e-3))
+        >>> import jax, jax.numpy as jnp, optax, jaxlora
+        >>> p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+        >>> tx = jaxlora.freeze_base(optax.adamw(1e-1, weight_decay=0.5))
+        >>> grads = jax.tree.map(jnp.ones_like, p)
+        >>> u = tx.update(grads, tx.init(p), p)[0]["kernel"]  # decay: base kept
+        >>> bool((u.w == 0).all()), bool((u.a != 0).all())
+        (True, True)
     """
     trainable = _once(trainable)
     if not (
@@ -303,8 +308,13 @@ def lora_plus(
             or ``learning_rate`` is neither a finite number > 0 nor a schedule.
 
     Example:
-        >>> import optax, jaxlora
-        >>> tx = jaxlora.lora_plus(optax.adamw, 2e-4, ratio=16, weight_decay=0.0)
+        >>> import jax, jax.numpy as jnp, optax, jaxlora
+        >>> p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+        >>> tx = jaxlora.lora_plus(optax.sgd, 1e-2, ratio=16)
+        >>> grads = jax.tree.map(jnp.ones_like, p)
+        >>> u = tx.update(grads, tx.init(p), p)[0]["kernel"]
+        >>> float(u.b[0, 0] / u.a[0, 0]), float(abs(u.w).max())
+        (16.0, 0.0)
     """
     trainable = _once(trainable)
     if isinstance(optimizer, optax.GradientTransformation) or not callable(optimizer):
