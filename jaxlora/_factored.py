@@ -227,7 +227,9 @@ def _used_as_weight_in_body(eqn, var, plain) -> bool:
         if not isinstance(v, Literal) and (v is var or not plain(v))
     }
     for e in body.eqns:
-        if e.primitive.name not in _WEIGHT_USES and any(v in held for v in e.invars):
+        if e.primitive.name not in _WEIGHT_USES and any(
+            not isinstance(v, Literal) and v in held for v in e.invars
+        ):
             held.update(e.outvars)
     consumers = _consumers(body)
     return all(

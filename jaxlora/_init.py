@@ -118,6 +118,13 @@ def _compensated(node: LoraWeight) -> LoraWeight:
     return node.replace(w=w_res, spec=LoraSpec(**{**vars(spec), "residual": True}))
 
 
+def _stacked_bias(leaves: dict, path: str) -> bool:
+    """Whether the module of kernel ``path`` has a bias with a leading axis (a
+    stack of layers: ``nn.scan``, ``nnx.vmap``), where a conv's bias is 1-D."""
+    bias = leaves.get(path.rsplit("/", 1)[0] + "/bias") if "/" in path else None
+    return getattr(bias, "ndim", 1) >= 2
+
+
 def _plan(
     params,
     *,
@@ -166,9 +173,7 @@ def _plan(
             elif len(shape) >= 3 and layout == Layout.dense(len(shape)):
                 if shape[0] < min(shape[1:]):  # a small first axis as the input side
                     guessed.append(f"{p!r} {shape}: {layout}")
-            elif conv is not None and (
-                len(shape) >= 5 or (len(shape) == 4 and shape[0] != shape[1])
-            ):  # a 3-D conv or a non-square window: or a stack of convs?
+            elif conv is not None and _stacked_bias(leaves, p):
                 windows.append(f"{p!r} {shape}: window {shape[:-2]}")
         r = ranks.get(p, rank)
         if not _is_int(r):

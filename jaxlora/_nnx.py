@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,15 +60,21 @@ def _adapted(state: PyTree) -> dict[str, str]:
 
 
 def _check_wrt(every: PyTree, chosen: PyTree, wrt: Any) -> None:
-    left_out = {p: t for p, t in _adapted(every).items() if p not in _adapted(chosen)}
+    """Refuses a ``wrt`` that keeps no adapted weight, or leaves out every one
+    held by some Variable type (a kernel kept out of ``nnx.Param``): their factors
+    would never train. Picking some adapters of a type (by path) is allowed."""
+    everyone, kept = _adapted(every), _adapted(chosen)
+    types = set(kept.values())
+    left_out = {p: t for p, t in everyone.items() if p not in kept and t not in types}
     if left_out:
         kinds = sorted(set(left_out.values()))
         name = getattr(wrt, "__name__", wrt)
+        fix = next((f"e.g. wrt=(nnx.Param, {k})" for k in kinds if k != "Param"), "")
         raise ValueError(
             f"jaxlora.NnxOptimizer: wrt={name} leaves out the adapted weights "
             f"{examples(sorted(left_out))} (held by {', '.join(kinds)} variables), "
-            "so their factors would never train. Pass a filter that includes them, "
-            f"e.g. wrt=(nnx.Param, {kinds[0]})."
+            "so their factors would never train. Pass a filter that includes "
+            f"them{', ' + fix if fix else ''}."
         )
 
 
@@ -78,8 +87,20 @@ def _warn_unfrozen(params: PyTree, opt_state: PyTree) -> None:
             "adapted kernel's frozen w as a parameter: weight decay moves it and "
             "the optimizer keeps full-size moments for it. Wrap the optimizer: "
             "jaxlora.freeze_base(optax.adamw(...)).",
-            stacklevel=3,
+            stacklevel=_user_level(),
         )
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` of the first caller outside jaxlora and Flax (whose
+    module metaclass adds frames around ``NnxOptimizer(...)``)."""
+    internal = tuple(
+        os.path.dirname(m.__file__) + os.sep for m in (sys.modules["jaxlora"], flax)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def nnx_partition_spec(tree: PyTree) -> PyTree:

@@ -200,7 +200,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
             note += (  # a module name given as a string: a regex of the whole path
                 f" {targets!r} is a module name in these paths, and a string is a "
                 f"regex fully matched against the whole path: pass targets="
-                f"[{targets!r}] (module names) or {'.*' + targets + '.*'!r}."
+                f"[{targets!r}] (module names) or {'.*' + targets + '.*/kernel'!r}."
             )
         raise ValueError(
             f"{what} matched no parameter.{note} Available paths: "

@@ -538,6 +538,10 @@ def test_a_stacked_conv_kernel_under_the_default_layout_is_warned_of():
             params, KEY, rank=2, apply_fn=_StackedConvs().apply, example_args=(x,)
         )
         jaxlora.init(nn.Conv(4, (3, 3)).init(KEY, x), KEY, rank=2)
+        for window in ((1, 3), (3, 3, 3)):  # a plain conv's bias is 1-D: no stack
+            x_ = jnp.ones((1, *(5,) * len(window), 4))
+            conv = nn.Conv(4, window).init(KEY, x_)["params"]
+            jaxlora.init({"params": {"conv": conv}}, KEY, rank=2)
     assert lp["params"]["blocks"]["conv"]["kernel"].b.shape == (3, 2, 4)
 
 

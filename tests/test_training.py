@@ -488,8 +488,11 @@ def test_nnx_optimizer_names_a_base_that_would_move_or_factors_left_out():
     LoRA adapters", or silently no training)."""
     graphdef, state = nnx.split(_NnxNet(nnx.Rngs(0)))
     model = nnx.merge(graphdef, jaxlora.init(state, jax.random.key(1), rank=2))
-    with pytest.warns(UserWarning, match=r"tx does not freeze the base weights"):
+    with pytest.warns(UserWarning, match=r"tx does not freeze the base weights") as w:
         jaxlora.NnxOptimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    assert w[0].filename == __file__  # the user's line, not Flax's metaclass
+    some = nnx.All(nnx.Param, nnx.PathContains("l2"))  # some adapters, by path: fine
+    jaxlora.NnxOptimizer(model, jaxlora.freeze_base(optax.adam(1e-2)), wrt=some)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wrapped = optax.MultiSteps(jaxlora.freeze_base(optax.adamw(1e-2)), 2)
