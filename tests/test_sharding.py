@@ -735,12 +735,14 @@ EXPLICIT_SCRIPT = textwrap.dedent(
         dense = nn.Dense(4)
         xe = rand(11, (16, 8))
         pe = jax.tree.map(lambda t: put(t, P()), dense.init(jax.random.key(0), xe))
-        eva = [
-            jaxlora.adapters(
-                adapt(pe, scheme="eva", apply_fn=dense.apply, batches=[put(xe, s)])
-            )["params/kernel"].a
-            for s in (P(), P("data"))
-        ]
+        with warnings.catch_warnings():  # one batch: EVA says it cannot converge
+            warnings.filterwarnings("ignore", "jaxlora: EVA's components")
+            eva = [
+                jaxlora.adapters(
+                    adapt(pe, scheme="eva", apply_fn=dense.apply, batches=[put(xe, s)])
+                )["params/kernel"].a
+                for s in (P(), P("data"))
+            ]
         np.testing.assert_allclose(eva[0], eva[1], atol=1e-6)
     print("OK")
     """
