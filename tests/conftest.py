@@ -5,6 +5,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 # Import this checkout's jaxlora (a worktree may sit beside an installed main).
@@ -66,3 +67,23 @@ def require(module: str, install: str, *, load: bool = True):
     if importlib.util.find_spec(module) is None:
         pytest.fail(f"{module} is not installed; run `bash .ci/run` or: {install}")
     return importlib.import_module(module) if load else None
+
+
+class ConvBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return x + nn.Conv(4, (3, 3), padding="SAME", name="conv")(jnp.tanh(x)), None
+
+
+class StackedCnn(nn.Module):
+    """Three 3×3 convs stacked by ``nn.scan``: kernels ``(layer, kh, kw, in, out)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(
+            ConvBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return blocks(name="blocks")(x, None)[0]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import LAYOUTS
+from conftest import StackedCnn
 from conftest import all_weights
 from flax import nnx
 
@@ -503,30 +504,12 @@ def test_a_small_first_axis_taken_as_input_by_default_is_named():
         jaxlora.init({"q": {"kernel": jnp.ones((32, 4, 8))}}, KEY, rank=2)
 
 
-class _ConvBlock(nn.Module):
-    @nn.compact
-    def __call__(self, x, _=None):
-        return x + nn.Conv(4, (3, 3), padding="SAME", name="conv")(x), None
-
-
-class _StackedConvs(nn.Module):  # kernels (layer, kh, kw, in, out)
-    @nn.compact
-    def __call__(self, x):
-        blocks = nn.scan(
-            _ConvBlock,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=3,
-        )
-        return blocks(name="blocks")(x, None)[0]
-
-
 def test_a_stacked_conv_kernel_under_the_default_layout_is_warned_of():
     """Without the model, a conv kernel stacked by ``nn.scan`` looks like a 3-D
     conv: its layer axis a window axis, one b for all layers. Said, and fixed by
     inference; a 2-D conv's square window is not warned of."""
     x = jnp.ones((1, 5, 5, 4))
-    params = _StackedConvs().init(KEY, x)
+    params = StackedCnn().init(KEY, x)
     with pytest.warns(
         UserWarning, match=r"'params/blocks/conv/kernel' \(3, 3, 3, 4, 4\)"
     ):
@@ -535,7 +518,7 @@ def test_a_stacked_conv_kernel_under_the_default_layout_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lp = jaxlora.init(
-            params, KEY, rank=2, apply_fn=_StackedConvs().apply, example_args=(x,)
+            params, KEY, rank=2, apply_fn=StackedCnn().apply, example_args=(x,)
         )
         jaxlora.init(nn.Conv(4, (3, 3)).init(KEY, x), KEY, rank=2)
         for window in ((1, 3), (3, 3, 3)):  # a plain conv's bias is 1-D: no stack

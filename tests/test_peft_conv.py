@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import StackedCnn
 from conftest import require
 
 import jaxlora
@@ -273,26 +274,6 @@ def test_convolutions_read_unknowably_or_otherwise_are_refused(cnn, tmp_path):
     with pytest.raises(ValueError, match=r"'kernel' is read by a convolution in a way"):
         jaxlora.save_peft(tmp_path / "x", flipped, {"kernel": "conv"})
     assert not (tmp_path / "x").exists()
-
-
-class ConvBlock(nn.Module):
-    @nn.compact
-    def __call__(self, x, _=None):
-        return x + nn.Conv(4, (3, 3), padding="SAME", name="conv")(jnp.tanh(x)), None
-
-
-class StackedCnn(nn.Module):
-    """Three 3×3 convs stacked by ``nn.scan``: kernels ``(layer, kh, kw, in, out)``."""
-
-    @nn.compact
-    def __call__(self, x):
-        blocks = nn.scan(
-            ConvBlock,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=3,
-        )
-        return blocks(name="blocks")(x, None)[0]
 
 
 def test_stacked_convolutions_are_one_torch_conv_per_layer(cnn, tmp_path):
