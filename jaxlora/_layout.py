@@ -39,14 +39,18 @@ class _T:
     the leaf's original axes behind axis k); several parts after a concatenation,
     each with its own axes (the parts may be oriented differently)."""
 
-    __slots__ = ("parts", "plain", "cut")
+    __slots__ = ("parts", "plain", "cut", "lookup")
 
-    def __init__(self, parts, plain: bool = True, cut=frozenset()):
+    def __init__(self, parts, plain: bool = True, cut=frozenset(), lookup=None):
         self.parts = tuple(
             (leaf, tuple(frozenset(a) for a in axes)) for leaf, axes in parts
         )
         self.plain = plain  # False once a view changed values (a flip, a negation)
         self.cut = frozenset(cut)  # (leaf, axis) whose extent a slice or pad changed
+        # the lookup (its index in `_Walker.lookups`) whose rows this holds: an
+        # embedding's activations, unless a contraction uses them as its weight
+        # (``x @ w[:, perm]``: a reordered weight)
+        self.lookup = lookup
 
     @property
     def ndim(self):
@@ -54,7 +58,12 @@ class _T:
 
     def map(self, fn):
         """The same leaves with each part's axes through ``fn``."""
-        return _T(((leaf, fn(axes)) for leaf, axes in self.parts), self.plain, self.cut)
+        parts = ((leaf, fn(axes)) for leaf, axes in self.parts)
+        return _T(parts, self.plain, self.cut, self.lookup)
+
+    def valued(self, plain=False, cut=frozenset()):
+        """The same axes; other values (``plain=False``) or ``cut`` extents."""
+        return _T(self.parts, self.plain and plain, self.cut | cut, self.lookup)
 
 
 def _union(sets):
@@ -71,18 +80,51 @@ class _Walker:
         # view merged axes or changed values, groups, rhs dilation)
         self.convs: dict[int, list[tuple]] = {}
         self.shapes = shapes
+        # per gather by an array of ids: (leaf, index of its "gather" in obs[leaf]);
+        # per (gather, leaf): the contractions that used its rows as their weight
+        self.lookups: list[list[tuple[int, int]]] = []
+        self.reused: dict[tuple[int, int], list[tuple]] = {}
 
     def note(self, t, kind, ins, stack=()):
-        """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``."""
+        """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``;
+        of the rows of a lookup, as a use of the weight they were gathered from."""
         for leaf, axes in t.parts:
-            self.obs.setdefault(leaf, []).append(
-                (
-                    kind,
-                    _union(axes[i] for i in ins),
-                    _union(axes[i] for i in stack),
-                    _union(axes),
-                )
+            use = (
+                kind,
+                _union(axes[i] for i in ins),
+                _union(axes[i] for i in stack),
+                _union(axes),
             )
+            if t.lookup is None:
+                self.obs.setdefault(leaf, []).append(use)
+            else:
+                self.reused.setdefault((t.lookup, leaf), []).append(use)
+
+    def note_lookup(self, t, p, shape, n_out):
+        """Records a gather from ``t`` as a lookup; returns its rows as a view where
+        the ids are an array and every axis not indexed is taken whole (each output
+        axis then holds one weight axis: the ids' axes the indexed ones)."""
+        indexed = gather_indexed_axes(p, shape)
+        self.note(t, "gather", indexed)
+        dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+        kept = [i for i in range(len(shape)) if i not in dn.collapsed_slice_dims]
+        window = any(sizes[i] != (1 if i in indexed else shape[i]) for i in kept)
+        if t.lookup is not None or dn.operand_batching_dims or window:
+            return None
+        if n_out == len(dn.offset_dims):  # one id: a row (or a layer, see _is_pick)
+            return None
+        g = len(self.lookups)
+        self.lookups.append([(leaf, len(self.obs[leaf]) - 1) for leaf, _ in t.parts])
+
+        def rows(ax):
+            new = [_union(ax[i] for i in indexed)] * n_out
+            for k, i in zip(dn.offset_dims, kept, strict=True):
+                new[k] = frozenset() if i in indexed else ax[i]
+            return new
+
+        view = t.map(rows)
+        view.lookup = g
+        return view
 
     def note_conv(self, t, p, shape):
         """Records how a convolution reads ``t`` (of ``shape``) as its kernel (see
@@ -126,9 +168,19 @@ class _Walker:
 
     def eqn(self, eqn, ins):
         name, p = eqn.primitive.name, eqn.params
+        weights = [x for x in ins if isinstance(x, _T) and x.lookup is None]
+        looked_up = [x for x in ins if isinstance(x, _T) and x.lookup is not None]
+        if looked_up and (
+            name not in _ROWS_OPS
+            or name == "dot_general"
+            and (weights or len(looked_up) > 1)  # activations meet a weight
+        ):
+            ins = [None if x in looked_up else x for x in ins]
+            if not weights:
+                return [None] * len(eqn.outvars)
         t = next(x for x in ins if isinstance(x, _T))
         if name in ("rev", "neg") and ins[0] is t:  # same axes, other values
-            return [_T(t.parts, False, t.cut)]
+            return [t.valued()]
         if name in ("slice", "dynamic_slice", "pad") and ins[0] is t:
             # the same axes; an axis whose extent changes holds part of the weight
             # (a cut window, or a layer picked by w[i], squeezed away next) or
@@ -140,7 +192,7 @@ class _Walker:
             cut = {
                 (leaf, a) for leaf, axes in t.parts for i in changed for a in axes[i]
             }
-            return [_T(t.parts, t.plain, t.cut | cut)]
+            return [t.valued(plain=True, cut=cut)]
         if name in _IDENTITY:  # views of the first operand (not of an index or a pad)
             return [t if ins[0] is t else None]
         if name in ("mul", "div"):  # a weight scaled (w * gate), not x * norm scale
@@ -148,7 +200,7 @@ class _Walker:
             scalar = math.prod(eqn.invars[1 - k].aval.shape) == 1
             if not (scalar and (k == 0 or name == "mul")):
                 return [None]
-            return [_T(t.parts, False, t.cut)]  # same axes, other values
+            return [t.valued()]  # same axes, other values
         if name == "transpose":
             return [t.map(lambda ax: [ax[i] for i in p["permutation"]])]
         if name == "split":
@@ -224,7 +276,8 @@ class _Walker:
         elif name == "conv_general_dilated" and ins[1] is t:
             self.note_conv(t, p, eqn.invars[1].aval.shape)
         elif name == "gather" and ins[0] is t:
-            self.note(t, "gather", gather_indexed_axes(p, eqn.invars[0].aval.shape))
+            shape = eqn.invars[0].aval.shape
+            return [self.note_lookup(t, p, shape, eqn.outvars[0].aval.ndim)]
         elif name in (
             "jit",
             "pjit",
@@ -278,6 +331,25 @@ _IDENTITY = {
     "pvary",
     "reshard",
     "all_gather",
+}
+
+# what the rows of a lookup are followed through: views, and contractions that may
+# use them as a weight (``x @ w[:, perm]``); scans, loops and the rest use them as
+# activations (an LSTM scanned over embeddings)
+_ROWS_OPS = _IDENTITY | {
+    "transpose",
+    "reshape",
+    "broadcast_in_dim",
+    "mul",
+    "div",
+    "dot_general",
+    "jit",
+    "pjit",
+    "closed_call",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "remat2",
+    "checkpoint",
 }
 
 
@@ -435,10 +507,17 @@ def infer(
         if t is None:
             continue
         ndim = len(p_leaves[k][1].shape)
-        obs = walker.obs.get(k, [])
-        lay = _decide(
-            ndim, obs, walker.stack.get(k, set()), walker.picked.get(k, set())
-        )
+        stack, picked = walker.stack.get(k, set()), walker.picked.get(k, set())
+        obs = list(walker.obs.get(k, []))
+        for g, entries in enumerate(walker.lookups):
+            for leaf, i in entries:
+                reused = walker.reused.get((g, leaf), [])
+                # rows contracted as a weight that has outputs of its own: a weight
+                # reordered or subset (w[:, perm]), not a lookup
+                if leaf == k and reused and _decide(ndim, reused, stack, picked):
+                    obs[i] = reused
+        obs = [u for o in obs for u in (o if isinstance(o, list) else [o])]
+        lay = _decide(ndim, obs, stack, picked)
         if lay is None:
             continue
         out[names[k]] = lay

@@ -254,3 +254,63 @@ def test_one_row_of_a_table_is_a_lookup_and_a_pad_value_is_not_a_view():
         "h": Layout(in_axes=(1,), out_axes=(0,)),
         "k": Layout(in_axes=(0,), out_axes=(1,)),
     }
+
+
+def test_a_kernel_reordered_or_subset_by_ids_keeps_its_axes():
+    """``x @ w[:, perm]`` (columns reordered by constant ids, or a subset picked by
+    ids the model is given, as in sampled softmax) contracts ``w``'s first axis: it
+    is the input side, not an embedding's vocabulary axis looked up. It used to be
+    read as a lookup on axis 1, giving ``a`` and ``b`` swapped shapes; it is
+    computed factored, plain and stacked by a scan."""
+    perm = jnp.array([2, 0, 1, 3, 5, 4])
+    p = {"w": jax.random.normal(jax.random.key(0), (4, 6))}
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+
+    def reordered(p, x):
+        return x @ p["w"][:, perm]
+
+    def sampled(p, x, ids):
+        return x @ jnp.take(p["w"], ids, axis=1)
+
+    ids = jnp.array([5, 1, 1])
+    assert infer_layouts(reordered, p, (x,)) == {"w": D2}
+    assert infer_layouts(sampled, p, (x, ids)) == {"w": D2}
+    check(reordered, adapt(p, {"w": D2}), x)
+    check(sampled, adapt(p, {"w": D2}), x, ids)
+
+    def scanned(p, x):  # a layer stack, each layer's kernel reordered
+        body = lambda h, w: (jnp.tanh(h @ w[:, perm])[:, :4], None)  # noqa: E731
+        return jax.lax.scan(body, x, p["w"])[0]
+
+    stack = {"w": jax.random.normal(jax.random.key(2), (3, 4, 6))}
+    per_layer = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    assert infer_layouts(scanned, stack, (x,)) == {"w": per_layer}
+    check(scanned, adapt(stack, {"w": per_layer}), x)
+
+
+class EmbedInto(nn.Module):
+    """Embedding rows fed straight (scaled, not added to) into a Dense, a Conv and
+    an LSTM scanned over the sequence, and a tied table's rows at candidate ids
+    scored by attending to them."""
+
+    @nn.compact
+    def __call__(self, ids, cands):
+        emb = nn.Embed(11, 6)
+        rows = emb(ids) * 2.0
+        h = nn.Dense(5)(rows) + nn.Conv(5, (3,))(rows)
+        h = h + nn.RNN(nn.OptimizedLSTMCell(5))(rows)
+        return jnp.tanh(h[..., :1] * rows) @ emb(cands).T
+
+
+def test_embedding_rows_used_as_activations_stay_a_lookup():
+    ids, cands = jnp.array([[0, 3, 10], [5, 5, 1]]), jnp.array([1, 4])
+    model = EmbedInto()
+    got = infer_layouts(
+        model.apply, model.init(jax.random.key(0), ids, cands), (ids, cands)
+    )
+    assert got["params/Embed_0/embedding"] == D2
+    assert got["params/Dense_0/kernel"] == D2
+    assert got["params/Conv_0/kernel"] == Layout.conv(3)
+    cell = "params/OptimizedLSTMCell_0"
+    assert {k: v for k, v in got.items() if k.startswith(cell)}
+    assert all(v == D2 for k, v in got.items() if k.startswith(cell))
