@@ -303,6 +303,12 @@ def lora_plus(
         trainable: plain leaves trained in full at ``learning_rate``.
         **optimizer_kwargs: passed to ``optimizer`` (e.g. ``weight_decay``).
 
+    Under ``optax.inject_hyperparams`` (to change ``learning_rate`` or ``ratio``
+    during training), mark the callables static:
+    ``optax.inject_hyperparams(jaxlora.lora_plus, static_args=("optimizer",))(
+    optax.adamw, 1e-3, ratio=16, weight_decay=0.01)`` (add ``"trainable"`` where it
+    is a predicate); ``optimizer_kwargs`` are then fixed, not injected.
+
     Raises:
         ValueError: if ``ratio`` is not a finite number > 0 (0 would freeze ``b``),
             or ``learning_rate`` is neither a finite number > 0 nor a schedule.
@@ -317,11 +323,21 @@ def lora_plus(
         (16.0, 0.0)
     """
     trainable = _once(trainable)
+    # optax.inject_hyperparams binds **optimizer_kwargs by its name and passes the
+    # dict back as one keyword
+    nested = optimizer_kwargs.pop("optimizer_kwargs", {})
+    if not isinstance(nested, dict):
+        raise TypeError(
+            f"lora_plus: optimizer_kwargs= must be a dict of the optimizer's keyword "
+            f"arguments, got {nested!r}. Pass them as keywords: weight_decay=0.01."
+        )
+    optimizer_kwargs = {**nested, **optimizer_kwargs}
     if isinstance(optimizer, optax.GradientTransformation) or not callable(optimizer):
         raise TypeError(
             f"lora_plus needs an optimizer factory such as optax.adamw (it makes one "
             f"optimizer per learning rate), got {optimizer!r}. Pass optax.adamw, not "
-            "optax.adamw(1e-3)."
+            "optax.adamw(1e-3); under optax.inject_hyperparams, pass "
+            "static_args=('optimizer',) so that it is not called as a schedule."
         )
     if not _positive_real(ratio):
         raise ValueError(

@@ -222,6 +222,32 @@ def test_lora_plus_learning_rate_is_checked_and_works_under_inject_hyperparams()
     np.testing.assert_allclose(node.b, np.full(node.b.shape, -0.4), rtol=1e-6)
 
 
+def test_lora_plus_itself_can_be_wrapped_by_inject_hyperparams():
+    """``inject_hyperparams(lora_plus, static_args=("optimizer",))`` used to fail:
+    optax passes ``**optimizer_kwargs`` back as one keyword, which reached the
+    optimizer as ``optimizer_kwargs=``. The injected learning rate and ratio steer
+    the update; without ``static_args`` the error says to add it."""
+    params = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), scheme="both_random"
+    )
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    wrapped = optax.inject_hyperparams(jaxlora.lora_plus, static_args=("optimizer",))
+    tx = wrapped(optax.adamw, 1e-2, ratio=4.0, weight_decay=0.1)
+    state = tx.init(params)
+    assert set(state.hyperparams) == {"learning_rate", "ratio"}
+    plain = jaxlora.lora_plus(optax.adamw, 1e-2, ratio=4.0, weight_decay=0.1)
+    want = plain.update(grads, plain.init(params), params)[0]["k"]["kernel"]
+    got = jax.jit(tx.update)(grads, state, params)[0]["k"]["kernel"]
+    np.testing.assert_allclose(got.a, want.a, rtol=1e-6)
+    np.testing.assert_allclose(got.b, want.b, rtol=1e-6)
+    state.hyperparams["ratio"] = jnp.asarray(8.0)
+    doubled = jax.jit(tx.update)(grads, state, params)[0]["k"]["kernel"]
+    np.testing.assert_allclose(doubled.b, 2 * want.b, rtol=1e-5)
+    np.testing.assert_allclose(doubled.a, want.a, rtol=1e-6)
+    with pytest.raises(TypeError, match=r"static_args=\('optimizer',\)"):
+        optax.inject_hyperparams(jaxlora.lora_plus)(optax.adamw, 1e-2).init(params)
+
+
 def test_trainable_names_from_a_generator_are_all_read():
     """A generator of names was read up by the name check, leaving no rule: the
     head was silently frozen."""
