@@ -137,8 +137,10 @@ def _plan(
     inferred,
     scheme,
     convs=None,
+    tables=frozenset(),
 ):
-    """Validates everything up front and returns one `Target` per adapted leaf."""
+    """Validates everything up front and returns one `Target` per adapted leaf
+    (``tables``: paths the model looks up, embedding tables whatever their name)."""
     paths = _targets.select(params, targets)
     leaves = dict(_targets.leaves_with_paths(params))
     ranks = _targets.resolve_pattern(rank_pattern, paths, "rank_pattern")
@@ -209,7 +211,7 @@ def _plan(
                 f"for shape {shape}; use a rank of at most {min(fan_in, fan_out) // 2}"
             )
             continue
-        embedding = leaf_name(p) == "embedding"
+        embedding = leaf_name(p) == "embedding" or p in tables
         if p in alphas and (msg := _alpha_problem(alphas[p])) is not None:
             problems.append(f"{p!r}: alpha_pattern gives an alpha that {msg}")
             continue
@@ -312,7 +314,11 @@ def init(
             "first axis is input".
         embedding: ``"scheme"`` (the scheme applies to tables like to kernels, with
             the vocab axis as input side) or ``"peft"`` (PEFT's rule: ``a = 0``,
-            ``b ~ N(0, 1)``, whatever the scheme).
+            ``b ~ N(0, 1)``, whatever the scheme). A table is a leaf named
+            ``embedding`` (as ``nn.Embed`` and ``nnx.Embed`` name it) or, with
+            ``apply_fn``, any weight the model looks up by id (``self.param("wte")``
+            used as ``wte[ids]``); `jaxlora.save_peft` writes tables as PEFT
+            embedding adapters.
         compensate: subtract the initial update from the base weight so the output
             is unchanged at start (for schemes where ``a @ b != 0``, e.g.
             ``both_random``). The base then holds a residual (``spec.residual``).
@@ -473,10 +479,11 @@ def init(
         batches = itertools.chain([first], batches)
         example_args = (first,)
     inferred = convs = None  # no model to infer from: default layouts, silently
+    tables = set()
     if apply_fn is not None and (example_args or example_kwargs):
         from jaxlora import _layout  # the layout tracer is only needed here
 
-        inferred, convs = _layout.infer(
+        inferred, convs, tables = _layout.infer(
             apply_fn, params, tuple(example_args), dict(example_kwargs or {})
         )
     plan = _plan(
@@ -490,14 +497,17 @@ def init(
         inferred=inferred,
         scheme=scheme,
         convs=convs,
+        tables=tables,
     )
     if embedding == "peft" and not any(t.embedding for t in plan):
         raise ValueError(
             "embedding='peft' sets how embedding tables start, and no target is one "
             "(a table is a leaf named 'embedding', as nn.Embed and nnx.Embed name "
-            f"it; targets: {_targets.examples([t.path for t in plan])}). Add the "
-            "table to targets (its module's name, e.g. targets=['embed', 'query', "
-            "'value']), or remove embedding='peft'."
+            "it, or a weight the model looks up by id, with apply_fn=; targets: "
+            f"{_targets.examples([t.path for t in plan])}). Add the table to targets "
+            "(its module's name, e.g. targets=['embed', 'query', 'value']), pass "
+            "apply_fn= and example_args= for a table named otherwise, or remove "
+            "embedding='peft'."
         )
     dtype = jnp.dtype(dtype)
     leaves = dict(_targets.leaves_with_paths(params))

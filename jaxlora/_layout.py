@@ -39,9 +39,11 @@ class _T:
     the leaf's original axes behind axis k); several parts after a concatenation,
     each with its own axes (the parts may be oriented differently)."""
 
-    __slots__ = ("parts", "plain", "cut", "lookup")
+    __slots__ = ("parts", "plain", "cut", "lookup", "data")
 
-    def __init__(self, parts, plain: bool = True, cut=frozenset(), lookup=None):
+    def __init__(
+        self, parts, plain: bool = True, cut=frozenset(), lookup=None, data=False
+    ):
         self.parts = tuple(
             (leaf, tuple(frozenset(a) for a in axes)) for leaf, axes in parts
         )
@@ -51,6 +53,7 @@ class _T:
         # embedding's activations, unless a contraction uses them as its weight
         # (``x @ w[:, perm]``: a reordered weight)
         self.lookup = lookup
+        self.data = data  # looked up by ids that depend on the model's inputs
 
     @property
     def ndim(self):
@@ -59,15 +62,25 @@ class _T:
     def map(self, fn):
         """The same leaves with each part's axes through ``fn``."""
         parts = ((leaf, fn(axes)) for leaf, axes in self.parts)
-        return _T(parts, self.plain, self.cut, self.lookup)
+        return _T(parts, self.plain, self.cut, self.lookup, self.data)
 
     def valued(self, plain=False, cut=frozenset()):
         """The same axes; other values (``plain=False``) or ``cut`` extents."""
-        return _T(self.parts, self.plain and plain, self.cut | cut, self.lookup)
+        return _T(
+            self.parts, self.plain and plain, self.cut | cut, self.lookup, self.data
+        )
+
+
+#: a value that depends on the model's inputs (an activation), not a weight view
+_DATA = object()
 
 
 def _union(sets):
     return frozenset().union(*sets)
+
+
+def _depends_on_inputs(ins) -> bool:
+    return any(x is _DATA or isinstance(x, _T) and x.data for x in ins)
 
 
 class _Walker:
@@ -100,10 +113,17 @@ class _Walker:
             else:
                 self.reused.setdefault((t.lookup, leaf), []).append(use)
 
-    def note_lookup(self, t, p, shape, n_out):
+    def event(self, t, ids) -> _T:
+        """``t`` as the rows of a lookup (by ``ids``) just noted in ``obs``."""
+        g = len(self.lookups)
+        self.lookups.append([(leaf, len(self.obs[leaf]) - 1) for leaf, _ in t.parts])
+        return _T(t.parts, t.plain, t.cut, g, ids is _DATA)
+
+    def note_lookup(self, t, p, shape, n_out, ids):
         """Records a gather from ``t`` as a lookup; returns its rows as a view where
-        the ids are an array and every axis not indexed is taken whole (each output
-        axis then holds one weight axis: the ids' axes the indexed ones)."""
+        the ids are an array that does not depend on the model's inputs (a
+        permutation, a fixed subset) and every axis not indexed is taken whole (each
+        output axis then holds one weight axis: the ids' axes the indexed ones)."""
         indexed = gather_indexed_axes(p, shape)
         self.note(t, "gather", indexed)
         dn, sizes = p["dimension_numbers"], p["slice_sizes"]
@@ -113,8 +133,8 @@ class _Walker:
             return None
         if n_out == len(dn.offset_dims):  # one id: a row (or a layer, see _is_pick)
             return None
-        g = len(self.lookups)
-        self.lookups.append([(leaf, len(self.obs[leaf]) - 1) for leaf, _ in t.parts])
+        if ids is _DATA:  # ids from the inputs: a lookup (q @ items[ids].T included)
+            return None
 
         def rows(ax):
             new = [_union(ax[i] for i in indexed)] * n_out
@@ -122,9 +142,7 @@ class _Walker:
                 new[k] = frozenset() if i in indexed else ax[i]
             return new
 
-        view = t.map(rows)
-        view.lookup = g
-        return view
+        return self.event(t, ids).map(rows)
 
     def note_conv(self, t, p, shape):
         """Records how a convolution reads ``t`` (of ``shape``) as its kernel (see
@@ -158,24 +176,36 @@ class _Walker:
             env[v] = x
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            if not any(isinstance(x, _T) for x in ins):
+            data = _depends_on_inputs(ins)
+            if any(isinstance(x, _T) for x in ins):
+                outs = self.eqn(eqn, ins)
+            elif data:
+                outs = [_DATA] * len(eqn.outvars)
+            else:
                 continue
-            outs = self.eqn(eqn, ins)
             for v, x in zip(eqn.outvars, outs, strict=False):
-                if isinstance(x, _T):
+                if isinstance(x, _T) or x is _DATA:
                     env[v] = x
+                elif data:  # an activation (x @ w), or a value computed from one
+                    env[v] = _DATA
         return [read(v) for v in jaxpr.outvars]
 
     def eqn(self, eqn, ins):
         name, p = eqn.primitive.name, eqn.params
         weights = [x for x in ins if isinstance(x, _T) and x.lookup is None]
         looked_up = [x for x in ins if isinstance(x, _T) and x.lookup is not None]
+        # rows of a lookup are a weight where a contraction applies them to an
+        # activation (x @ w[:, perm]); met by a weight, or by a value computed from
+        # weights alone (a weight-normed or dequantized kernel), they are activations
         if looked_up and (
             name not in _ROWS_OPS
             or name == "dot_general"
-            and (weights or len(looked_up) > 1)  # activations meet a weight
+            and (weights or len(looked_up) > 1 or _DATA not in ins[:2])
         ):
-            ins = [None if x in looked_up else x for x in ins]
+            ins = [
+                (_DATA if x.data else None) if any(x is y for y in looked_up) else x
+                for x in ins
+            ]
             if not weights:
                 return [None] * len(eqn.outvars)
         t = next(x for x in ins if isinstance(x, _T))
@@ -219,11 +249,10 @@ class _Walker:
             if name == "gather":  # index batch axes (an array of ids) hold no w axis
                 offset = p["dimension_numbers"].offset_dims
                 n_out = eqn.outvars[0].aval.ndim
-                if n_out > len(
-                    offset
-                ):  # an array of ids: a lookup if nothing contracts
+                if n_out > len(offset):  # an array of ids: a lookup unless contracted
                     shape = eqn.invars[0].aval.shape
                     self.note(t, "rows", gather_indexed_axes(p, shape))
+                    t = self.event(t, ins[1])
 
                 def kept(ax):
                     new = [frozenset()] * n_out
@@ -277,7 +306,8 @@ class _Walker:
             self.note_conv(t, p, eqn.invars[1].aval.shape)
         elif name == "gather" and ins[0] is t:
             shape = eqn.invars[0].aval.shape
-            return [self.note_lookup(t, p, shape, eqn.outvars[0].aval.ndim)]
+            n_out = eqn.outvars[0].aval.ndim
+            return [self.note_lookup(t, p, shape, n_out, ins[1])]
         elif name in (
             "jit",
             "pjit",
@@ -292,9 +322,9 @@ class _Walker:
         elif name == "scan":
             return self.scan(p, ins)
         elif name == "while":
-            cn = p["cond_nconsts"]
-            body_in = ins[cn:]
-            self.walk(p["cond_jaxpr"].jaxpr, ins[:cn] + ins[cn + p["body_nconsts"] :])
+            cn, bn = p["cond_nconsts"], p["body_nconsts"]
+            body_in = _carried(p["body_jaxpr"].jaxpr, ins[cn:], bn, len(ins) - cn - bn)
+            self.walk(p["cond_jaxpr"].jaxpr, ins[:cn] + body_in[bn:])
             self.walk(p["body_jaxpr"].jaxpr, body_in)
         elif name == "cond":
             for br in p["branches"]:
@@ -305,13 +335,41 @@ class _Walker:
         n = p["num_consts"] + p["num_carry"]
         body_in = list(ins[:n])
         for x in ins[n:]:
+            if isinstance(x, _T) and x.lookup is not None:  # scanned embeddings
+                x = _DATA if x.data else None
             if isinstance(x, _T) and x.ndim:
                 for leaf, axes in x.parts:
                     self.stack.setdefault(leaf, set()).update(axes[0])
                 x = x.map(lambda ax: ax[1:])
             body_in.append(x)
+        body_in = _carried(p["jaxpr"].jaxpr, body_in, p["num_consts"], p["num_carry"])
         outs = self.walk(p["jaxpr"].jaxpr, body_in)
-        return outs[: p["num_carry"]] + [None] * (len(outs) - p["num_carry"])
+        ys = [_DATA if y is _DATA else None for y in outs[p["num_carry"] :]]
+        return outs[: p["num_carry"]] + ys
+
+
+def _data_outs(jaxpr, flags) -> list[bool]:
+    """Which outputs of ``jaxpr`` depend on the inputs flagged (any input of an
+    equation taints all its outputs)."""
+    env = {v: f for v, f in zip(jaxpr.invars, flags, strict=True) if f}
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and env.get(v) for v in eqn.invars):
+            env.update((v, True) for v in eqn.outvars)
+    return [not isinstance(v, Literal) and bool(env.get(v)) for v in jaxpr.outvars]
+
+
+def _carried(jaxpr, args, first, n):
+    """A loop body's ``args`` with each carry (``args[first:first + n]``, the
+    body's first ``n`` outputs) marked an activation where some iteration makes it
+    one (``h = tanh(h @ w + x_t)`` from ``h = 0``)."""
+    flags = [x is _DATA or isinstance(x, _T) and x.data for x in args]
+    while True:
+        outs = _data_outs(jaxpr, flags)[:n]
+        new = [f or o for f, o in zip(flags[first : first + n], outs, strict=True)]
+        if new == flags[first : first + n]:
+            break
+        flags[first : first + n] = new
+    return [_DATA if x is None and flags[i] else x for i, x in enumerate(args)]
 
 
 _IDENTITY = {
@@ -333,9 +391,9 @@ _IDENTITY = {
     "all_gather",
 }
 
-# what the rows of a lookup are followed through: views, and contractions that may
-# use them as a weight (``x @ w[:, perm]``); scans, loops and the rest use them as
-# activations (an LSTM scanned over embeddings)
+# what the rows of a lookup are followed through: views, contractions that may use
+# them as a weight (``x @ w[:, perm]``) and the bodies that may hold one (a scan
+# scanning over them takes them as activations: an LSTM over embeddings)
 _ROWS_OPS = _IDENTITY | {
     "transpose",
     "reshape",
@@ -350,6 +408,10 @@ _ROWS_OPS = _IDENTITY | {
     "custom_vjp_call",
     "remat2",
     "checkpoint",
+    "shard_map",
+    "scan",
+    "while",
+    "cond",
 }
 
 
@@ -459,11 +521,13 @@ def infer(
     example_kwargs: dict | None = None,
     *,
     paths=None,
-) -> tuple[dict[str, Layout], dict[str, Conv]]:
+) -> tuple[dict[str, Layout], dict[str, Conv], set[str]]:
     """`infer_layouts` and, from the same trace, the `Conv` of each weight that a
     convolution reads as its kernel: its axes where every use is a convolution
     reading it alike through views that keep its values, else ``Conv(None)``
-    (flipped, scaled or merged axes, a transposed convolution, other uses too).
+    (flipped, scaled or merged axes, a transposed convolution, other uses too);
+    and the paths of the tables: weights whose layout a lookup decided (their
+    looked-up axes are the inputs), whatever the leaf's name.
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -501,8 +565,8 @@ def infer(
         for k, (_, x) in enumerate(p_leaves)
     ]
     walker = _Walker({k: tuple(x.shape) for k, (_, x) in enumerate(p_leaves)})
-    walker.walk(closed.jaxpr, tracked + [None] * len(a_dyn))
-    out, convs = {}, {}
+    walker.walk(closed.jaxpr, tracked + [_DATA] * len(a_dyn))
+    out, convs, tables = {}, {}, set()
     for k, t in enumerate(tracked):
         if t is None:
             continue
@@ -512,15 +576,23 @@ def infer(
         for g, entries in enumerate(walker.lookups):
             for leaf, i in entries:
                 reused = walker.reused.get((g, leaf), [])
+                if leaf != k or not reused:
+                    continue
+                if obs[i][0] == "rows":  # matrices by ids: `_decide` weighs both
+                    obs[i] = [obs[i], *reused]
                 # rows contracted as a weight that has outputs of its own: a weight
                 # reordered or subset (w[:, perm]), not a lookup
-                if leaf == k and reused and _decide(ndim, reused, stack, picked):
+                elif _decide(ndim, reused, stack, picked):
                     obs[i] = reused
         obs = [u for o in obs for u in (o if isinstance(o, list) else [o])]
         lay = _decide(ndim, obs, stack, picked)
         if lay is None:
             continue
         out[names[k]] = lay
+        lookups = [set(o[1]) - set(lay.stack_axes) for o in obs if o[0] == "gather"]
+        lookups += [set(o[1]) - set(lay.stack_axes) for o in obs if o[0] == "rows"]
+        if set(lay.in_axes) in lookups:
+            tables.add(names[k])
         uses = set(walker.convs.get(k, []))
         if not uses:
             continue
@@ -530,4 +602,4 @@ def infer(
             if axes is not None and set(axes) == set(lay.in_axes):
                 conv = Conv(axes, groups, dilation)
         convs[names[k]] = conv
-    return out, convs
+    return out, convs, tables

@@ -158,6 +158,11 @@ def _keys(name: str, embedding: bool) -> tuple[str, str]:
     return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
 
 
+def _is_table(keys: tuple[str, str]) -> bool:
+    """Whether `_keys` gave these keys to an embedding (PEFT's kind of module)."""
+    return keys[0].endswith(".lora_embedding_A")
+
+
 def _stack_first(x, stack_axes, inverse: bool = False) -> np.ndarray:
     """A factor with its stacked axes (leading, in layout order) in ascending weight
     order, so layer indices read as the weight's own (``inverse``: back)."""
@@ -371,7 +376,7 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
     for _, _, keys in owners.values():
         used.update(keys)
     tied = _check_extras(config, tensors, owners, used, problems)
-    tables = [n for n, (node, _, _) in owners.items() if node.spec.embedding]
+    tables = [n for n, (_, _, keys) in owners.items() if _is_table(keys)]
     _warn_tables([n for n in tables if n not in tied], "load_peft")
     unused = sorted(k for k in tensors if k not in used)
     if unused:
@@ -397,7 +402,7 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
 _BASE = ".base_layer.weight"
 
 
-def _torch_base(node: LoraWeight, layer: tuple) -> np.ndarray:
+def _torch_base(node: LoraWeight, layer: tuple, table: bool) -> np.ndarray:
     """One layer's base weight as torch holds it: ``(vocab, dim)`` for a table,
     ``(out, in)`` for a linear layer (axes flattened in the weight's order),
     ``(out, in, *window)`` for a convolution."""
@@ -413,7 +418,7 @@ def _torch_base(node: LoraWeight, layer: tuple) -> np.ndarray:
     flat = np.transpose(w, order).reshape(
         math.prod(node.shape[i] for i in lay.in_axes), -1
     )
-    return flat if node.spec.embedding else flat.T
+    return flat if table else flat.T
 
 
 def _same_base(got: np.ndarray, want: np.ndarray) -> str | None:
@@ -438,10 +443,10 @@ def _check_extras(config, tensors, owners, used, problems) -> set[str]:
     of targeted modules and tied heads (``save_embedding_layers``), accepted only
     if they are the base weights here. Marks what it accepts (or reports) as
     ``used``, appends to ``problems``; returns the tables a head is tied to."""
-    bases = {name: (nd, layer) for name, (nd, layer, _) in owners.items()}
+    bases = {name: (nd, layer, _is_table(k)) for name, (nd, layer, k) in owners.items()}
     tied = set()
     if config.get("ensure_weight_tying"):
-        tables = [(n, k) for n, (node, _, k) in owners.items() if node.spec.embedding]
+        tables = [(n, k) for n, (_, _, k) in owners.items() if _is_table(k)]
         for key in tensors:
             if key in used or not key.endswith(".lora_A.weight"):
                 continue
@@ -526,9 +531,14 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
     _, in_shape, out_shape = lay.split_shape(node.shape)
     factors, scales, layers = [], set(), set()
     rslora = bool(config.get("use_rslora", False))
+    embedding = spec.embedding  # the torch module's kind, as the adapter says
     for layer in np.ndindex(*stack_shape):
         name = _name_of(module_names, p, layer, stack_shape)
-        ka, kb = _keys(name, spec.embedding)
+        ka, kb = _keys(name, embedding)
+        other = _keys(name, not embedding)
+        if ka not in tensors and other[0] in tensors and spec.conv is None:
+            if layer == (0,) * len(stack_shape):  # a table named otherwise here
+                embedding, (ka, kb) = not embedding, other
         if name in owners:
             raise ValueError(
                 f"{p!r} layer {layer}: module_names gives {name!r}, which is "
@@ -543,8 +553,7 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
                 "it unadapted"
             )
         if ka not in tensors or kb not in tensors:
-            other = _keys(name, not spec.embedding)
-            kind = "an embedding" if spec.embedding else "a linear layer"
+            kind = "an embedding" if embedding else "a linear layer"
             hint = (
                 f"; it holds {other[0]!r} instead (the target is {kind} here)"
                 if other[0] in tensors
@@ -594,7 +603,7 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
         alpha,
         rslora=rslora,
         scheme="peft",
-        embedding=spec.embedding,
+        embedding=embedding,
         conv=spec.conv,
     )
     out = LoraWeight(

@@ -256,12 +256,15 @@ def test_one_row_of_a_table_is_a_lookup_and_a_pad_value_is_not_a_view():
     }
 
 
-def test_a_kernel_reordered_or_subset_by_ids_keeps_its_axes():
-    """``x @ w[:, perm]`` (columns reordered by constant ids, or a subset picked by
-    ids the model is given, as in sampled softmax) contracts ``w``'s first axis: it
-    is the input side, not an embedding's vocabulary axis looked up. It used to be
-    read as a lookup on axis 1, giving ``a`` and ``b`` swapped shapes; it is
-    computed factored, plain and stacked by a scan."""
+def test_a_kernel_reordered_or_subset_by_constant_ids_keeps_its_axes():
+    """``x @ w[:, perm]`` (columns reordered or a fixed subset kept, by ids that do
+    not depend on the inputs) contracts ``w``'s first axis: it is the input side,
+    not an embedding's vocabulary axis looked up. It used to be read as a lookup on
+    axis 1, giving ``a`` and ``b`` swapped shapes. It is followed into loop bodies
+    (a carry that becomes an activation counts as one), and computed factored,
+    plain and stacked by a scan. Ids from the inputs make it a lookup: a two-tower
+    ``q @ items[ids].T`` keeps the table's lookup layout (so does sampled softmax,
+    ``x @ take(w, ids, 1)``, which needs ``layouts=``)."""
     perm = jnp.array([2, 0, 1, 3, 5, 4])
     p = {"w": jax.random.normal(jax.random.key(0), (4, 6))}
     x = jax.random.normal(jax.random.key(1), (2, 4))
@@ -269,14 +272,15 @@ def test_a_kernel_reordered_or_subset_by_ids_keeps_its_axes():
     def reordered(p, x):
         return x @ p["w"][:, perm]
 
-    def sampled(p, x, ids):
-        return x @ jnp.take(p["w"], ids, axis=1)
+    def pruned(p, x):  # a fixed subset of columns, used in a loop from h = 0
+        w = jnp.take(p["w"], perm[:4], axis=1)
+        body = lambda h, xt: (jnp.tanh(h @ w + xt), None)  # noqa: E731
+        return jax.lax.scan(body, jnp.zeros(4), x)[0]
 
-    ids = jnp.array([5, 1, 1])
     assert infer_layouts(reordered, p, (x,)) == {"w": D2}
-    assert infer_layouts(sampled, p, (x, ids)) == {"w": D2}
+    assert infer_layouts(pruned, p, (x,)) == {"w": D2}
     check(reordered, adapt(p, {"w": D2}), x)
-    check(sampled, adapt(p, {"w": D2}), x, ids)
+    check(pruned, adapt(p, {"w": D2}), x)
 
     def scanned(p, x):  # a layer stack, each layer's kernel reordered
         body = lambda h, w: (jnp.tanh(h @ w[:, perm])[:, :4], None)  # noqa: E731
@@ -287,17 +291,27 @@ def test_a_kernel_reordered_or_subset_by_ids_keeps_its_axes():
     assert infer_layouts(scanned, stack, (x,)) == {"w": per_layer}
     check(scanned, adapt(stack, {"w": per_layer}), x)
 
+    def two_tower(p, q, ids):
+        return q @ p["items"][ids].T
+
+    items = {"items": jnp.ones((10, 4))}
+    got = infer_layouts(two_tower, items, (x, jnp.array([3, 1, 7])))
+    assert got == {"items": D2}
+
 
 class EmbedInto(nn.Module):
     """Embedding rows fed straight (scaled, not added to) into a Dense, a Conv and
-    an LSTM scanned over the sequence, and a tied table's rows at candidate ids
-    scored by attending to them."""
+    an LSTM scanned over the sequence, positions' rows (constant ids) into a
+    weight-normed Dense (its kernel computed from weights alone), and a tied
+    table's rows at candidate ids scored by attending to them."""
 
     @nn.compact
     def __call__(self, ids, cands):
         emb = nn.Embed(11, 6)
         rows = emb(ids) * 2.0
         h = nn.Dense(5)(rows) + nn.Conv(5, (3,))(rows)
+        pos = nn.Embed(3, 6, name="pos")(jnp.arange(3))  # constant ids
+        h = h + nn.WeightNorm(nn.Dense(5, name="normed"))(pos)[None]
         h = h + nn.RNN(nn.OptimizedLSTMCell(5))(rows)
         return jnp.tanh(h[..., :1] * rows) @ emb(cands).T
 
@@ -314,3 +328,13 @@ def test_embedding_rows_used_as_activations_stay_a_lookup():
     cell = "params/OptimizedLSTMCell_0"
     assert {k: v for k, v in got.items() if k.startswith(cell)}
     assert all(v == D2 for k, v in got.items() if k.startswith(cell))
+    assert got["params/pos/embedding"] == D2
+
+    def heads(p, ids):  # rows of a (vocab, heads, dim) table into a projection
+        return jnp.einsum("bthd,hde->bte", p["e"][ids], p["w"])
+
+    p = {"e": jnp.ones((10, 2, 4)), "w": jnp.ones((2, 4, 6))}
+    assert infer_layouts(heads, p, (ids,)) == {
+        "e": Layout(in_axes=(0,), out_axes=(1, 2)),
+        "w": Layout(in_axes=(0, 1), out_axes=(2,)),
+    }

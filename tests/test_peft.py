@@ -496,6 +496,60 @@ def test_peft_extras_are_read_or_refused(tmp_path):
             jaxlora.load_peft(tmp_path / "tied", tmpl, names)
 
 
+def test_a_table_named_otherwise_is_a_peft_embedding(tmp_path):
+    """A table that is not a leaf named ``embedding`` (``self.param("wte")``, a
+    plain tree) used to be written as a Linear's ``lora_A``/``lora_B``, which PEFT
+    silently leaves unread on its ``nn.Embedding`` (no effect at all). A model
+    that looks it up (init's ``apply_fn``) makes it a table; load_peft reads an
+    embedding adapter onto a target initialised without the model, as the file's
+    keys say what the torch module is."""
+    torch, peft = _torch_peft()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(10, 6)
+
+        def forward(self, ids):
+            return self.wte(ids)
+
+    torch.manual_seed(0)
+    net = Net()
+    table = net.wte.weight.detach().numpy()
+    params = {"wte": jnp.asarray(table)}
+    ids = jnp.array([[1, 2, 9], [0, 0, 3]])
+    lookup = lambda p, ids: p["wte"][ids]  # noqa: E731
+    lp = jaxlora.init(
+        params,
+        jax.random.key(1),
+        rank=2,
+        targets=["wte"],
+        scheme="both_random",
+        apply_fn=lookup,
+        example_args=(ids,),
+    )
+    assert lp["wte"].spec.embedding
+    d = jaxlora.save_peft(tmp_path / "a", lp, {"wte": "wte"})
+    keys = set(_safetensors.read(os.path.join(d, _peft.WEIGHTS)))
+    assert keys == {
+        "base_model.model.wte.lora_embedding_A",
+        "base_model.model.wte.lora_embedding_B",
+    }
+    model = peft.PeftModel.from_pretrained(net, d)
+    with torch.no_grad():
+        got = model(torch.tensor(np.asarray(ids))).numpy()
+    want = np.asarray(jaxlora.lora_apply(lookup)(lp, ids))
+    assert np.abs(want - table[np.asarray(ids)]).max() > 1e-2  # the adapter acts
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    plain = jaxlora.init(params, jax.random.key(2), rank=2, targets=["wte"])
+    assert not plain["wte"].spec.embedding  # no model: a name is all there is
+    back = jaxlora.load_peft(d, plain, {"wte": "wte"})
+    assert back["wte"].spec.embedding
+    np.testing.assert_array_equal(back["wte"].a, lp["wte"].a)
+    np.testing.assert_array_equal(back["wte"].b, lp["wte"].b)
+
+
 def test_tables_warn_that_peft_adapts_lookups_only(stacked, tmp_path):
     _, _, adapted = stacked
     lp = adapted(1, rank=2)
