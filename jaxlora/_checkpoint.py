@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from jaxlora import _hosts
 from jaxlora._boxes import factored_boxes
+from jaxlora._merge import refuse_baseless
 from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
@@ -40,6 +43,7 @@ from jaxlora._node import LoraWeight
 from jaxlora._node import factor_shardings
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import check_unique
 from jaxlora._targets import default_conv
 from jaxlora._targets import default_layout
 from jaxlora._targets import examples
@@ -145,17 +149,8 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             "returned by jaxlora.adapters); a checkpoint records the base shapes and "
             "dtypes. Save the adapted tree, e.g. jaxlora.combine(base, adapters)."
         )
-    if os.path.lexists(path) and not overwrite:
-        raise ValueError(
-            f"Checkpoint {path!r} already exists. Pass overwrite=True to replace "
-            "it, or choose another path."
-        )
-    if os.path.lexists(path) and (foreign := _foreign_entries(path)) is not None:
-        raise ValueError(
-            f"Cannot overwrite {path!r}: it is not a jaxlora checkpoint (it holds "
-            f"{shown(foreign)}), and overwrite=True only replaces a directory written "
-            "by jaxlora.save. Choose another path, or move its contents away first."
-        )
+    replaceable = functools.partial(_check_replaceable, overwrite=overwrite)
+    replaceable(path)
     local = [
         p
         for p, x in nodes
@@ -181,7 +176,7 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
             "adapter per batch entry: save each, e.g. jax.tree.map(lambda x: x[i], "
             "tree)."
         )
-    with staged(path) as tmp:
+    with staged(path, replaceable) as tmp:
         arrays = {
             e["key"]: {"a": jnp.asarray(node.a), "b": jnp.asarray(node.b)}
             for e, (_, node) in zip(entries, nodes, strict=True)
@@ -197,21 +192,40 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
     return path
 
 
+def _check_replaceable(path: str, *, overwrite: bool) -> None:
+    """Raises unless `save` may write ``path``: it does not exist, or it is a
+    checkpoint `save` wrote and ``overwrite`` is set."""
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(
+            f"Checkpoint {path!r} already exists. Pass overwrite=True to replace "
+            "it, or choose another path."
+        )
+    if os.path.lexists(path) and (foreign := _foreign_entries(path)) is not None:
+        raise ValueError(
+            f"Cannot overwrite {path!r}: it is not a jaxlora checkpoint (it holds "
+            f"{shown(foreign)}), and overwrite=True only replaces a directory written "
+            "by jaxlora.save. Choose another path, or move its contents away first."
+        )
+
+
 @contextlib.contextmanager
-def staged(path: str):
+def staged(path: str, replaceable: Callable[[str], None]):
     """A temporary directory next to ``path``, renamed to ``path`` when the block
     succeeds (an existing ``path`` is replaced only then) and removed otherwise, so
     an interrupted save never leaves a half-written directory where a good one was.
+    ``replaceable(path)`` is checked again right before the rename (it raises where
+    ``path`` may not be written): what appeared there during the save is kept.
 
     With several JAX processes (multi-host) every process gets the same directory
     (the primary one creates, renames and removes it; ``path`` must be on a file
     system they share, as orbax requires), files only one process writes are
     written by `_hosts.primary`, and every process returns once ``path`` is
     complete, or raises if any process failed in the block."""
-    tmp, failed = _hosts.on_primary(lambda: _make_staging(path))
+    staging, failed = _hosts.on_primary(lambda: _make_staging(path))
     if failed:
         raise OSError(f"Could not create a directory next to {path!r}: {failed}")
-    tmp = _hosts.agreed(tmp or "")
+    tmp, made = staging or ("", None)
+    tmp = _hosts.agreed(tmp)
     ok = False
     try:
         yield tmp
@@ -220,10 +234,12 @@ def staged(path: str):
         try:
             all_ok = _hosts.everywhere(ok)
             if all_ok:
-                _, failed = _hosts.on_primary(lambda: _replace(tmp, path))
+                _, failed = _hosts.on_primary(lambda: _replace(tmp, path, replaceable))
         finally:
             if _hosts.primary():
                 shutil.rmtree(tmp, ignore_errors=True)
+                if not os.path.lexists(path):  # failed: no directories made for it
+                    _remove_made(path, made)
         if ok and not all_ok:  # this process's part went well
             raise RuntimeError(
                 f"Saving {path!r} failed on another JAX process (see its error); "
@@ -239,7 +255,23 @@ def _short(path: str) -> str:
     return os.path.basename(path).encode()[:64].decode(errors="ignore")
 
 
-def _make_staging(path: str) -> str:
+def _remove_made(path: str, made: str | None) -> None:
+    """Removes the directories above ``path`` up to ``made``, the topmost one
+    `_make_staging` created for it, as far up as they are empty."""
+    parent = os.path.dirname(path)
+    while made is not None:
+        try:
+            os.rmdir(parent)
+        except OSError:  # not empty (something else was put there), or gone
+            return
+        if parent == made:
+            return
+        parent = os.path.dirname(parent)
+
+
+def _make_staging(path: str) -> tuple[str, str | None]:
+    """A new hidden directory next to ``path``, and the topmost directory made to
+    hold it (None if ``path``'s parent existed)."""
     parent = os.path.dirname(path)
     above = parent
     while not os.path.exists(above) and os.path.dirname(above) != above:
@@ -249,7 +281,12 @@ def _make_staging(path: str) -> str:
             f"Cannot save to {path!r}: {above!r} is a file, not a directory. Save "
             "under a directory (or move that file away)."
         )
-    os.makedirs(parent, exist_ok=True)
+    made = None
+    if not os.path.exists(parent):
+        made = parent
+        while not os.path.exists(os.path.dirname(made)):
+            made = os.path.dirname(made)
+        os.makedirs(parent)
     tmp = tempfile.mkdtemp(prefix=f".{_short(path)}.tmp-", dir=parent)
     # mkdtemp's 0o700 would hide the result from other users: the mode of the
     # directory it replaces, else what the umask gives a new directory
@@ -260,7 +297,7 @@ def _make_staging(path: str) -> str:
         os.umask(umask)
         mode = 0o777 & ~umask
     os.chmod(tmp, mode)
-    return tmp
+    return tmp, made
 
 
 def write_synced(file: str, data: bytes) -> None:
@@ -289,8 +326,9 @@ def _foreign_entries(path: str) -> list[str] | None:
     return foreign or None
 
 
-def _replace(src: str, dst: str) -> None:
+def _replace(src: str, dst: str, replaceable: Callable[[str], None]) -> None:
     """Renames ``src`` to ``dst``, moving an existing ``dst`` aside until done."""
+    replaceable(dst)
     if not os.path.exists(dst):
         os.rename(src, dst)
         return
@@ -526,6 +564,8 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     entries = meta.get("targets")
     _check_entries(path, entries)
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    check_unique([path_str(k) for k, _ in flat])
+    refuse_baseless(params, "jaxlora.load")
     leaves = {path_str(k): x for k, x in flat}
     wanted = [e["path"] for e in entries]
     missing = [p for p in wanted if p not in leaves]

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxlora._boxes import factored_boxes
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import check_unique
 from jaxlora._targets import examples
 from jaxlora._targets import is_floating
+from jaxlora._targets import shown
 
 PyTree = Any
 #: Adapters of a tree: ``{path: LoraWeight(w=None, a, b, spec)}``.
 Adapters = dict[str, LoraWeight]
 
 
-def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
+def refuse_baseless(params: PyTree, caller: str) -> None:
+    """Raises if ``params`` holds adapters without a base (`adapters`' ``w=None``)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     baseless = [path_str(p) for p, x in flat if is_lora(x) and x.w is None]
     if baseless:
@@ -28,6 +33,10 @@ def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
             "(w=None, as jaxlora.adapters returns them). Put them on the base weights "
             "first: jaxlora.combine(base_params, adapters)."
         )
+
+
+def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
+    refuse_baseless(params, caller)
     out = jax.tree.map(lambda x: fn(x) if is_lora(x) else x, params, is_leaf=is_lora)
     return factored_boxes(out)
 
@@ -46,7 +55,40 @@ def merge(params: PyTree) -> PyTree:
         >>> bool(jnp.allclose(jaxlora.merge({"kernel": node})["kernel"], want))
         True
     """
-    return _map_lora(LoraWeight.merged, params, "merge")
+    out = _map_lora(LoraWeight.merged, params, "merge")
+    _warn_overflow(params, out)
+    return out
+
+
+def _warn_overflow(params: PyTree, merged: PyTree) -> None:
+    """Warns of merged weights of a narrow dtype (float16) that overflowed to inf
+    where the base was finite (the float32 sum did not fit the base's dtype)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    out = dict(
+        (path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(merged)[0]
+    )
+    wide = jnp.finfo(jnp.float32).max
+    bad = []
+    for kp, node in flat:
+        new = out.get(path_str(kp))
+        if not is_lora(node) or new is None or isinstance(new, jax.core.Tracer):
+            continue
+        if (
+            not jnp.issubdtype(new.dtype, jnp.floating)
+            or jnp.finfo(new.dtype).max >= wide
+        ):
+            continue
+        if bool(jnp.isfinite(node.w).all()) and not bool(jnp.isfinite(new).all()):
+            bad.append(f"{path_str(kp)!r} ({jnp.dtype(new.dtype).name})")
+    if bad:
+        warnings.warn(
+            f"jaxlora.merge: w + scale·a@b overflows the base weight's dtype at "
+            f"{shown(bad)}: the merged weight holds inf where the base did not. "
+            "Merge a float32 copy of the base (jax.tree.map(lambda x: x.astype("
+            "jnp.float32), base) with jaxlora.combine) or keep the adapter unmerged "
+            "(jaxlora.lora_apply).",
+            stacklevel=3,
+        )
 
 
 def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
@@ -137,6 +179,8 @@ def combine(
             and, unless ``allow_residual``, every residual adapter.
     """
     _check_adapter_tree(adapter_tree)
+    flat, _ = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_lora)
+    check_unique([path_str(k) for k, _ in flat])
     found, problems = set(), []
     residual = sorted(p for p, x in adapter_tree.items() if x.spec.residual)
     if residual and not allow_residual:

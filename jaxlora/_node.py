@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -161,6 +162,19 @@ class LoraSpec:
     residual: bool = False
     embedding: bool = False
     conv: Conv | None = None
+
+    def __post_init__(self):
+        # plain Python values: NumPy or JAX scalars (np.bool_(True), jnp.float32(4))
+        # would make a checkpoint's metadata unwritable as JSON
+        for name in ("rslora", "residual", "embedding"):
+            if isinstance(getattr(self, name), (bool, np.bool_)):
+                object.__setattr__(self, name, bool(getattr(self, name)))
+        if isinstance(self.rank, np.integer):
+            object.__setattr__(self, "rank", int(self.rank))
+        concrete = not isinstance(self.alpha, jax.core.Tracer)
+        if concrete and isinstance(self.alpha, (np.number, jax.Array, int)):
+            if np.shape(self.alpha) == () and not isinstance(self.alpha, bool):
+                object.__setattr__(self, "alpha", float(self.alpha))
 
     @property
     def scale(self) -> float:

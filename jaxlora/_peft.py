@@ -22,6 +22,7 @@ caller's ``module_names(path, layer)``: the model's naming is not in the weights
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -41,12 +42,14 @@ from jaxlora import _safetensors
 from jaxlora._boxes import factored_boxes
 from jaxlora._checkpoint import staged
 from jaxlora._checkpoint import write_synced
+from jaxlora._merge import refuse_baseless
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._node import placed_like_weight
 from jaxlora._paths import path_str
 from jaxlora._peft_config import CONFIG
+from jaxlora._targets import check_unique
 from jaxlora._targets import examples
 from jaxlora._targets import shown
 
@@ -256,7 +259,7 @@ def save_peft(
             + "\nLeave them out of the adapter (targets= in jaxlora.init), or share "
             "the merged weights (jaxlora.merge) instead."
         )
-    _check_target(path, overwrite)
+    _check_target(path, overwrite=overwrite)
     tensors, modules, owner = {}, {}, {}
     for p, node in nodes:
         spec = node.spec
@@ -274,7 +277,7 @@ def save_peft(
             modules[name] = spec
     _warn_tables([n for n, spec in modules.items() if spec.embedding], "save_peft")
     config = _peft_config.write(modules)
-    with staged(path) as tmp:
+    with staged(path, functools.partial(_check_target, overwrite=overwrite)) as tmp:
         if _hosts.primary():  # every process holds all of it: one writes
             card = os.path.join(path, "README.md")  # PEFT's model card: kept
             if os.path.isfile(card):
@@ -300,7 +303,7 @@ def _warn_tables(names: list[str], fn: str) -> None:
         )
 
 
-def _check_target(path: str, overwrite: bool) -> None:
+def _check_target(path: str, *, overwrite: bool) -> None:
     if not os.path.lexists(path):
         return
     if not overwrite:
@@ -357,6 +360,9 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             f"with save_pretrained(..., safe_serialization=True) to get {WEIGHTS}."
         )
     tensors = _safetensors.read(os.path.join(path, WEIGHTS))
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+    check_unique([path_str(k) for k, _ in flat])
+    refuse_baseless(params, "jaxlora.load_peft")
     nodes = _adapted(params)
     if not nodes:
         raise ValueError(

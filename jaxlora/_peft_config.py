@@ -132,8 +132,12 @@ def read(path: str) -> dict:
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
         problems.append(f"r={r!r} (a positive integer)")
     alpha = config.get("lora_alpha")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)):
-        problems.append(f"lora_alpha={alpha!r} (a number)")
+    if not (
+        isinstance(alpha, (int, float))
+        and not isinstance(alpha, bool)
+        and 0 < alpha < math.inf
+    ):  # 0 would be an adapter with no effect, a negative one reversed, NaN NaNs
+        problems.append(f"lora_alpha={alpha!r} (a finite number > 0)")
     for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         pattern = config.get(field) or {}
         if not isinstance(pattern, dict):
@@ -144,7 +148,11 @@ def read(path: str) -> dict:
                 re.compile(key)
             except re.error as e:
                 problems.append(f"{field} key {key!r} ({e})")
-            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+            if (
+                not isinstance(value, kind)
+                or isinstance(value, bool)
+                or not 0 < value < math.inf
+            ):
                 problems.append(f"{field}[{key!r}]={value!r}")
     for field in ("target_modules", "exclude_modules"):
         value = config.get(field)

@@ -82,6 +82,13 @@ def read(file: str) -> dict[str, np.ndarray]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(code, str) and code not in _DTYPES:
+            raise ValueError(
+                f"{file!r}: tensor {name!r} has dtype {code}, which jaxlora does not "
+                f"read (LoRA factors are {', '.join(_DTYPES)}). Save the adapter "
+                "without it, or cast it to a floating dtype."
+            )
         try:
             dtype = _DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])

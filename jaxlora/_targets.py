@@ -116,6 +116,23 @@ def check_names(names: Any, arg: str) -> bool:
     return True
 
 
+def check_unique(paths: list[str]) -> None:
+    """Raises if two leaves share a ``/``-joined path (``{"a": {"b": x}, "a/b": y}``,
+    keys 0 and '0'): an adapter meant for one would be put on both."""
+    seen, clashes = set(), []
+    for p in paths:
+        if p in seen and p not in clashes:
+            clashes.append(p)
+        seen.add(p)
+    if clashes:
+        raise ValueError(
+            f"Several parameters share the path {examples(clashes)}: paths are the "
+            "'/'-joined keys, so a key containing '/' (or keys 0 and '0') can name "
+            "two leaves, and targets, patterns and checkpoints could not tell them "
+            "apart. Rename those keys."
+        )
+
+
 def select(params: PyTree, targets: Targets) -> list[str]:
     """The paths of the leaves ``targets`` selects (before validation).
 
@@ -132,18 +149,7 @@ def select(params: PyTree, targets: Targets) -> list[str]:
             available paths.
     """
     items = leaves_with_paths(params)
-    seen, clashes = set(), []
-    for p, _ in items:
-        if p in seen and p not in clashes:
-            clashes.append(p)
-        seen.add(p)
-    if clashes:
-        raise ValueError(
-            f"Several parameters share the path {examples(clashes)}: paths are the "
-            "'/'-joined keys, so a key containing '/' (or keys 0 and '0') can name "
-            "two leaves, and targets, patterns and checkpoints could not tell them "
-            "apart. Rename those keys."
-        )
+    check_unique([p for p, _ in items])
     adapted = [p for p, leaf in items if is_lora(leaf)]
     if adapted:
         raise ValueError(

@@ -258,6 +258,99 @@ def test_overwrite_never_replaces_what_save_did_not_write(mixed, tmp_path):
     ]
 
 
+def test_what_appears_at_the_path_during_a_save_is_kept(tmp_path, monkeypatch):
+    """The path was checked only before writing: a directory made there while the
+    factors were being written (another run saving to the same place) was moved
+    aside and deleted at the rename, even with overwrite=False. It is checked
+    again at the rename; a failed save also removes the parent directories it
+    made."""
+    plain = {"fc": {"kernel": jnp.ones((4, 3))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2)
+    target = tmp_path / "ck"
+    orig = ocp.StandardCheckpointer.save
+
+    def racing(self, *args, **kwargs):
+        target.mkdir(exist_ok=True)
+        (target / "precious.txt").write_text("mine")
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", racing)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"ck'"):
+            jaxlora.save(target, params, overwrite=overwrite)
+        assert (target / "precious.txt").read_text() == "mine"
+        assert sorted(os.listdir(tmp_path)) == ["ck"]  # no staging left
+    monkeypatch.undo()
+
+    def racing_peft(*args, **kwargs):
+        (tmp_path / "peft").mkdir(exist_ok=True)
+        (tmp_path / "peft" / "precious.txt").write_text("mine")
+        return b""
+
+    monkeypatch.setattr(_checkpoint, "write_synced", racing_peft)
+    monkeypatch.setattr("jaxlora._peft.write_synced", racing_peft)
+    with pytest.raises(ValueError, match=r"peft' already exists"):
+        jaxlora.save_peft(tmp_path / "peft", params, {"fc/kernel": "fc"})
+    assert (tmp_path / "peft" / "precious.txt").read_text() == "mine"
+    monkeypatch.undo()
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        jaxlora.save(tmp_path / "runs" / "a" / "ck", params)
+    assert sorted(os.listdir(tmp_path)) == ["ck", "peft"]
+
+
+def test_numpy_scalars_in_a_spec_are_saved_as_numbers(tmp_path):
+    """``init(rslora=np.bool_(True))`` is accepted, and its spec held the NumPy
+    bool: save failed with a raw 'not JSON serializable' (the tree could never be
+    saved). Specs hold plain Python values."""
+    plain = {"fc": {"kernel": jnp.ones((4, 3))}}
+    params = jaxlora.init(
+        plain,
+        jax.random.key(0),
+        rank=np.int64(2),
+        alpha=np.float32(4),
+        rslora=np.bool_(True),
+    )
+    spec = params["fc"]["kernel"].spec
+    assert (type(spec.rank), type(spec.alpha), type(spec.rslora)) == (int, float, bool)
+    by_hand = jaxlora.LoraSpec(
+        spec.layout, np.int32(2), jnp.float32(4), np.bool_(True), "normal"
+    )
+    assert by_hand == spec and hash(by_hand) == hash(spec)
+    jaxlora.save(tmp_path / "ck", params)
+    back = jaxlora.load(tmp_path / "ck", plain)
+    assert back["fc"]["kernel"].spec == spec
+
+
+def test_loading_needs_base_weights_and_one_leaf_per_path(tmp_path):
+    """Loading onto `adapters`' tree (no base) raised a bare AttributeError in
+    load_peft and a shape-() complaint in load; a tree whose keys make one path
+    name two leaves got one adapter on both (init refuses such a tree)."""
+    plain = {"enc": {"kernel": jnp.ones((4, 3))}}
+    params = jaxlora.init(plain, jax.random.key(0), rank=2)
+    jaxlora.save(tmp_path / "ck", params)
+    d = jaxlora.save_peft(tmp_path / "peft", params, {"enc/kernel": "enc"})
+    baseless = jaxlora.adapters(params)
+    with pytest.raises(ValueError, match=r"load: 'enc/kernel' hold adapters without"):
+        jaxlora.load(tmp_path / "ck", baseless)
+    with pytest.raises(ValueError, match=r"load_peft: 'enc/kernel' hold adapters"):
+        jaxlora.load_peft(d, baseless, {"enc/kernel": "enc"})
+    clash = {"enc": {"kernel": jnp.ones((4, 3))}, "enc/kernel": jnp.zeros((4, 3))}
+    for fn in (
+        lambda: jaxlora.load(tmp_path / "ck", clash),
+        lambda: jaxlora.combine(clash, baseless),
+        lambda: jaxlora.load_peft(
+            d, {**params, "enc/kernel": params["enc"]["kernel"]}, {"enc/kernel": "enc"}
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"share the path 'enc/kernel'"):
+            fn()
+
+
 def test_save_under_a_file_names_it(tmp_path):
     plain = {"fc": {"kernel": jnp.ones((4, 3))}}
     params = jaxlora.init(plain, jax.random.key(0), rank=2)

@@ -355,8 +355,26 @@ def test_load_names_every_mismatch(tmp_path):
         (tmp_path / "a" / _peft.CONFIG).write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match=field if field != "peft_type" else "IA3"):
             jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})
+    for alpha in (0, -4, float("nan"), float("inf")):  # loaded as no-op, reversed..
+        (tmp_path / "a" / _peft.CONFIG).write_text(
+            json.dumps({**config, "lora_alpha": alpha})
+        )
+        with pytest.raises(ValueError, match=r"lora_alpha=.* \(a finite number > 0"):
+            jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})
     (tmp_path / "a" / _peft.CONFIG).write_text(json.dumps(config))
     weights = tmp_path / "a" / _peft.WEIGHTS
+    tensors = _safetensors.read(str(weights))
+    good = weights.read_bytes()
+    extra = {**tensors, "base_model.model.enc.fc.steps": np.zeros(3, np.float32)}
+    blob = _safetensors.encode(extra, {"format": "pt"})  # then relabelled I32
+    steps = b'"base_model.model.enc.fc.steps":{"dtype":"F32"'
+    assert steps in blob
+    weights.write_bytes(blob.replace(steps, steps.replace(b"F32", b"I32")))
+    with pytest.raises(
+        ValueError, match=r"'base_model.model.enc.fc.steps' has dtype I32"
+    ):
+        jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})
+    weights.write_bytes(good)
     weights.write_bytes(weights.read_bytes()[:-4])
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         jaxlora.load_peft(d, lp, {"enc/fc/kernel": "enc.fc"})

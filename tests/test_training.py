@@ -565,6 +565,21 @@ def test_merge_and_base_of_adapters_alone_say_combine():
             fn(jaxlora.adapters(lp))
 
 
+def test_a_float16_merge_that_overflows_is_named():
+    """merge sums in float32 and casts back: in float16 a large update became inf
+    with no word. It is named; a merge that fits, or one under jit, is silent."""
+    w = {"kernel": jnp.ones((4, 3), jnp.float16)}
+    lp = jaxlora.init(w, jax.random.key(0), rank=2, scheme="both_random")
+    big = {"kernel": lp["kernel"].replace(b=lp["kernel"].b * 1e5)}
+    with pytest.warns(UserWarning, match=r"overflows .* at 'kernel' \(float16\)"):
+        out = jaxlora.merge(big)
+    assert not bool(jnp.isfinite(out["kernel"]).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxlora.merge(lp)
+        jax.jit(jaxlora.merge)(big)
+
+
 class StackedBlocks(nnx.Module):
     """NNX's scan-over-layers pattern: blocks made by ``nnx.vmap``, run by
     ``nnx.scan``, with BatchNorm statistics written in place."""
