@@ -255,20 +255,24 @@ def make_optimizer(
     """AdamW with the schedule; factors + head only unless ``full_finetune``."""
     schedule = make_schedule(cfg, total_steps)
     clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
+    adamw = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     if cfg.full_finetune:
-        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    elif cfg.lora_plus_ratio:
-        tx = jaxlora.lora_plus(
-            optax.adamw,
-            schedule,
-            ratio=cfg.lora_plus_ratio,
-            trainable=list(HEAD),
-            weight_decay=cfg.weight_decay,
-        )
-    else:
-        adamw = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-        tx = jaxlora.freeze_base(adamw, trainable=list(HEAD))
-    return optax.chain(*clip, tx), schedule
+        return optax.chain(*clip, adamw), schedule
+    # the clip sees the trained leaves only (frozen biases and norms get gradients)
+    if not cfg.lora_plus_ratio:
+        return jaxlora.freeze_base(
+            optax.chain(*clip, adamw), trainable=list(HEAD)
+        ), schedule
+    tx = jaxlora.lora_plus(
+        optax.adamw,
+        schedule,
+        ratio=cfg.lora_plus_ratio,
+        trainable=list(HEAD),
+        weight_decay=cfg.weight_decay,
+    )
+    if clip:
+        tx = optax.chain(jaxlora.freeze_base(clip[0], trainable=list(HEAD)), tx)
+    return tx, schedule
 
 
 #: Schemes that read the inputs each target meets (``apply_fn=``, ``batches=``).

@@ -33,7 +33,7 @@ def _rules(trainable: Trainable) -> list[tuple[str, Callable[[str, Any], bool]]]
     if trainable is None:
         return []
     if isinstance(trainable, str):
-        check_regex(trainable, "trainable", "'.*head.*' (or trainable=['head'])")
+        check_regex(trainable, "trainable", "'.*query.*' (or trainable=['query'])")
         match = lambda p, x: re.fullmatch(trainable, p) is not None  # noqa: E731
         return [(f"regex {trainable!r}", match)]
     if callable(trainable):
@@ -166,6 +166,7 @@ def freeze_base(
         (True, True)
     """
     trainable = _once(trainable)
+    _rules(trainable)  # a bad regex or name list is named here, not at tx.init
     if not (
         callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
     ):
@@ -178,7 +179,7 @@ def freeze_base(
         _trained_labels(params, trainable, "freeze_base"),
     )
     _refuse_line_search(tx, "freeze_base")
-    return optax.multi_transform({"train": tx, "frozen": _unchanged()}, labels)
+    return _partition({"train": tx, "frozen": _unchanged()}, labels, "freeze_base")
 
 
 def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
@@ -192,9 +193,24 @@ def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
         state: the optimizer state of ``freeze_base``/``lora_plus``.
         params: the adapted tree being trained.
 
+    With NNX, pass ``NnxOptimizer``'s ``opt_state`` and ``nnx.state(model,
+    nnx.Param)``: the result is that state with the evaluation values, for
+    ``nnx.update(model, ...)``.
+
     Raises:
         ValueError: if ``state`` holds no schedule-free state.
     """
+    from flax import nnx
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if any(is_var(x) for x in jax.tree.leaves((state, params), is_leaf=is_var)):
+        pure = schedule_free_eval_params(nnx.as_pure(state), nnx.as_pure(params))
+        return jax.tree.map(
+            lambda var, value: var.replace(value) if is_var(var) else value,
+            params,
+            pure,
+            is_leaf=is_var,
+        )
     kind = optax.contrib.ScheduleFreeState
     states = [
         s
@@ -231,8 +247,14 @@ def _positive_real(x) -> bool:
         return False
 
 
-def _no_move(u):
-    """``-0.0`` for a float leaf; 0 for integers and bools (no negative zero)."""
+def _no_move(u, p=None):
+    """``-0.0`` for a float leaf; 0 for integers and bools (no negative zero). A
+    ``float0`` gradient (``jax.grad(..., allow_int=True)`` of an integer leaf)
+    gets a zero of the parameter's dtype, which `optax.apply_updates` can add."""
+    if u is None:
+        return None
+    if getattr(u, "dtype", None) == jax.dtypes.float0 and hasattr(p, "dtype"):
+        u = jnp.zeros(p.shape, p.dtype)
     zero = jnp.zeros_like(u)
     return -zero if jnp.issubdtype(zero.dtype, jnp.inexact) else zero
 
@@ -243,8 +265,13 @@ def _unchanged() -> optax.GradientTransformation:
     ``+0.0`` turns a ``-0.0`` weight into ``+0.0`` outside ``jit``)."""
 
     def update(updates, state, params=None):
-        del params
-        return jax.tree.map(_no_move, updates), state
+        none = lambda x: x is None  # noqa: E731
+        same = params is not None and jax.tree.structure(
+            updates, is_leaf=none
+        ) == jax.tree.structure(params, is_leaf=none)
+        if not same:  # e.g. LoraWeight(w=None) gradients: no parameter to read
+            return jax.tree.map(_no_move, updates), state
+        return jax.tree.map(_no_move, updates, params, is_leaf=none), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -258,10 +285,14 @@ def _refuse_line_search(tx: optax.GradientTransformation, caller: str) -> None:
         optax.ScaleByBacktrackingLinesearchState,
     )
     is_search = lambda x: isinstance(x, searches)  # noqa: E731
-    try:
-        state = jax.eval_shape(tx.init, {"x": jax.ShapeDtypeStruct((1,), "float32")})
-    except Exception:  # a transformation that needs its real tree: nothing to read
-        return
+    probe = {"x": jnp.zeros((1,), jnp.float32)}
+    try:  # concretely: a factory under inject_hyperparams may branch on its values
+        state = tx.init(probe)
+    except Exception:
+        try:
+            state = jax.eval_shape(tx.init, probe)
+        except Exception:  # a transformation that needs its real tree: nothing to read
+            return
     if any(is_search(x) for x in jax.tree.leaves(state, is_leaf=is_search)):
         raise ValueError(
             f"{caller}: the wrapped optimizer holds a line search (as optax.lbfgs "
@@ -271,6 +302,81 @@ def _refuse_line_search(tx: optax.GradientTransformation, caller: str) -> None:
             "optax.scale_by_lbfgs()), optax.scale(-1.0), "
             "optax.scale_by_zoom_linesearch(...))."
         )
+
+
+def _partition(
+    transforms: dict[str, optax.GradientTransformation],
+    label_fn: Callable[[PyTree], PyTree],
+    caller: str,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.multi_transform(transforms, label_fn)``, labelled from ``params`` at
+    every update (optax labels the updates: a predicate ``trainable=`` would see
+    gradient leaves, and gradients of another tree got an error about params),
+    with updates of another structure than ``params`` named."""
+
+    def init(params):
+        return optax.multi_transform(transforms, label_fn(params)).init(params)
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:  # optax allows it: label the updates, as optax does
+            labels = label_fn(updates)
+        else:
+            _check_updates(updates, params, caller)
+            labels = label_fn(params)
+        tx = optax.multi_transform(transforms, labels)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _check_updates(updates: PyTree, params: PyTree, caller: str) -> None:
+    """Raises, naming the paths, where ``updates`` do not have the structure of
+    ``params``: an adapted weight's gradient that is not a `LoraWeight` (taken of
+    ``merge(params)`` or of a plain tree), a leaf missing or ``None``."""
+    is_node = lambda x: x is None or is_lora(x)  # noqa: E731
+    grads = {
+        path_str(k): u
+        for k, u in jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_node)[0]
+    }
+    problems, seen = [], set()
+    for k, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]:
+        p = path_str(k)
+        seen.add(p)
+        if x is None:
+            continue
+        u = grads.get(p, _MISSING)
+        if u is _MISSING:
+            problems.append(f"{p!r}: no update")
+        elif u is None:
+            problems.append(f"{p!r}: None where params hold {_kind(x)}")
+        elif is_lora(x) and not is_lora(u):
+            problems.append(f"{p!r}: {_kind(u)} where params hold a LoraWeight")
+    extra = [p for p in grads if p not in seen]
+    if extra:
+        problems.append(f"updates hold paths params lack: {examples(extra)}")
+    if problems:
+        raise ValueError(
+            f"{caller}: the updates do not have the structure of params:\n  - "
+            + "\n  - ".join(problems[:8])
+            + (f"\n  (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+            + "\nTake gradients of the adapted tree itself (jax.grad(loss)(params) "
+            "with jaxlora.lora_apply(model.apply)), not of merge(params) or of a plain "
+            "tree, and give every leaf an update (zeros for frozen ones)."
+        )
+
+
+_MISSING = object()
+
+
+def _kind(x) -> str:
+    if is_lora(x):
+        return "a LoraWeight"
+    shape = getattr(x, "shape", None)
+    return (
+        f"{getattr(x, 'dtype', type(x).__name__)}{list(shape)}"
+        if shape is not None
+        else type(x).__name__
+    )
 
 
 def _trained_labels(params: PyTree, trainable: Trainable, caller: str) -> PyTree:
@@ -323,6 +429,7 @@ def lora_plus(
         (16.0, 0.0)
     """
     trainable = _once(trainable)
+    _rules(trainable)  # a bad regex or name list is named here, not at tx.init
     # optax.inject_hyperparams binds **optimizer_kwargs by its name and passes the
     # dict back as one keyword
     nested = optimizer_kwargs.pop("optimizer_kwargs", {})
@@ -355,7 +462,7 @@ def lora_plus(
         lr_b = ratio * learning_rate
     make = lambda lr: optimizer(learning_rate=lr, **optimizer_kwargs)  # noqa: E731
     _refuse_line_search(make(learning_rate), "lora_plus")
-    return optax.multi_transform(
+    return _partition(
         {
             "lora_a": make(learning_rate),
             "lora_b": make(lr_b),
@@ -363,4 +470,5 @@ def lora_plus(
             "frozen": _unchanged(),
         },
         lambda params: _trained_labels(params, trainable, "lora_plus"),
+        "lora_plus",
     )

@@ -65,9 +65,16 @@ def check_regex(pattern: Any, what: str, example: str = "'.*query.*'") -> None:
     try:
         re.compile(pattern)
     except re.error as e:
+        if "*" in pattern or "?" in pattern:  # a glob: its regex
+            glob = "".join(
+                ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern
+            )
+            fix = f"write {glob!r} for the glob {pattern!r}"
+        else:
+            fix = f"e.g. {example} for '*query*'"
         raise ValueError(
             f"{what} {pattern!r} is not a valid regular expression ({e}). Patterns "
-            f"are Python regexes, not globs: write {example} for '*query*'."
+            f"are Python regexes, not globs: {fix}."
         ) from None
 
 

@@ -565,6 +565,82 @@ def test_merge_and_base_of_adapters_alone_say_combine():
             fn(jaxlora.adapters(lp))
 
 
+def test_labels_come_from_params_and_other_updates_are_named():
+    """optax labels the *updates*: a ``trainable`` predicate saw gradient leaves
+    (float32 gradients of a bfloat16 head: silently frozen), and gradients of a
+    plain tree got "params hold no LoRA adapters ... pass it to tx.init" though
+    tx.init had it. Labels now come from params, and updates of another structure
+    are named by path."""
+    plain = {
+        "d": {"kernel": jnp.ones((4, 3))},
+        "h1": jnp.ones((3, 2), jnp.bfloat16),
+        "h2": jnp.ones((3, 2), jnp.float32),
+    }
+    lp = jaxlora.init(plain, jax.random.key(0), rank=2, targets=["d"])
+    bf16 = lambda p, x: x.dtype == jnp.bfloat16  # noqa: E731
+    for tx in (
+        jaxlora.freeze_base(optax.sgd(1.0), trainable=bf16),
+        jaxlora.lora_plus(optax.sgd, 1.0, trainable=bf16),
+    ):
+        grads = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), lp)
+        u = jax.jit(tx.update)(grads, tx.init(lp), lp)[0]
+        assert float(u["h1"][0, 0]) == -1.0 and float(u["h2"][0, 0]) == 0.0
+        flat = {"d": {"kernel": jnp.ones((4, 3))}, "h1": grads["h1"], "h2": grads["h2"]}
+        with pytest.raises(ValueError, match=r"'d/kernel': float32\[4, 3\] where"):
+            tx.update(flat, tx.init(lp), lp)
+        with pytest.raises(ValueError, match=r"'h2': None where params hold float32"):
+            tx.update({**grads, "h2": None}, tx.init(lp), lp)
+
+
+def test_integer_leaves_with_float0_gradients_stay_put():
+    """``jax.grad(..., allow_int=True)`` gives an integer leaf a float0 gradient;
+    its zero update was float0 too, which optax.apply_updates cannot add."""
+    plain = {"d": {"kernel": jnp.ones((4, 3))}, "step": jnp.array(7, jnp.int32)}
+    lp = jaxlora.init(plain, jax.random.key(0), rank=2, scheme="both_random")
+    apply = jaxlora.lora_apply(lambda p, x: x @ p["d"]["kernel"] * p["step"])
+    grads = jax.grad(lambda p: apply(p, jnp.ones((2, 4))).sum(), allow_int=True)(lp)
+    assert grads["step"].dtype == jax.dtypes.float0
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    u = tx.update(grads, tx.init(lp), lp)[0]
+    new = optax.apply_updates(lp, u)
+    assert new["step"].dtype == jnp.int32 and int(new["step"]) == 7
+
+
+def test_a_line_search_behind_inject_hyperparams_and_a_glob_are_refused_early():
+    """The line-search check read the state by eval_shape, which
+    inject_hyperparams(optax.lbfgs) cannot pass (it branches on memory_size): it
+    was accepted and failed at update with a MaskedNode structure error. A glob
+    given as trainable= was named only at tx.init, with a hard-coded example."""
+    with pytest.raises(ValueError, match=r"holds a line search"):
+        jaxlora.freeze_base(optax.inject_hyperparams(optax.lbfgs)(learning_rate=1.0))
+    with pytest.raises(ValueError, match=r"write '\.\*h\.\*' for the glob '\*h\*'"):
+        jaxlora.freeze_base(optax.adam(1e-3), trainable="*h*")
+
+
+def test_schedule_free_eval_params_of_an_nnx_optimizer():
+    """With NNX's opt_state and nnx.state(model, nnx.Param) it used to fail with a
+    pytree structure error (Param vs OptVariable); it gives that state with the
+    evaluation values, which nnx.update writes into the model."""
+    graphdef, state = nnx.split(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+    lp = jaxlora.init(state, jax.random.key(1), rank=2, scheme="both_random")
+    model = nnx.merge(graphdef, lp)
+    tx = jaxlora.freeze_base(optax.contrib.schedule_free_adamw(1e-2))
+    opt = jaxlora.NnxOptimizer(model, tx, wrt=nnx.Param)
+    apply = jaxlora.lora_apply(lambda m, x: m(x))
+    loss = lambda m: apply(m, jnp.ones((3, 4))).sum()  # noqa: E731
+    for _ in range(2):
+        opt.update(model, nnx.grad(loss)(model))
+    params = nnx.state(model, nnx.Param)
+    want = jaxlora.schedule_free_eval_params(
+        nnx.as_pure(opt.opt_state), nnx.as_pure(params)
+    )
+    got = jaxlora.schedule_free_eval_params(opt.opt_state, params)
+    chex.assert_trees_all_equal(nnx.as_pure(got), want)
+    assert not np.array_equal(want["kernel"].b, nnx.as_pure(params)["kernel"].b)
+    nnx.update(model, got)
+    np.testing.assert_array_equal(model.kernel.get_value().b, want["kernel"].b)
+
+
 def test_a_float16_merge_that_overflows_is_named():
     """merge sums in float32 and casts back: in float16 a large update became inf
     with no word. It is named; a merge that fits, or one under jit, is silent."""
