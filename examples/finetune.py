@@ -258,7 +258,9 @@ def make_optimizer(
     adamw = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     if cfg.full_finetune:
         return optax.chain(*clip, adamw), schedule
-    # the clip sees the trained leaves only (frozen biases and norms get gradients)
+    # the clip inside the wrapper sees the trained leaves only, whatever gradients
+    # the frozen ones get (here none: the step's stop_frozen; in general lora_apply
+    # zeroes only the adapted weights' own)
     if not cfg.lora_plus_ratio:
         return jaxlora.freeze_base(
             optax.chain(*clip, adamw), trainable=list(HEAD)

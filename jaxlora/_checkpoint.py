@@ -564,7 +564,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     entries = meta.get("targets")
     _check_entries(path, entries)
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
-    check_unique([path_str(k) for k, _ in flat])
+    check_unique([path_str(k) for k, _ in flat], among={e["path"] for e in entries})
     refuse_baseless(params, "jaxlora.load")
     leaves = {path_str(k): x for k, x in flat}
     wanted = [e["path"] for e in entries]

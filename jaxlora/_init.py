@@ -211,7 +211,9 @@ def _plan(
                 f"for shape {shape}; use a rank of at most {min(fan_in, fan_out) // 2}"
             )
             continue
-        embedding = leaf_name(p) == "embedding" or p in tables
+        # a table by its name, or by the model's lookup where that gave the layout
+        looked_up = p in tables and p not in user_layouts
+        embedding = leaf_name(p) == "embedding" or looked_up
         if p in alphas and (msg := _alpha_problem(alphas[p])) is not None:
             problems.append(f"{p!r}: alpha_pattern gives an alpha that {msg}")
             continue

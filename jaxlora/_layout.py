@@ -39,10 +39,16 @@ class _T:
     the leaf's original axes behind axis k); several parts after a concatenation,
     each with its own axes (the parts may be oriented differently)."""
 
-    __slots__ = ("parts", "plain", "cut", "lookup", "data")
+    __slots__ = ("parts", "plain", "cut", "lookup", "data", "vectors")
 
     def __init__(
-        self, parts, plain: bool = True, cut=frozenset(), lookup=None, data=False
+        self,
+        parts,
+        plain: bool = True,
+        cut=frozenset(),
+        lookup=None,
+        data=False,
+        vectors=True,
     ):
         self.parts = tuple(
             (leaf, tuple(frozenset(a) for a in axes)) for leaf, axes in parts
@@ -54,6 +60,9 @@ class _T:
         # (``x @ w[:, perm]``: a reordered weight)
         self.lookup = lookup
         self.data = data  # looked up by ids that depend on the model's inputs
+        # rows that are vectors (a table's), followed through views only; matrices
+        # picked by ids (experts, layers) are followed everywhere, as weights are
+        self.vectors = vectors
 
     @property
     def ndim(self):
@@ -62,12 +71,17 @@ class _T:
     def map(self, fn):
         """The same leaves with each part's axes through ``fn``."""
         parts = ((leaf, fn(axes)) for leaf, axes in self.parts)
-        return _T(parts, self.plain, self.cut, self.lookup, self.data)
+        return _T(parts, self.plain, self.cut, self.lookup, self.data, self.vectors)
 
     def valued(self, plain=False, cut=frozenset()):
         """The same axes; other values (``plain=False``) or ``cut`` extents."""
         return _T(
-            self.parts, self.plain and plain, self.cut | cut, self.lookup, self.data
+            self.parts,
+            self.plain and plain,
+            self.cut | cut,
+            self.lookup,
+            self.data,
+            self.vectors,
         )
 
 
@@ -113,11 +127,11 @@ class _Walker:
             else:
                 self.reused.setdefault((t.lookup, leaf), []).append(use)
 
-    def event(self, t, ids) -> _T:
+    def event(self, t, ids, vectors=True) -> _T:
         """``t`` as the rows of a lookup (by ``ids``) just noted in ``obs``."""
         g = len(self.lookups)
         self.lookups.append([(leaf, len(self.obs[leaf]) - 1) for leaf, _ in t.parts])
-        return _T(t.parts, t.plain, t.cut, g, ids is _DATA)
+        return _T(t.parts, t.plain, t.cut, g, ids is _DATA, vectors)
 
     def note_lookup(self, t, p, shape, n_out, ids):
         """Records a gather from ``t`` as a lookup; returns its rows as a view where
@@ -133,7 +147,9 @@ class _Walker:
             return None
         if n_out == len(dn.offset_dims):  # one id: a row (or a layer, see _is_pick)
             return None
-        if ids is _DATA:  # ids from the inputs: a lookup (q @ items[ids].T included)
+        # ids from the inputs, or rows of the first axis (a table's, nn.Embed's
+        # learned queries E[arange(n)] included): a lookup, as q @ items[ids].T is
+        if ids is _DATA or 0 in indexed:
             return None
 
         def rows(ax):
@@ -197,8 +213,10 @@ class _Walker:
         # rows of a lookup are a weight where a contraction applies them to an
         # activation (x @ w[:, perm]); met by a weight, or by a value computed from
         # weights alone (a weight-normed or dequantized kernel), they are activations
+        vectors = any(x.vectors for x in looked_up)
         if looked_up and (
-            name not in _ROWS_OPS
+            vectors
+            and name not in _ROWS_OPS
             or name == "dot_general"
             and (weights or len(looked_up) > 1 or _DATA not in ins[:2])
         ):
@@ -252,7 +270,7 @@ class _Walker:
                 if n_out > len(offset):  # an array of ids: a lookup unless contracted
                     shape = eqn.invars[0].aval.shape
                     self.note(t, "rows", gather_indexed_axes(p, shape))
-                    t = self.event(t, ins[1])
+                    t = self.event(t, ins[1], vectors=False)
 
                 def kept(ax):
                     new = [frozenset()] * n_out
@@ -335,8 +353,8 @@ class _Walker:
         n = p["num_consts"] + p["num_carry"]
         body_in = list(ins[:n])
         for x in ins[n:]:
-            if isinstance(x, _T) and x.lookup is not None:  # scanned embeddings
-                x = _DATA if x.data else None
+            if isinstance(x, _T) and x.lookup is not None and x.vectors:
+                x = _DATA if x.data else None  # scanned embeddings: activations
             if isinstance(x, _T) and x.ndim:
                 for leaf, axes in x.parts:
                     self.stack.setdefault(leaf, set()).update(axes[0])
@@ -397,6 +415,7 @@ _IDENTITY = {
 _ROWS_OPS = _IDENTITY | {
     "transpose",
     "reshape",
+    "split",
     "broadcast_in_dim",
     "mul",
     "div",

@@ -67,7 +67,7 @@ def _warn_overflow(params: PyTree, merged: PyTree) -> None:
     out = dict(
         (path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(merged)[0]
     )
-    wide = jnp.finfo(jnp.float32).max
+    wide = jnp.finfo(jnp.float32).maxexp  # bfloat16 has float32's range
     bad = []
     for kp, node in flat:
         new = out.get(path_str(kp))
@@ -75,10 +75,10 @@ def _warn_overflow(params: PyTree, merged: PyTree) -> None:
             continue
         if (
             not jnp.issubdtype(new.dtype, jnp.floating)
-            or jnp.finfo(new.dtype).max >= wide
+            or jnp.finfo(new.dtype).maxexp >= wide
         ):
             continue
-        if bool(jnp.isfinite(node.w).all()) and not bool(jnp.isfinite(new).all()):
+        if bool(jnp.any(jnp.isinf(new) & jnp.isfinite(node.w))):
             bad.append(f"{path_str(kp)!r} ({jnp.dtype(new.dtype).name})")
     if bad:
         warnings.warn(
@@ -180,7 +180,7 @@ def combine(
     """
     _check_adapter_tree(adapter_tree)
     flat, _ = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_lora)
-    check_unique([path_str(k) for k, _ in flat])
+    check_unique([path_str(k) for k, _ in flat], among=set(adapter_tree))
     found, problems = set(), []
     residual = sorted(p for p, x in adapter_tree.items() if x.spec.residual)
     if residual and not allow_residual:

@@ -165,16 +165,22 @@ class LoraSpec:
 
     def __post_init__(self):
         # plain Python values: NumPy or JAX scalars (np.bool_(True), jnp.float32(4))
-        # would make a checkpoint's metadata unwritable as JSON
+        # would make a checkpoint's metadata unwritable as JSON, or the spec
+        # unhashable
+        def scalar(x, kind) -> bool:
+            if isinstance(x, jax.core.Tracer) or np.shape(x) != ():
+                return False
+            return isinstance(x, (np.generic, jax.Array)) and jnp.issubdtype(
+                x.dtype, kind
+            )
+
         for name in ("rslora", "residual", "embedding"):
-            if isinstance(getattr(self, name), (bool, np.bool_)):
+            if scalar(getattr(self, name), jnp.bool_):
                 object.__setattr__(self, name, bool(getattr(self, name)))
-        if isinstance(self.rank, np.integer):
+        if scalar(self.rank, jnp.integer):
             object.__setattr__(self, "rank", int(self.rank))
-        concrete = not isinstance(self.alpha, jax.core.Tracer)
-        if concrete and isinstance(self.alpha, (np.number, jax.Array, int)):
-            if np.shape(self.alpha) == () and not isinstance(self.alpha, bool):
-                object.__setattr__(self, "alpha", float(self.alpha))
+        if scalar(self.alpha, jnp.number) or type(self.alpha) is int:
+            object.__setattr__(self, "alpha", float(self.alpha))
 
     @property
     def scale(self) -> float:

@@ -285,12 +285,11 @@ def _refuse_line_search(tx: optax.GradientTransformation, caller: str) -> None:
         optax.ScaleByBacktrackingLinesearchState,
     )
     is_search = lambda x: isinstance(x, searches)  # noqa: E731
-    probe = {"x": jnp.zeros((1,), jnp.float32)}
-    try:  # concretely: a factory under inject_hyperparams may branch on its values
-        state = tx.init(probe)
+    try:  # abstractly: building an optimizer must not start the JAX backend
+        state = jax.eval_shape(tx.init, {"x": jax.ShapeDtypeStruct((1,), "float32")})
     except Exception:
-        try:
-            state = jax.eval_shape(tx.init, probe)
+        try:  # a factory under inject_hyperparams may branch on its values
+            state = tx.init({"x": jnp.zeros((1,), jnp.float32)})
         except Exception:  # a transformation that needs its real tree: nothing to read
             return
     if any(is_search(x) for x in jax.tree.leaves(state, is_leaf=is_search)):
@@ -349,8 +348,8 @@ def _check_updates(updates: PyTree, params: PyTree, caller: str) -> None:
             problems.append(f"{p!r}: no update")
         elif u is None:
             problems.append(f"{p!r}: None where params hold {_kind(x)}")
-        elif is_lora(x) and not is_lora(u):
-            problems.append(f"{p!r}: {_kind(u)} where params hold a LoraWeight")
+        elif is_lora(x) != is_lora(u):
+            problems.append(f"{p!r}: {_kind(u)} where params hold {_kind(x)}")
     extra = [p for p in grads if p not in seen]
     if extra:
         problems.append(f"updates hold paths params lack: {examples(extra)}")

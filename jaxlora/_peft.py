@@ -361,7 +361,8 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
         )
     tensors = _safetensors.read(os.path.join(path, WEIGHTS))
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
-    check_unique([path_str(k) for k, _ in flat])
+    adapted = {path_str(k) for k, x in flat if is_lora(x)}
+    check_unique([path_str(k) for k, _ in flat], among=adapted)
     refuse_baseless(params, "jaxlora.load_peft")
     nodes = _adapted(params)
     if not nodes:
@@ -542,9 +543,9 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
         name = _name_of(module_names, p, layer, stack_shape)
         ka, kb = _keys(name, embedding)
         other = _keys(name, not embedding)
-        if ka not in tensors and other[0] in tensors and spec.conv is None:
-            if layer == (0,) * len(stack_shape):  # a table named otherwise here
-                embedding, (ka, kb) = not embedding, other
+        first = layer == (0,) * len(stack_shape)
+        if first and ka not in tensors and other[0] in tensors and spec.conv is None:
+            embedding, (ka, kb), other = not embedding, other, (ka, kb)  # the file's
         if name in owners:
             raise ValueError(
                 f"{p!r} layer {layer}: module_names gives {name!r}, which is "

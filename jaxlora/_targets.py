@@ -123,12 +123,13 @@ def check_names(names: Any, arg: str) -> bool:
     return True
 
 
-def check_unique(paths: list[str]) -> None:
+def check_unique(paths: list[str], among=None) -> None:
     """Raises if two leaves share a ``/``-joined path (``{"a": {"b": x}, "a/b": y}``,
-    keys 0 and '0'): an adapter meant for one would be put on both."""
+    keys 0 and '0'): an adapter meant for one would be put on both. ``among``:
+    only clashes at these paths count (those an adapter is put on)."""
     seen, clashes = set(), []
     for p in paths:
-        if p in seen and p not in clashes:
+        if p in seen and p not in clashes and (among is None or p in among):
             clashes.append(p)
         seen.add(p)
     if clashes:

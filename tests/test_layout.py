@@ -338,3 +338,54 @@ def test_embedding_rows_used_as_activations_stay_a_lookup():
         "e": Layout(in_axes=(0,), out_axes=(1, 2)),
         "w": Layout(in_axes=(0, 1), out_axes=(2,)),
     }
+
+
+def test_matrices_picked_by_ids_are_followed_like_weights():
+    """Experts or layers picked by ids are matrices, followed through every view
+    and into scans as weights are: a top-1 MoE's ``squeeze(w[ids], 1)`` and a
+    reordered layer stack ``scan(body, x, w[order])`` keep per-expert / per-layer
+    factors (a first version of the lookup-rows rule read them as a table)."""
+    per = Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+
+    def top1(p, x):
+        _, ids = jax.lax.top_k(x @ p["router"], 1)
+        return jnp.einsum("td,tdf->tf", x, jnp.squeeze(p["w"][ids], 1))
+
+    moe = {"w": jnp.ones((4, 8, 6)), "router": jnp.ones((8, 4))}
+    assert infer_layouts(top1, moe, (x,))["w"] == per
+
+    def reordered(p, x):
+        body = lambda h, w: (jnp.tanh(h @ w), None)  # noqa: E731
+        return jax.lax.scan(body, x, p["w"][jnp.array([0, 2, 1, 1])])[0]
+
+    stack = {"w": jnp.ones((3, 8, 8))}
+    assert infer_layouts(reordered, stack, (x,)) == {"w": per}
+
+
+def test_an_embedding_looked_up_by_constant_ids_stays_a_lookup():
+    """nn.Embed's learned queries (``E[arange(n)]``) contracted straight with an
+    activation keep the table's lookup layout, so PEFT gets an nn.Embedding's
+    ``lora_embedding_A (r, n)``; a layout the user gives is theirs, and does not
+    make the weight a table."""
+
+    class Queries(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q = nn.Embed(7, 8, name="queries")(jnp.arange(7))
+            return jnp.einsum("qd,bkd->bqk", q, x)
+
+    x = jnp.ones((2, 5, 8))
+    model = Queries()
+    variables = model.init(jax.random.key(0), x)
+    got = infer_layouts(model.apply, variables, (x,))
+    assert got == {"params/queries/embedding": D2}
+
+    def sampled(p, x, ids):  # inferred: a lookup of axis 1 (a table)
+        return x @ jnp.take(p["w"], ids, axis=1)
+
+    p, args = {"w": jnp.ones((8, 20))}, (jnp.ones((3, 8)), jnp.array([1, 5, 7]))
+    kw = {"rank": 2, "targets": ["w"], "apply_fn": sampled, "example_args": args}
+    assert jaxlora.init(p, jax.random.key(0), **kw)["w"].spec.embedding
+    mine = jaxlora.init(p, jax.random.key(0), layouts={"w": D2}, **kw)["w"].spec
+    assert mine.layout == D2 and not mine.embedding

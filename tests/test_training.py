@@ -1,6 +1,8 @@
 """End-to-end training: the base never moves, the factors learn, merge agrees."""
 
 import re
+import subprocess
+import sys
 import warnings
 
 import chex
@@ -604,6 +606,20 @@ def test_integer_leaves_with_float0_gradients_stay_put():
     u = tx.update(grads, tx.init(lp), lp)[0]
     new = optax.apply_updates(lp, u)
     assert new["step"].dtype == jnp.int32 and int(new["step"]) == 7
+
+
+def test_making_an_optimizer_does_not_start_the_jax_backend():
+    """The line-search check ran tx.init on arrays, which starts the backend: a
+    multi-host script that builds its optimizer before jax.distributed.initialize
+    then failed."""
+    code = (
+        "import optax, jaxlora\n"
+        "from jax._src import xla_bridge\n"
+        "jaxlora.freeze_base(optax.adamw(1e-3), trainable=['head'])\n"
+        "jaxlora.lora_plus(optax.adamw, 1e-3)\n"
+        "assert not xla_bridge.backends_are_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_a_line_search_behind_inject_hyperparams_and_a_glob_are_refused_early():
