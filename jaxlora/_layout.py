@@ -112,15 +112,17 @@ class _Walker:
         self.lookups: list[list[tuple[int, int]]] = []
         self.reused: dict[tuple[int, int], list[tuple]] = {}
 
-    def note(self, t, kind, ins, stack=()):
-        """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``;
-        of the rows of a lookup, as a use of the weight they were gathered from."""
+    def note(self, t, kind, ins, stack=(), applied=False):
+        """Records a use contracting axes ``ins`` (and batching ``stack``) of ``t``
+        (``applied``: to an activation); of the rows of a lookup, as a use of the
+        weight they were gathered from."""
         for leaf, axes in t.parts:
             use = (
                 kind,
                 _union(axes[i] for i in ins),
                 _union(axes[i] for i in stack),
                 _union(axes),
+                applied,
             )
             if t.lookup is None:
                 self.obs.setdefault(leaf, []).append(use)
@@ -160,12 +162,12 @@ class _Walker:
 
         return self.event(t, ids).map(rows)
 
-    def note_conv(self, t, p, shape):
+    def note_conv(self, t, p, shape, lhs=None):
         """Records how a convolution reads ``t`` (of ``shape``) as its kernel (see
         `Conv`): its input-feature axis, then its window axes in the order of the
         input's spatial axes (as a torch twin's ``(in, *window)`` weight lies)."""
         dn = p["dimension_numbers"]
-        self.note(t, "conv", dn.rhs_spec[1:])
+        self.note(t, "conv", dn.rhs_spec[1:], applied=lhs is _DATA)
         groups = p["feature_group_count"] * p["batch_group_count"]
         spatial = zip(dn.lhs_spec[2:], dn.rhs_spec[2:], strict=True)
         window = [w for _, w in sorted(spatial)]  # paired by the input's axis order
@@ -316,12 +318,14 @@ class _Walker:
         if name == "dot_general" and len([x for x in ins if isinstance(x, _T)]) == 1:
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             c, b = (lc, lb) if ins[0] is t else (rc, rb)
-            self.note(t, "dot", c, b)
+            other = ins[1] if ins[0] is t else ins[0]
+            self.note(t, "dot", c, b, applied=other is _DATA)
         elif name == "ragged_dot_general" and ins[1] is t:  # experts stacked
             dn = p["ragged_dot_dimension_numbers"]
-            self.note(t, "dot", dn.dot_dimension_numbers[0][1], dn.rhs_group_dimensions)
+            contracted, groups = dn.dot_dimension_numbers[0][1], dn.rhs_group_dimensions
+            self.note(t, "dot", contracted, groups, applied=ins[0] is _DATA)
         elif name == "conv_general_dilated" and ins[1] is t:
-            self.note_conv(t, p, eqn.invars[1].aval.shape)
+            self.note_conv(t, p, eqn.invars[1].aval.shape, ins[0])
         elif name == "gather" and ins[0] is t:
             shape = eqn.invars[0].aval.shape
             n_out = eqn.outvars[0].aval.ndim
@@ -481,7 +485,10 @@ def _decide(ndim, obs, stack, picked=frozenset()):
             return _decide(ndim, rows, stack)
         return layout
     gathers = [o for o in obs if o[0] == "gather"]
-    use = gathers[0] if gathers else (obs[0] if obs else None)
+    # a contraction applying the weight to an activation decides over one with
+    # weights or constants alone (a power iteration's w @ u in a spectral norm)
+    applied = [o for o in obs if o[4]]
+    use = (gathers or applied or obs or [None])[0]
     if use is None:
         return None
     stack = set(stack) | set(use[2])

@@ -389,3 +389,18 @@ def test_an_embedding_looked_up_by_constant_ids_stays_a_lookup():
     assert jaxlora.init(p, jax.random.key(0), **kw)["w"].spec.embedding
     mine = jaxlora.init(p, jax.random.key(0), layouts={"w": D2}, **kw)["w"].spec
     assert mine.layout == D2 and not mine.embedding
+
+
+def test_a_use_on_an_activation_decides_over_one_on_weights_alone():
+    """A hand-written spectral norm's power iteration (``w @ u``, ``u`` a 1-D
+    weight) comes first but applies ``w`` to no activation: the model's ``x @ w``
+    decides (the power iteration made the output axis the input)."""
+    p = {"w": jax.random.normal(jax.random.key(0), (4, 6)), "u": jnp.ones(6)}
+
+    def normed(p, x):
+        v = p["w"] @ p["u"]
+        sigma = jnp.linalg.norm(v) / jnp.linalg.norm(p["u"])
+        return x @ (p["w"] / sigma)
+
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    assert infer_layouts(normed, p, (x,)) == {"w": D2}
