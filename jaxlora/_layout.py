@@ -13,6 +13,14 @@ operations (casts, transposes, reshapes, slices) and into nested ``jit``,
 * ``scan`` over the weight: the scanned leading axis is a stacked (layer) axis, and
   so is an axis indexed away (``w[i]`` or ``jnp.take(w, i, 0)`` at one index: a
   loop over layers that picks one).
+
+Values computed from the model's inputs are marked as activations (loop carries
+included, to a fixed point), so that a contraction applying a weight to one decides
+over a contraction on weights or constants alone (a spectral norm's ``w @ u``). Rows
+gathered by ids are a lookup, except where the ids do not depend on the inputs, are
+not of the first axis, and a contraction applies the rows to an activation: then the
+weight was reordered or subset (``x @ w[:, perm]``) and that contraction decides.
+Matrices gathered by ids (experts, layers) are followed as the weight itself.
 """
 
 from __future__ import annotations
