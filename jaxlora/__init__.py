@@ -20,6 +20,7 @@ from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
+from jaxlora._optax import apply_updates
 from jaxlora._optax import freeze_base
 from jaxlora._optax import lora_plus
 from jaxlora._optax import param_labels
@@ -46,6 +47,7 @@ __all__ = [
     "OrthogonalScheme",
     "Scheme",
     "adapters",
+    "apply_updates",
     "base",
     "combine",
     "explain",

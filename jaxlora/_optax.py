@@ -182,6 +182,51 @@ def freeze_base(
     return _partition({"train": tx, "frozen": _unchanged()}, labels, "freeze_base")
 
 
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """``optax.apply_updates`` that never touches a `LoraWeight`'s base ``w``.
+
+    ``freeze_base`` / ``lora_plus`` give ``w`` a ``-0.0`` update, which
+    ``optax.apply_updates`` adds (XLA drops the add under ``jit``; the result is
+    ``w`` bit for bit). Here ``w`` is returned as it is, so a base kept in host
+    memory (``memory_kind="pinned_host"``, streamed to the device by the model)
+    trains: adding a device-memory update to it is an error in ``jit``. Every
+    other leaf gets ``optax.apply_updates``' ``p + u`` in ``p``'s dtype.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, jaxlora
+        >>> p = jaxlora.init({"kernel": jnp.ones((4, 3))}, jax.random.key(0), rank=2)
+        >>> tx = jaxlora.freeze_base(optax.sgd(0.1))
+        >>> u, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+        >>> new = jaxlora.apply_updates(p, u)["kernel"]
+        >>> new.w is p["kernel"].w, round(float(new.b[0, 0]), 6)
+        (True, -0.1)
+    """
+
+    def step(p, u):
+        if p is None:
+            return None
+        if is_lora(p):
+            if not is_lora(u):
+                raise ValueError(
+                    "apply_updates: an update for an adapted weight is not a "
+                    f"LoraWeight ({_kind(u)}): pass the updates of freeze_base or "
+                    "lora_plus for the adapted tree."
+                )
+            return p.replace(a=_added(p.a, u.a), b=_added(p.b, u.b))
+        return _added(p, u)
+
+    return jax.tree.map(
+        step, params, updates, is_leaf=lambda x: is_lora(x) or x is None
+    )
+
+
+def _added(p, u):
+    """``optax.apply_updates`` for one leaf."""
+    if u is None:
+        return p
+    return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+
+
 def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
     """The parameters to evaluate under schedule-free training placed inside
     `freeze_base` or `lora_plus` (``freeze_base(optax.contrib.schedule_free_adamw(

@@ -657,6 +657,56 @@ def test_schedule_free_eval_params_of_an_nnx_optimizer():
     np.testing.assert_array_equal(model.kernel.get_value().b, want["kernel"].b)
 
 
+def test_apply_updates_trains_a_base_kept_in_host_memory():
+    """A base in host memory (streamed to the device by the model) trained with
+    optax.apply_updates failed under jit: the -0.0 update of w lives in device
+    memory. jaxlora.apply_updates leaves w as it is (there and in host memory) and
+    otherwise equals optax.apply_updates bit for bit."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("d",))
+    on = lambda kind: NamedSharding(mesh, P(), memory_kind=kind)  # noqa: E731
+    w = jax.device_put(jnp.ones((8, 6)), on("pinned_host"))
+    plain = {"k": {"kernel": w}, "bias": jnp.zeros(6, jnp.bfloat16)}
+    lp = jaxlora.init(plain, jax.random.key(0), rank=2, scheme="both_random")
+    model = lambda p, x: x @ jax.device_put(p["k"]["kernel"], on("device"))  # noqa: E731
+    apply = jaxlora.lora_apply(lambda p, x: model(p, x) + p["bias"][None])
+    tx = jaxlora.freeze_base(optax.adam(1e-2), trainable=["bias"])
+
+    def step(update):
+        def run(p, s, x):
+            g = jax.grad(lambda p: jnp.sum(apply(p, x) ** 2))(p)
+            u, s = tx.update(g, s, p)
+            return update(p, u), s
+
+        return jax.jit(run)
+
+    x = jnp.ones((3, 8))
+    with pytest.raises(ValueError, match=r"memory_space"):
+        step(optax.apply_updates)(lp, tx.init(lp), x)
+    p, s = lp, tx.init(lp)
+    for _ in range(2):
+        p, s = step(jaxlora.apply_updates)(p, s, x)
+    node = p["k"]["kernel"]
+    assert node.w.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(node.w, w)
+    assert float(jnp.abs(node.b - lp["k"]["kernel"].b).max()) > 0
+    assert p["bias"].dtype == jnp.bfloat16 and float(jnp.abs(p["bias"]).max()) > 0
+
+    on_device = jaxlora.init(
+        {"k": {"kernel": jnp.ones((8, 6))}, "bias": jnp.zeros(6, jnp.bfloat16)},
+        jax.random.key(0),
+        rank=2,
+        scheme="both_random",
+    )
+    g = jax.tree.map(lambda t: jnp.full_like(t, 0.3), on_device)
+    u, _ = tx.update(g, tx.init(on_device), on_device)
+    chex.assert_trees_all_equal(
+        jaxlora.apply_updates(on_device, u), optax.apply_updates(on_device, u)
+    )
+
+
 def test_a_float16_merge_that_overflows_is_named():
     """merge sums in float32 and casts back: in float16 a large update became inf
     with no word. It is named; a merge that fits, or one under jit, is silent."""
