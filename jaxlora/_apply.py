@@ -10,6 +10,8 @@ import jax
 
 from jaxlora import _factored
 from jaxlora._node import is_lora
+from jaxlora._targets import check_callable
+from jaxlora._targets import check_flag
 
 
 def _materialize(tree: Any) -> Any:
@@ -53,6 +55,9 @@ def lora_apply(apply_fn: Callable, *, factored: bool = True) -> Callable:
         (2, 8)
     """
 
+    check_callable("lora_apply's apply_fn", apply_fn)
+    factored = check_flag("factored", factored)
+
     @functools.wraps(apply_fn)
     def wrapped(*args, **kwargs):
         if factored:
@@ -80,4 +85,5 @@ def explain(apply_fn: Callable, *args, **kwargs) -> _factored.Report:
         >>> report.status("params/kernel")
         'factored'
     """
+    check_callable("explain's apply_fn", apply_fn)
     return _factored.explain(apply_fn, args, kwargs)

@@ -43,6 +43,7 @@ from jaxlora._node import LoraWeight
 from jaxlora._node import factor_shardings
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import check_flag
 from jaxlora._targets import check_unique
 from jaxlora._targets import default_conv
 from jaxlora._targets import default_layout
@@ -134,7 +135,8 @@ def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) ->
         >>> bool((restored["kernel"].a == p["kernel"].a).all())
         True
     """
-    path = os.path.abspath(os.fspath(path))
+    overwrite = check_flag("overwrite", overwrite)
+    path = os.path.abspath(os.fsdecode(path))
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
     nodes = [(path_str(k), x) for k, x in flat if is_lora(x)]
     if not nodes:
@@ -559,7 +561,7 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
             residual, or a plain adapter onto a residual base; adapters in
             ``params`` at paths the checkpoint lacks.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(os.fsdecode(path))
     meta = _read_metadata(path)
     entries = meta.get("targets")
     _check_entries(path, entries)

@@ -160,6 +160,18 @@ def eva_nodes(
             + " in every batch. Check the mask (nonzero: the position counts)."
         )
     found = {u: components(s) for u, s in states.items()}
+    broken = [
+        u
+        for u, (c, r) in found.items()
+        if not (bool(jnp.isfinite(c).all()) and bool(jnp.isfinite(r).all()))
+    ]
+    if broken:
+        raise ValueError(
+            "scheme 'eva': the inputs of "
+            + shown_items([_unit_name(u) for u in broken])
+            + " hold NaN or inf in some batch, so their principal components are "
+            "NaN. Check the batches (and the model's activations on them)."
+        )
     budget = sum(t.rank * len(units[t.path]) for t in plan)
     ranks = _eva.eva_rank_allocation(
         {u: r for u, (_, r) in found.items()}, budget, max(ks.values())

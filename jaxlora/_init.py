@@ -387,9 +387,8 @@ def init(
     if alpha is not None and (msg := _alpha_problem(alpha)) is not None:
         raise ValueError(f"alpha {msg}.")
     _check_key(rng)
-    for name, flag in (("rslora", rslora), ("compensate", compensate)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    rslora = _targets.check_flag("rslora", rslora)
+    compensate = _targets.check_flag("compensate", compensate)
     if dtype is None:
         raise ValueError(
             "dtype is the dtype of the LoRA factors, got None. Pass e.g. "
@@ -425,6 +424,14 @@ def init(
             f"b['attention_mask']), got {type(input_mask).__name__}."
         )
     _check_tracing(scheme, apply_fn, example_args, example_kwargs)
+    if batches is not None and isinstance(
+        batches, (jax.Array, np.ndarray, Mapping, str, bytes)
+    ):
+        raise TypeError(
+            "batches must be a list (or another iterable) of batches, got one "
+            f"{type(batches).__name__}, which would be read item by item: pass "
+            "batches=[batch] for a single batch."
+        )
     if compensate and isinstance(scheme, _residual.WeightAware):
         why = (
             "EVA starts with b = 0, so the output is unchanged already"
@@ -640,21 +647,40 @@ def _check_key(rng: Any) -> None:
     dtype = getattr(rng, "dtype", None)
     shape = tuple(getattr(rng, "shape", (None,)))
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    legacy = dtype == jnp.uint32 and shape == (2,)
+    # a raw key is the default implementation's key data (threefry: 2 words)
+    raw = jax.random.key_data(jax.random.key(0)).shape
+    legacy = dtype == jnp.uint32 and shape == raw
     if not (isinstance(rng, jax.Array) and ((typed and shape == ()) or legacy)):
         got = f"{type(rng).__name__} of dtype {dtype} and shape {shape}"
         if dtype is None:
             got = f"{type(rng).__name__} {rng!r}"[:80]
-        raise TypeError(
-            f"rng must be a single JAX key, got {got}. Pass jax.random.key(seed) "
-            "(one key, not a batch of keys)."
-        )
+        hint = "Pass jax.random.key(seed) (one key, not a batch of keys)."
+        if dtype == jnp.uint32 and len(shape) == 1:
+            hint = (
+                f"A raw uint32 key of shape {shape} is not the default PRNG "
+                f"implementation's {raw} (jax.random.PRNGKey(seed, impl=...)): pass "
+                "jax.random.key(seed, impl=...) or jax.random.wrap_key_data(key, "
+                "impl=...), a typed key that carries its implementation."
+            )
+        raise TypeError(f"rng must be a single JAX key, got {got}. {hint}")
 
 
 def _check_tracing(scheme, apply_fn, example_args, example_kwargs) -> None:
     """``apply_fn`` and the example inputs go together (EVA and CorDA read their
     batches instead)."""
     kind = getattr(scheme, "kind", None)
+    if not isinstance(example_args, (tuple, list)):
+        raise TypeError(
+            "example_args must be a tuple of apply_fn's positional inputs after the "
+            f"params, got {type(example_args).__name__}: pass example_args=(x,)."
+        )
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise TypeError(
+            "example_kwargs must be a dict of apply_fn's keyword inputs, got "
+            f"{type(example_kwargs).__name__}: pass example_kwargs={{'train': False}}."
+        )
+    if apply_fn is not None:
+        _targets.check_callable("apply_fn", apply_fn)
     if apply_fn is None and (example_args or example_kwargs):
         raise ValueError(
             "example_args/example_kwargs are only used with apply_fn= (to infer the "

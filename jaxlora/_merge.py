@@ -13,6 +13,7 @@ from jaxlora._boxes import factored_boxes
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
+from jaxlora._targets import check_flag
 from jaxlora._targets import check_unique
 from jaxlora._targets import examples
 from jaxlora._targets import is_floating
@@ -104,7 +105,7 @@ def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
     Raises:
         ValueError: if a target holds a residual base and ``allow_residual`` is False.
     """
-    if not allow_residual:
+    if not check_flag("allow_residual", allow_residual):
         residual = [
             path_str(p)
             for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
@@ -178,7 +179,13 @@ def combine(
             shape that does not fit, every path already adapted in ``base_params``
             and, unless ``allow_residual``, every residual adapter.
     """
+    allow_residual = check_flag("allow_residual", allow_residual)
     _check_adapter_tree(adapter_tree)
+    if not adapter_tree:
+        raise ValueError(
+            "combine: adapter_tree holds no adapters (an empty mapping), so nothing "
+            "would be put on the base. Pass jaxlora.adapters(params) of adapted params."
+        )
     flat, _ = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_lora)
     check_unique([path_str(k) for k, _ in flat], among=set(adapter_tree))
     found, problems = set(), []

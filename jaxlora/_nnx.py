@@ -151,6 +151,11 @@ def nnx_named_sharding(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     """``nnx.get_named_sharding`` for an NNX state holding `LoraWeight`s: the specs
     of `nnx_partition_spec` on ``mesh`` (for ``jax.device_put``, ``nnx.jit``'s
     shardings or an orbax restore target)."""
+    if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(
+            f"nnx_named_sharding needs a jax.sharding.Mesh, got {mesh!r}: pass "
+            "jax.make_mesh((n,), ('data',)) or the mesh the model is sharded on."
+        )
     return jax.tree.map(
         lambda p: jax.sharding.NamedSharding(mesh, p), nnx_partition_spec(tree)
     )
@@ -188,6 +193,15 @@ class NnxOptimizer(nnx.Optimizer):
     def __init__(
         self, model: Any, tx: optax.GradientTransformation, *, wrt, graph=None
     ):
+        if not (
+            callable(getattr(tx, "init", None))
+            and callable(getattr(tx, "update", None))
+        ):
+            raise TypeError(
+                f"NnxOptimizer needs an optax transformation such as "
+                f"jaxlora.freeze_base(optax.adamw(1e-3)), got {tx!r}. Call the "
+                "optimizer factory first."
+            )
         self.graph = graph
         self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
         self.tx = tx

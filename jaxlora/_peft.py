@@ -49,6 +49,7 @@ from jaxlora._node import is_lora
 from jaxlora._node import placed_like_weight
 from jaxlora._paths import path_str
 from jaxlora._peft_config import CONFIG
+from jaxlora._targets import check_flag
 from jaxlora._targets import check_unique
 from jaxlora._targets import examples
 from jaxlora._targets import shown
@@ -161,6 +162,29 @@ def _keys(name: str, embedding: bool) -> tuple[str, str]:
     return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
 
 
+def _check_names(module_names) -> None:
+    if not (callable(module_names) or isinstance(module_names, Mapping)):
+        raise TypeError(
+            "module_names must be a function (path, layer) -> torch module name or a "
+            f"mapping path -> name (a list of names per layer), got {module_names!r}"
+            " of type " + type(module_names).__name__ + "."
+        )
+
+
+def _check_unused_names(module_names, nodes, caller: str) -> None:
+    """A mapping's paths that no adapted weight has are an error (a typo, or a
+    target left out), not ignored."""
+    if not isinstance(module_names, Mapping):
+        return
+    extra = sorted(set(module_names) - {p for p, _ in nodes})
+    if extra:
+        raise ValueError(
+            f"{caller}: module_names names {examples(extra)}, which params does not "
+            f"adapt (adapted: {examples([p for p, _ in nodes])}). Fix the paths or "
+            "remove those entries."
+        )
+
+
 def _is_table(keys: tuple[str, str]) -> bool:
     """Whether `_keys` gave these keys to an embedding (PEFT's kind of module)."""
     return keys[0].endswith(".lora_embedding_A")
@@ -235,13 +259,16 @@ def save_peft(
         >>> sorted(os.listdir(d))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    path = os.path.abspath(os.fspath(path))
+    overwrite = check_flag("overwrite", overwrite)
+    _check_names(module_names)
+    path = os.path.abspath(os.fsdecode(path))
     nodes = _adapted(params)
     if not nodes:
         raise ValueError(
             "params holds no LoRA adapters (no LoraWeight nodes): nothing to save. "
             "Pass the adapted tree returned by jaxlora.init (and training)."
         )
+    _check_unused_names(module_names, nodes, "save_peft")
     residual = [f"{p!r} ({x.spec.scheme})" for p, x in nodes if x.spec.residual]
     if residual:
         raise ValueError(
@@ -348,7 +375,8 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             adapter, or of another shape or kind; a residual base in ``params``;
             modules in the adapter that no target names.
     """
-    path = os.path.abspath(os.fspath(path))
+    _check_names(module_names)
+    path = os.path.abspath(os.fsdecode(path))
     config = _peft_config.read(path)
     if not os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(
         os.path.join(path, "adapter_model.bin")
@@ -371,6 +399,7 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             "targets=..., apply_fn=..., example_args=...) for the adapter's "
             "targets; it gives each weight's layout."
         )
+    _check_unused_names(module_names, nodes, "load_peft")
     problems, used, new, owners = [], set(), {}, {}
     for p, node in nodes:
         if node.spec.residual:

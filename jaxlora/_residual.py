@@ -130,6 +130,18 @@ def adapt(
     fan_in, fan_in)``) and the residual as base; the caller lays the factors and the
     residual out like ``w`` (`placed_like_weight`). Errors name ``path``."""
     layout, shape = spec.layout, tuple(w.shape)
+    checks = (
+        ("weight", w, "Fix the weights"),
+        ("gradient of loss_fn", grad, "Check loss_fn on the batches (a NaN loss?)"),
+    )
+    for what, x, fix in checks:
+        if x is not None and not isinstance(x, jax.core.Tracer):
+            if not bool(jnp.isfinite(x).all()):
+                raise ValueError(
+                    f"{path!r}: its {what} holds NaN or inf, so {scheme.name!r} would "
+                    f"give NaN factors and residual. {fix}, or leave the target out "
+                    "(targets=...)."
+                )
     w = _whole(w)
     k3 = to_3d(w, layout)
     g3 = None if grad is None else to_3d(_whole(grad), layout)

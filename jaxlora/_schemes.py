@@ -204,6 +204,11 @@ def resolve(scheme: Any, *, niter: int | None = None) -> Scheme | WeightAware:
         TypeError: for anything that is neither a string nor a `Scheme`.
     """
     if isinstance(scheme, (Scheme, WeightAware)):
+        if niter is not None:
+            raise ValueError(
+                f"niter is only used by the named schemes 'pissa' and 'lora_ga', not "
+                f"by the scheme object {scheme!r}; remove it."
+            )
         return scheme
     if isinstance(scheme, str):
         name = _ALIASES.get(scheme, scheme)

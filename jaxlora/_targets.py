@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora._node import Conv
 from jaxlora._node import Layout
@@ -121,6 +122,22 @@ def check_names(names: Any, arg: str) -> bool:
             f"{bad[0]!r} ({type(bad[0]).__name__}) in {list(names)!r}."
         )
     return True
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; a string, a number or None is refused (``"no"`` is
+    truthy: ``overwrite="no"`` would replace a checkpoint)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_callable(name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(
+            f"{name} must be a function (such as model.apply), got {fn!r} of type "
+            f"{type(fn).__name__}."
+        )
 
 
 def check_unique(paths: list[str], among=None) -> None:

@@ -1,0 +1,120 @@
+"""Bad input is refused by name, with what was received and the fix; nothing is
+silently ignored (a review of every public function's arguments)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxlora
+
+PLAIN = {"d0": {"kernel": jnp.ones((6, 4))}, "d1": {"kernel": jnp.ones((4, 3))}}
+
+
+def _adapted(scheme="normal"):
+    return jaxlora.init(PLAIN, jax.random.key(0), rank=2, scheme=scheme)
+
+
+def test_yes_no_flags_must_be_bools(tmp_path):
+    """Flags were only tested for truthiness: ``overwrite="no"`` replaced a saved
+    checkpoint, ``allow_residual="no"`` handed out a residual as the base."""
+    lp = _adapted()
+    jaxlora.save(tmp_path / "ck", lp)
+    with pytest.raises(TypeError, match=r"overwrite must be True or False, got 'no'"):
+        jaxlora.save(tmp_path / "ck", _adapted("he"), overwrite="no")
+    with pytest.raises(TypeError, match=r"overwrite must be True or False"):
+        jaxlora.save_peft(tmp_path / "p", lp, {"d0/kernel": "d0"}, overwrite=1)
+    jaxlora.load(tmp_path / "ck", PLAIN)  # still the first checkpoint
+    pissa = _adapted("pissa")
+    with pytest.raises(TypeError, match=r"allow_residual must be True or False"):
+        jaxlora.base(pissa, allow_residual="no")
+    with pytest.raises(TypeError, match=r"allow_residual must be True or False"):
+        jaxlora.combine(PLAIN, jaxlora.adapters(pissa), allow_residual="no")
+    with pytest.raises(TypeError, match=r"factored must be True or False, got None"):
+        jaxlora.lora_apply(lambda p, x: x, factored=None)
+    for fn in (jaxlora.lora_apply, lambda f: jaxlora.explain(f, lp)):
+        with pytest.raises(TypeError, match=r"apply_fn must be a function"):
+            fn(3)
+
+
+def test_options_a_scheme_does_not_use_and_batches_of_the_wrong_kind():
+    """``niter`` with a Scheme object was dropped; one array given as ``batches``
+    was read row by row as many one-row batches; a dict failed deep inside."""
+    model = nn.Dense(3)
+    x = jnp.ones((8, 4))
+    params = model.init(jax.random.key(0), x)
+    scheme = jaxlora.Scheme(jax.nn.initializers.normal(), jax.nn.initializers.zeros)
+    with pytest.raises(ValueError, match=r"niter is only used by the named schemes"):
+        jaxlora.init(params, jax.random.key(1), scheme=scheme, niter=3)
+    for batches in (x, {"x": x}):
+        with pytest.raises(TypeError, match=r"batches must be a list .*=\[batch\]"):
+            jaxlora.init(
+                params, jax.random.key(1), scheme="eva", apply_fn=model.apply,
+                batches=batches,
+            )  # fmt: skip
+    with pytest.raises(TypeError, match=r"example_args must be a tuple .*=\(x,\)"):
+        jaxlora.init(params, jax.random.key(1), apply_fn=model.apply, example_args=x)
+    with pytest.raises(TypeError, match=r"example_kwargs must be a dict"):
+        jaxlora.init(
+            params, jax.random.key(1), apply_fn=model.apply, example_args=(x,),
+            example_kwargs=[1],
+        )  # fmt: skip
+
+
+def test_nan_inputs_of_weight_and_data_aware_schemes_are_named():
+    """PiSSA, EVA and LoRA-GA gave NaN factors for a NaN weight, batch or loss with
+    no word (CorDA already refused)."""
+    model = nn.Dense(6)
+    x = jnp.ones((8, 4))
+    params = model.init(jax.random.key(0), x)
+    nan_w = jax.tree.map(lambda t: t.at[0].set(jnp.nan) if t.ndim == 2 else t, params)
+    with pytest.raises(ValueError, match=r"'params/kernel': its weight holds NaN"):
+        jaxlora.init(nan_w, jax.random.key(1), rank=2, scheme="pissa")
+    with pytest.raises(ValueError, match=r"inputs of 'params/kernel' hold NaN"):
+        jaxlora.init(
+            params, jax.random.key(1), rank=2, scheme="eva", apply_fn=model.apply,
+            batches=[x.at[0, 0].set(jnp.nan)] * 2,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"its gradient of loss_fn holds NaN"):
+        jaxlora.init(
+            params, jax.random.key(1), rank=2, scheme="lora_ga", batches=[x],
+            loss_fn=lambda p, b: jnp.sum(model.apply(p, b)) * jnp.nan,
+        )  # fmt: skip
+
+
+def test_peft_names_combine_and_keys():
+    """module_names of the wrong type failed with "'list' object is not callable";
+    entries for paths params does not adapt were ignored; combine with no
+    adapters returned the plain tree; a raw key of another PRNG implementation
+    was refused without saying how to pass it."""
+    lp = _adapted()
+    for names in (["d0"], "d0", None):
+        with pytest.raises(TypeError, match=r"module_names must be a function"):
+            jaxlora.save_peft("/tmp/never-written", lp, names)
+    names = {"d0/kernel": "d0", "d1/kernel": "d1", "d2/kernel": "d2"}
+    with pytest.raises(ValueError, match=r"names 'd2/kernel', which params does not"):
+        jaxlora.save_peft("/tmp/never-written", lp, names)
+    with pytest.raises(ValueError, match=r"holds no adapters \(an empty mapping\)"):
+        jaxlora.combine(PLAIN, {})
+    with pytest.raises(TypeError, match=r"wrap_key_data\(key, impl=...\)"):
+        jaxlora.init(PLAIN, jax.random.PRNGKey(0, impl="rbg"), rank=2)
+    rbg = jaxlora.init(PLAIN, jax.random.key(0, impl="rbg"), rank=2)
+    assert rbg["d0"]["kernel"].a.shape == (6, 2)
+
+
+def test_nnx_helpers_check_their_arguments():
+    model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"NnxOptimizer needs an optax transformation"):
+        jaxlora.NnxOptimizer(model, optax.adam, wrt=nnx.Param)
+    state = nnx.state(model)
+    with pytest.raises(TypeError, match=r"nnx_named_sharding needs a jax.sharding"):
+        jaxlora.nnx_named_sharding(state, None)
+    mesh = jax.make_mesh((1,), ("d",))
+    got = jaxlora.nnx_named_sharding(state, mesh)
+    assert all(
+        isinstance(s, jax.sharding.NamedSharding) for s in jax.tree.leaves(got)
+    ), got
+    assert np.shape(jax.tree.leaves(got)) == (len(jax.tree.leaves(state)),)
