@@ -349,9 +349,10 @@ def _replace(src: str, dst: str, replaceable: Callable[[str], None]) -> None:
 
 def _read_metadata(path: str) -> dict[str, Any]:
     if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"No jaxlora checkpoint at {path!r}: no such directory."
+        what = (
+            "a file, not a directory" if os.path.exists(path) else "no such directory"
         )
+        raise FileNotFoundError(f"No jaxlora checkpoint at {path!r}: {what}.")
     meta_file = os.path.join(path, METADATA)
     if not os.path.isfile(meta_file):
         raise ValueError(

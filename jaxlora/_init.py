@@ -379,6 +379,7 @@ def init(
         ((32, 4), (4, 16))
     """
     scheme = _schemes.resolve(scheme, niter=niter)
+    rank, alpha = _plain_number(rank), _plain_number(alpha)
     if embedding not in ("scheme", "peft"):
         raise ValueError(f"embedding must be 'scheme' or 'peft', got {embedding!r}.")
     if not _is_rank(rank):
@@ -613,6 +614,16 @@ def _attach(params: PyTree, nodes: dict[str, LoraWeight]) -> PyTree:
 
 def _is_int(r: Any) -> bool:
     return isinstance(r, numbers.Integral) and not isinstance(r, bool)
+
+
+def _plain_number(x: Any) -> Any:
+    """A concrete JAX scalar (``jnp.int32(8)``) as the Python number it holds;
+    anything else as it is (NumPy scalars are numbers already)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if x.shape == () and jnp.issubdtype(x.dtype, jnp.number):
+            if not jnp.issubdtype(x.dtype, jnp.bool_):
+                return x.item()
+    return x
 
 
 def _is_rank(r: Any) -> bool:

@@ -233,6 +233,12 @@ def select(params: PyTree, targets: Targets) -> list[str]:
                 f"regex fully matched against the whole path: pass targets="
                 f"[{targets!r}] (module names) or {'.*' + targets + '.*/kernel'!r}."
             )
+        if not arrays:
+            raise ValueError(
+                f"{what} matched no parameter: params holds no arrays (got "
+                f"{type(params).__name__}). Pass the model's parameter tree, e.g. "
+                "model.init(rng, x)."
+            )
         raise ValueError(
             f"{what} matched no parameter.{note} Available paths: "
             f"{examples(available)}."

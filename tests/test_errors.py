@@ -118,3 +118,17 @@ def test_nnx_helpers_check_their_arguments():
         isinstance(s, jax.sharding.NamedSharding) for s in jax.tree.leaves(got)
     ), got
     assert np.shape(jax.tree.leaves(got)) == (len(jax.tree.leaves(state)),)
+
+
+def test_jax_scalars_empty_trees_and_a_file_for_a_checkpoint(tmp_path):
+    """rank=jnp.int32(2) was refused as "not an integer"; an empty tree got
+    "Available paths: ."; load of a file said "no such directory"."""
+    lp = jaxlora.init(PLAIN, jax.random.key(0), rank=jnp.int32(2), alpha=jnp.float32(4))
+    spec = lp["d0"]["kernel"].spec
+    assert (spec.rank, spec.alpha, type(spec.rank)) == (2, 4.0, int)
+    for empty in ({}, None):
+        with pytest.raises(ValueError, match=r"params holds no arrays"):
+            jaxlora.init(empty, jax.random.key(0))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"a file, not a directory"):
+        jaxlora.load(tmp_path / "file", PLAIN)
