@@ -128,8 +128,10 @@ def eva_pca_update(
 
 @jax.jit
 def _merge(state: EvaPCAState, x: jax.Array, mask: jax.Array) -> EvaPCAState:
-    x = x.astype(jnp.float32)
     w = mask.astype(jnp.float32)
+    # rows the mask leaves out are zeroed first: a NaN or inf there (a padded
+    # position of a -inf-masked attention) must not reach the statistics (0·NaN)
+    x = jnp.where(w[:, None] != 0, x.astype(jnp.float32), 0.0)
     n_b = w.sum()
     mean_b = jnp.matmul(w, x, precision=_HIGHEST) / jnp.maximum(n_b, 1.0)
     centred = (x - mean_b[None, :]) * w[:, None]

@@ -1,6 +1,8 @@
 """Bad input is refused by name, with what was received and the fix; nothing is
 silently ignored (a review of every public function's arguments)."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -132,3 +134,24 @@ def test_jax_scalars_empty_trees_and_a_file_for_a_checkpoint(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"a file, not a directory"):
         jaxlora.load(tmp_path / "file", PLAIN)
+
+
+def test_eva_ignores_what_the_mask_leaves_out_even_nan():
+    """A NaN in a masked-out row (a padded position after a -inf attention mask)
+    made every factor NaN (0·NaN in the statistics): the rows the mask drops are
+    dropped before any arithmetic, so the result is that of the clean rows."""
+    params = {"W": {"kernel": jax.random.normal(jax.random.key(1), (6, 4))}}
+    fn = lambda p, b: b["x"] @ p["W"]["kernel"]  # noqa: E731
+    mask = jnp.ones((2, 5)).at[1, 3:].set(0)
+    clean = [
+        {"x": jax.random.normal(jax.random.key(10 + i), (2, 5, 6)), "m": mask}
+        for i in range(3)
+    ]
+    dirty = [{**b, "x": b["x"].at[1, 3:].set(jnp.nan)} for b in clean]
+    kw = {"scheme": "eva", "rank": 2, "apply_fn": fn, "input_mask": lambda b: b["m"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # three batches: not converged
+        want = jaxlora.init(params, jax.random.key(0), batches=clean, **kw)
+        got = jaxlora.init(params, jax.random.key(0), batches=dirty, **kw)
+    np.testing.assert_array_equal(got["W"]["kernel"].a, want["W"]["kernel"].a)
+    assert bool(jnp.isfinite(got["W"]["kernel"].a).all())
