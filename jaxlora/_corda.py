@@ -66,6 +66,14 @@ def covariances(
     }
     seen = 0
     for rows in captured:
+        empty = [u for u in totals if rows[u].shape[0] == 0]
+        if empty:
+            raise ValueError(
+                f"scheme {scheme!r}: batch {seen} gives no input rows to "
+                + shown([_name(u) for u in empty])
+                + " (an empty batch?); CorDA counts each batch as one sample. Drop "
+                "empty batches."
+            )
         finite = []
         for unit in totals:  # in the plan's order, the same in every process
             totals[unit], ok = _add(totals[unit], rows[unit], rows.weights(unit))

@@ -136,8 +136,8 @@ def eva_nodes(
         # collectives of a multi-process program; a set's order is per process)
         for unit in [u for u in states if u not in done]:
             keep = rows.weights(unit)
-            if keep is not None and not bool(keep.any()):
-                continue  # masked out: no new rows, no news on convergence
+            if rows[unit].shape[0] == 0 or keep is not None and not bool(keep.any()):
+                continue  # no rows, or masked out: no news on convergence
             states[unit] = update(states[unit], rows[unit], keep)
             comps, _ = components(states[unit])
             if unit in previous:

@@ -155,3 +155,25 @@ def test_eva_ignores_what_the_mask_leaves_out_even_nan():
         got = jaxlora.init(params, jax.random.key(0), batches=dirty, **kw)
     np.testing.assert_array_equal(got["W"]["kernel"].a, want["W"]["kernel"].a)
     assert bool(jnp.isfinite(got["W"]["kernel"].a).all())
+
+
+def test_an_empty_batch_is_no_news_for_eva_and_refused_by_corda():
+    """A batch of zero rows made EVA call its target converged (estimates that did
+    not change) and crashed CorDA on a zero-size max."""
+    params = {"W": {"kernel": jax.random.normal(jax.random.key(1), (6, 4))}}
+    fn = lambda p, x: x @ p["W"]["kernel"]  # noqa: E731
+    xs = [jax.random.normal(jax.random.key(10 + i), (16, 6)) for i in range(3)]
+    kw = {"rank": 2, "apply_fn": fn}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        want = jaxlora.init(params, jax.random.key(0), scheme="eva", batches=xs, **kw)
+        got = jaxlora.init(
+            params, jax.random.key(0), scheme="eva",
+            batches=[xs[0], jnp.zeros((0, 6)), *xs[1:]], **kw,
+        )  # fmt: skip
+    np.testing.assert_array_equal(got["W"]["kernel"].a, want["W"]["kernel"].a)
+    with pytest.raises(ValueError, match=r"batch 1 gives no input rows to 'W/kernel'"):
+        jaxlora.init(
+            params, jax.random.key(0), scheme="corda",
+            batches=[xs[0], jnp.zeros((0, 6))], **kw,
+        )  # fmt: skip
