@@ -44,7 +44,17 @@ class Layout:
 
     def __post_init__(self):
         for name in ("in_axes", "out_axes", "stack_axes"):
-            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+            axes = getattr(self, name)
+            ok = isinstance(axes, (tuple, list)) and all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+                for i in axes
+            )
+            if not ok:  # "01" would read as (0, 1), 0.5 as 0
+                raise TypeError(
+                    f"Layout {name} must be a tuple of axis indices (ints), got "
+                    f"{axes!r}: e.g. Layout(in_axes=(0,), out_axes=(1,))."
+                )
+            object.__setattr__(self, name, tuple(int(i) for i in axes))
         if not self.in_axes or not self.out_axes:
             raise ValueError(
                 f"A Layout needs at least one input and one output axis, got {self}."

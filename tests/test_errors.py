@@ -177,3 +177,12 @@ def test_an_empty_batch_is_no_news_for_eva_and_refused_by_corda():
             params, jax.random.key(0), scheme="corda",
             batches=[xs[0], jnp.zeros((0, 6))], **kw,
         )  # fmt: skip
+
+
+def test_layout_axes_must_be_ints():
+    """Layout("01", "2") read as (0, 1), (2,); 0.5 as 0; an int as a raw error."""
+    for bad in (("01", "2"), ((0.5,), (1,)), (0, 1), ((0,), (1,), None)):
+        with pytest.raises(TypeError, match=r"must be a tuple of axis indices"):
+            jaxlora.Layout(*bad)
+    got = jaxlora.Layout([np.int64(1)], (0,))
+    assert got == jaxlora.Layout((1,), (0,)) and type(got.in_axes[0]) is int
