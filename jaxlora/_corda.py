@@ -68,12 +68,10 @@ def covariances(
     for rows in captured:
         empty = [u for u in totals if rows[u].shape[0] == 0]
         if empty:
-            raise ValueError(
-                f"scheme {scheme!r}: batch {seen} gives no input rows to "
-                + shown([_name(u) for u in empty])
-                + " (an empty batch?); CorDA counts each batch as one sample. Drop "
-                "empty batches."
-            )
+            raise _refused(
+                scheme, seen, empty, "get no input rows from it (an empty batch?); "
+                "CorDA counts each batch as one sample. Drop empty batches."
+            )  # fmt: skip
         finite = []
         for unit in totals:  # in the plan's order, the same in every process
             totals[unit], ok = _add(totals[unit], rows[unit], rows.weights(unit))
@@ -81,15 +79,13 @@ def covariances(
         finite = jax.device_get(finite)
         bad = [u for u, ok in zip(totals, finite, strict=True) if not ok]
         if bad:
-            raise ValueError(
-                f"scheme {scheme!r}: in batch {seen} the inputs of "
-                + shown([_name(u) for u in bad])
-                + " are not finite once divided by their largest value, as CorDA "
-                "scales each sample, or their covariance overflows float32 (the "
-                "largest value is 0 or tiny next to the others, the inputs hold "
-                "inf or nan, or input_mask keeps none of them). Check the batch, or "
-                "exclude these targets with targets=...."
-            )
+            raise _refused(
+                scheme, seen, bad, "have inputs that are not finite once divided by "
+                "their largest value, as CorDA scales each sample, or their "
+                "covariance overflows float32 (the largest value is 0 or tiny next "
+                "to the others, the inputs hold inf or nan, or input_mask keeps none "
+                "of them). Check the batch, or exclude these targets with targets=...."
+            )  # fmt: skip
         seen += 1
     if seen == 0:
         raise ValueError(
@@ -98,6 +94,14 @@ def covariances(
     return {
         path: jnp.stack([totals[u] for u in us]) / seen for path, us in units.items()
     }
+
+
+def _refused(scheme: str, batch: int, units: list, why: str) -> ValueError:
+    return ValueError(
+        f"scheme {scheme!r}: in batch {batch}, "
+        + shown([_name(u) for u in units])
+        + f" {why}"
+    )
 
 
 def _name(unit: _capture.Unit) -> str:
