@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxlora._boxes import factor_names
 from jaxlora._node import is_lora
+from jaxlora._optax import check_transformation
 from jaxlora._paths import path_str
 from jaxlora._targets import examples
 
@@ -193,15 +194,9 @@ class NnxOptimizer(nnx.Optimizer):
     def __init__(
         self, model: Any, tx: optax.GradientTransformation, *, wrt, graph=None
     ):
-        if not (
-            callable(getattr(tx, "init", None))
-            and callable(getattr(tx, "update", None))
-        ):
-            raise TypeError(
-                f"NnxOptimizer needs an optax transformation such as "
-                f"jaxlora.freeze_base(optax.adamw(1e-3)), got {tx!r}. Call the "
-                "optimizer factory first."
-            )
+        check_transformation(
+            tx, "NnxOptimizer needs", "jaxlora.freeze_base(optax.adamw(1e-3))"
+        )
         self.graph = graph
         self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
         self.tx = tx

@@ -167,13 +167,7 @@ def freeze_base(
     """
     trainable = _once(trainable)
     _rules(trainable)  # a bad regex or name list is named here, not at tx.init
-    if not (
-        callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
-    ):
-        raise TypeError(
-            f"freeze_base wraps an optax transformation such as optax.adamw(1e-3), got "
-            f"{tx!r}. Call the optimizer factory first."
-        )
+    check_transformation(tx, "freeze_base wraps", "optax.adamw(1e-3)")
     labels = lambda params: jax.tree.map(  # noqa: E731
         lambda s: "frozen" if s == "frozen" else "train",
         _trained_labels(params, trainable, "freeze_base"),
@@ -345,6 +339,18 @@ def _refuse_line_search(tx: optax.GradientTransformation, caller: str) -> None:
             "search outside: optax.chain(jaxlora.freeze_base("
             "optax.scale_by_lbfgs()), optax.scale(-1.0), "
             "optax.scale_by_zoom_linesearch(...))."
+        )
+
+
+def check_transformation(tx: Any, who: str, example: str) -> None:
+    """Refuses what is not an optax transformation (a factory such as
+    ``optax.adam``, not yet called, most often)."""
+    if not (
+        callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
+    ):
+        raise TypeError(
+            f"{who} an optax transformation such as {example}, got {tx!r}. Call the "
+            "optimizer factory first."
         )
 
 

@@ -162,7 +162,7 @@ def _keys(name: str, embedding: bool) -> tuple[str, str]:
     return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
 
 
-def _check_names(module_names) -> None:
+def _check_module_names(module_names) -> None:
     if not (callable(module_names) or isinstance(module_names, Mapping)):
         raise TypeError(
             "module_names must be a function (path, layer) -> torch module name or a "
@@ -260,7 +260,7 @@ def save_peft(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     overwrite = check_flag("overwrite", overwrite)
-    _check_names(module_names)
+    _check_module_names(module_names)
     path = os.path.abspath(os.fsdecode(path))
     nodes = _adapted(params)
     if not nodes:
@@ -375,7 +375,7 @@ def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> P
             adapter, or of another shape or kind; a residual base in ``params``;
             modules in the adapter that no target names.
     """
-    _check_names(module_names)
+    _check_module_names(module_names)
     path = os.path.abspath(os.fsdecode(path))
     config = _peft_config.read(path)
     if not os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(
