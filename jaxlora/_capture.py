@@ -46,17 +46,27 @@ def _tag_digits(t) -> int:
     return 0 if not t.layout.stack_axes else max(1, math.ceil(math.log(n, _TAG_BASE)))
 
 
+def _row_digits(t) -> int:
+    """Binary digits that number the input rows of target ``t``."""
+    return (t.layout.fans(t.shape)[0] - 1).bit_length()
+
+
 def _probe(params, plan, leaves):
     """``params`` with zero adapters (``b = 0``: the model is unchanged) on the
-    targets, to find their inputs. For a stacked weight, ``a``'s rank columns after
-    the first, divided by the first, are ``2**d`` for layer ``l``'s base-8 digits
-    ``d``, so every captured row says which layer it met (the scan step need not be
-    the layer: a flipped or sliced stack, ``w[0]`` inside the body). Powers of two
-    keep their ratios exactly when the model scales or casts the weight (bf16, fp8)."""
+    targets, to find their inputs. ``a``'s rank columns after the first, divided by
+    the first, are ``2**d``: for the base-8 digits ``d`` of layer ``l`` of a stacked
+    weight, so every captured row says which layer it met (the scan step need not
+    be the layer: a flipped or sliced stack, ``w[0]`` inside the body); then for
+    the binary digits of each input row's index (1 or 2: the least range an fp8
+    weight scaled by the model must hold), so a view that reorders the input side
+    (``w[::-1]``) gives back the weight's own rows (`_factored._unpermuted`). Powers
+    of two keep their ratios exactly when the model scales or casts the weight
+    (bf16, fp8)."""
     probes = {}
     for t in plan:
-        digits = _tag_digits(t)
-        a_shape, b_shape = t.layout.factor_shapes(t.shape, 1 + digits)
+        digits, row_digits = _tag_digits(t), _row_digits(t)
+        rank = 1 + digits + row_digits
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, rank)
         n_stack = len(t.layout.stack_axes)
         stack, fan_in = a_shape[:n_stack], math.prod(a_shape[n_stack:-1])
         layer = jnp.arange(math.prod(stack))[:, None]
@@ -65,8 +75,20 @@ def _probe(params, plan, leaves):
             + [2 ** (layer // _TAG_BASE**d % _TAG_BASE) for d in range(digits)],
             1,
         ).astype(jnp.float32)
-        a = jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 1 + digits))
-        spec = LoraSpec(t.layout, 1 + digits, 1.0)
+        row = jnp.arange(fan_in)[:, None]
+        ids = jnp.concatenate(
+            [jnp.zeros((fan_in, 0), jnp.int32)]
+            + [2 ** (row >> d & 1) for d in range(row_digits)],
+            1,
+        ).astype(jnp.float32)
+        a = jnp.concatenate(
+            [
+                jnp.broadcast_to(cols[:, None], (len(cols), fan_in, 1 + digits)),
+                jnp.broadcast_to(ids, (len(cols), fan_in, row_digits)),
+            ],
+            2,
+        )
+        spec = LoraSpec(t.layout, rank, 1.0)
         probes[t.path] = LoraWeight(
             leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape), spec
         )
@@ -174,7 +196,10 @@ def captured(
             target with a use whose positions are not of the mask's shape. A
             consumer stops reading when it has enough (the batches are read lazily).
     """
-    capture = _factored.input_capturer(lambda p, b: apply_fn(p, b))
+    capture = _factored.input_capturer(
+        lambda p, b: apply_fn(p, b),
+        {t.path: (_row_digits(t), t.layout.fans(t.shape)[0]) for t in plan},
+    )
     probe = _probe(params, plan, leaves)
     for batch in batches:
         check_concrete(batch, scheme)

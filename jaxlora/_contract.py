@@ -21,6 +21,7 @@ import numpy as np
 from jax._src.interpreters import ad as _ad
 from jax.lax import GatherScatterMode
 
+from jaxlora._node import accumulator
 from jaxlora._symbolic import R
 from jaxlora._symbolic import Sym
 from jaxlora._symbolic import Unsupported
@@ -190,7 +191,7 @@ def _like(x, other):
 
 def _acc(dtype):
     """The dtype of the rank-r intermediates: float32 or wider (they are small)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    return accumulator(dtype)
 
 
 def _lora_contract_fwd(x, w, f1, f2, plan):

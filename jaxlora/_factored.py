@@ -71,8 +71,11 @@ class Use:
 class _Context:
     """Per-call record of uses; warns once per path on materialization."""
 
-    def __init__(self, warn: bool, capture: bool = False):
+    def __init__(self, warn: bool, capture: bool = False, row_ids=None):
         self.warn = warn
+        # capture: per path, (k, fan_in) when the last k rank columns of its ``a``
+        # number its input rows (see `input_capturer`)
+        self.row_ids: dict[str, tuple[int, int]] = dict(row_ids or {})
         self.uses: dict[str, list[Use]] = {}
         self.warned: set[str] = set()
         # capture_inputs: path -> list of (rows, fan_in) input arrays, or a reason
@@ -648,6 +651,7 @@ def _scan(ctx, eqn, invals):
                 (
                     *(v.reshape(math.prod(v.shape[:-1]), v.shape[-1]) for v in use[:2]),
                     use[2],
+                    jax.numpy.all(use[3]),  # its rows read as the weight's at each step
                 )
                 for use in uses
             )
@@ -987,22 +991,54 @@ def _capture(ctx, eqn, invals):
     free = [i for i in range(x.ndim) if i not in xc]
     fan_in = math.prod(x.shape[i] for i in order)
     rows = jax.numpy.transpose(x, free + order).reshape(-1, fan_in)
+    # a's rows at this use, in the order of x's contracted axes (a's input axes;
+    # the size-1 ones on b's side add nothing)
+    a_rows = jax.numpy.moveaxis(sym.a, sym.a_lab.index(R), -1)
+    a_rows = a_rows.reshape(fan_in, a_rows.shape[-1]).astype(jax.numpy.float32)
+    k, ok = ctx.row_ids.get(sym.path, (0, None)), jax.numpy.asarray(True)
+    if k[0]:
+        rows, ok = _unpermuted(rows, a_rows, *k)
     entry = ctx.captured.setdefault(sym.path, [])
     if isinstance(entry, list):
-        ratios = _rank_ratios(sym)
+        ratios = _rank_ratios(a_rows[:, : a_rows.shape[1] - k[0]])
         tags = jax.numpy.broadcast_to(ratios, (len(rows), len(ratios)))
         lead = jax.numpy.asarray([x.shape[i] for i in free], jax.numpy.int32)
-        entry.append((rows, tags, lead))  # lead: the use's positions, row-major
+        entry.append((rows, tags, lead, ok))  # lead: the use's positions, row-major
 
 
-def _rank_ratios(sym: Sym):
+def _rank_ratios(a_rows):
     """``a``'s rank columns after the first, divided by the first, at this use (at
-    the first input position): which slice of a stacked factor is in use, when the
-    columns were written so (EVA's probe tags each layer this way). Views of the
-    weight scale all columns alike and keep the ratios."""
-    a = jax.numpy.moveaxis(sym.a, sym.a_lab.index(R), -1)
-    first = a.reshape(-1, a.shape[-1])[0].astype(jax.numpy.float32)
+    the input position where the first is largest: a padded view has rows of
+    zeros): which slice of a stacked factor is in use, when the columns were
+    written so (EVA's probe tags each layer this way). Views of the weight scale
+    all columns alike and keep the ratios."""
+    first = a_rows[jax.numpy.argmax(jax.numpy.abs(a_rows[:, 0]))]
     return first[1:] / first[0]
+
+
+def _unpermuted(rows, a_rows, k: int, fan_in: int):
+    """``rows`` met by a view of the weight, as the weight's own input rows.
+
+    The probe's last ``k`` rank columns number each of ``a``'s input rows (the
+    binary digits ``d`` of its index, each as ``2**d`` over the first column), so
+    at a use through a view that reorders, cuts, pads or repeats the input side
+    (``w[::-1]``, a transpose then a reshape of input axes, ``w[:2]``, a tile),
+    each position of the view says which row of the weight it is. The row a
+    position holds gets the inputs that met it, summed over the positions that hold
+    it: ``x · view(w) = u · w``, and ``u`` is what the weight sees. A row of zeros
+    (padding) holds no row. Returns ``(u, ok)``: ``ok`` is False where a position
+    does not read as a row (the weight was changed by more than a view).
+    """
+    absent = jax.numpy.all(a_rows == 0, axis=1)
+    first = jax.numpy.where(absent, 1.0, a_rows[:, 0])[:, None]
+    mant, expo = jax.numpy.frexp(a_rows[:, a_rows.shape[1] - k :] / first)
+    digits = expo - 1  # 2**d = 0.5 * 2**(d + 1), exactly
+    fine = (mant == 0.5) & (digits >= 0) & (digits < 2)
+    ids = (digits << jax.numpy.arange(k)[None]).sum(1)
+    ok = jax.numpy.all(absent | (jax.numpy.all(fine, axis=1) & (ids < fan_in)))
+    ids = jax.numpy.where(absent, fan_in, ids)  # out of range: dropped
+    u = jax.numpy.zeros((len(rows), fan_in), rows.dtype)
+    return u.at[:, ids].add(rows, mode="drop"), ok
 
 
 def _unsplit_rows(rows):
@@ -1016,7 +1052,7 @@ def _unsplit_rows(rows):
     )
 
 
-def input_capturer(fn: Callable) -> Callable:
+def input_capturer(fn: Callable, row_ids: dict | None = None) -> Callable:
     """A function ``(args, kwargs) -> (rows, tags, reasons, leads)`` capturing inputs.
 
     Each call runs ``fn(*args, **kwargs)`` once (jitted; compiled once per input
@@ -1024,34 +1060,57 @@ def input_capturer(fn: Callable) -> Callable:
     the weight's input axes (all uses, and every step of a ``scan``, concatenated),
     shaped ``(n, fan_in)`` in the order of its ``a`` factor's input axes; ``tags``:
     per path and row, ``a``'s rank columns after the first divided by the first at
-    that use, shaped ``(n, rank - 1)`` (which layer of a stacked weight the row met,
-    when the columns were written to say so); and ``reasons``: per path that cannot
-    be captured (used by a convolution or a gather, inside a while loop, a cond
-    branch or a ``shard_map``, or still stacked where it is contracted), why;
-    ``leads``: per path and use, in the order of its rows, the shape of the
-    positions one row stands for at that use (the input's axes other than the
-    contracted ones), an int array ``(*steps, k)``: one copy per step of the
-    ``scan`` loops around the use, whose rows come step after step.
+    that use, shaped ``(n, rank - 1 - k)`` (which layer of a stacked weight the row
+    met, when the columns were written to say so); and ``reasons``: per path that
+    cannot be captured (used by a convolution or a gather, inside a while loop, a
+    cond branch or a ``shard_map``, still stacked where it is contracted, only
+    used as a dense array), why; ``leads``: per path and use, in the order of its
+    rows, the shape of the positions one row stands for at that use (the input's
+    axes other than the contracted ones), an int array ``(*steps, k)``: one copy
+    per step of the ``scan`` loops around the use, whose rows come step after step.
+
+    ``row_ids``: per path, ``(k, fan_in)`` where the last ``k`` rank columns of
+    its ``a`` number ``a``'s input rows (`_unpermuted`): its rows are then the
+    weight's own, whatever view of it met them (a reversal, a transpose then a
+    reshape of input axes, a slice); without, the rows are in the order of the
+    view's input axes, and as many.
     """
     reasons: dict[str, str] = {}
 
     @jax.jit
     def run(args, kwargs):
-        ctx = _Context(warn=False, capture=True)
+        ctx = _Context(warn=False, capture=True, row_ids=row_ids)
         _run(ctx, fn, args, kwargs)
-        rows, tags, leads = {}, {}, {}
+        rows, tags, leads, ok = {}, {}, {}, {}
         for path, got in ctx.captured.items():
             if isinstance(got, str):
                 reasons[path] = got
                 continue
-            rows[path] = _unsplit_rows(jax.numpy.concatenate([r for r, _, _ in got]))
-            tags[path] = jax.numpy.concatenate([t for _, t, _ in got])
-            leads[path] = [lead for _, _, lead in got]
-        return rows, tags, leads
+            rows[path] = _unsplit_rows(jax.numpy.concatenate([u[0] for u in got]))
+            tags[path] = jax.numpy.concatenate([u[1] for u in got])
+            leads[path] = [u[2] for u in got]
+            ok[path] = jax.numpy.all(jax.numpy.stack([u[3] for u in got]))
+        for path, uses in ctx.uses.items():  # never contracted as a weight
+            dense = [u for u in uses if u.mode == "materialized"]
+            if path not in ctx.captured and dense:
+                reasons[path] = (
+                    f"only used as a dense array (by '{dense[0].primitive}': "
+                    f"{dense[0].reason}), whose inputs are not the weight's"
+                )
+        return rows, tags, leads, ok
 
     def capture(args, kwargs):
-        rows, tags, leads = run(tuple(args), dict(kwargs))
-        return rows, tags, dict(reasons), leads
+        rows, tags, leads, ok = run(tuple(args), dict(kwargs))
+        got = dict(reasons)
+        for path, fine in ok.items():
+            if not bool(fine):
+                got[path] = (
+                    "changed by more than a view (a reversal, slice, transpose, "
+                    "reshape, cast or scalar multiple) before its use: its input "
+                    "rows cannot be told apart"
+                )
+                del rows[path]
+        return rows, tags, got, leads
 
     return capture
 

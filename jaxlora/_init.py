@@ -29,6 +29,7 @@ from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
+from jaxlora._node import accumulator
 from jaxlora._node import is_lora
 from jaxlora._node import layout_hidden
 from jaxlora._node import placed_like_weight
@@ -112,7 +113,7 @@ def _factors(key, scheme, target, dtype):
 
 def _compensated(node: LoraWeight) -> LoraWeight:
     """Subtracts the initial update from the base so the output starts unchanged."""
-    acc = jnp.promote_types(node.w.dtype, jnp.float32)
+    acc = accumulator(node.w.dtype)
     w_res = (node.w.astype(acc) - node.delta(acc)).astype(node.w.dtype)
     spec = node.spec
     return node.replace(w=w_res, spec=LoraSpec(**{**vars(spec), "residual": True}))

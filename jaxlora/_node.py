@@ -21,6 +21,15 @@ import numpy as np
 PyTree = Any
 
 
+def accumulator(*dtypes) -> jnp.dtype:
+    """The dtype sums of ``dtypes`` are done in: their promotion, float32 or wider.
+    8-bit floats (which JAX does not promote implicitly) sum in float32."""
+    wide = [d for d in map(jnp.dtype, dtypes) if d.itemsize > 1]
+    return jnp.promote_types(
+        jnp.result_type(*wide) if wide else jnp.float32, jnp.float32
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Which axes of a weight are its input side, output side and stacked layer axes.
@@ -191,6 +200,25 @@ class LoraSpec:
             object.__setattr__(self, "rank", int(self.rank))
         if scalar(self.alpha, jnp.number) or type(self.alpha) is int:
             object.__setattr__(self, "alpha", float(self.alpha))
+        # a spec built by hand is checked as init checks its arguments: a rank the
+        # factors do not have, or a NaN alpha, would give a silently wrong scale
+        if not isinstance(self.layout, Layout):
+            raise TypeError(
+                f"LoraSpec: layout must be a jaxlora.Layout, got {self.layout!r}."
+            )
+        if type(self.rank) is not int or self.rank < 1:
+            raise ValueError(
+                f"LoraSpec: rank must be a positive int, got {self.rank!r}."
+            )
+        if type(self.alpha) is not float or not math.isfinite(self.alpha):
+            raise ValueError(
+                f"LoraSpec: alpha must be a finite number, got {self.alpha!r}."
+            )
+        for name in ("rslora", "residual", "embedding"):
+            if type(getattr(self, name)) is not bool:
+                raise TypeError(
+                    f"LoraSpec: {name} must be a bool, got {getattr(self, name)!r}."
+                )
 
     @property
     def scale(self) -> float:
@@ -273,6 +301,19 @@ class LoraWeight:
     def ndim(self) -> int:
         return len(self.w.shape)
 
+    def check_rank(self) -> None:
+        """Raises ValueError if ``a`` and ``b`` are not of the spec's rank (a
+        LoraWeight built by hand): the scale ``alpha / rank`` would be wrong."""
+        n_stack = len(self.layout.stack_axes)
+        got = (self.a.shape[-1], self.b.shape[n_stack])
+        if got != (self.rank, self.rank):
+            raise ValueError(
+                f"A LoraWeight's factors a {tuple(self.a.shape)} and b "
+                f"{tuple(self.b.shape)} have rank {got[0]} and {got[1]}, but its "
+                f"spec says rank {self.rank}: its scale alpha / rank would be wrong. "
+                "Build the LoraSpec with the factors' rank."
+            )
+
     def delta(self, dtype=None) -> jax.Array:
         """The update ``scale · a @ b`` laid out like ``w``, formed in ``dtype``.
 
@@ -280,6 +321,7 @@ class LoraWeight:
         product, so bf16 factors give the float32 update that residual schemes
         subtracted from the base, not a bf16-rounded one.
         """
+        self.check_rank()
         a, b = self.a, self.b
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
@@ -292,9 +334,7 @@ class LoraWeight:
 
     def merged(self) -> jax.Array:
         """``w + scale · a @ b`` in ``w``'s dtype (summed in float32 or wider)."""
-        acc = jnp.promote_types(
-            jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32
-        )
+        acc = accumulator(self.w.dtype, self.a.dtype)
         w = self.w
         if isinstance(w, jax.core.Tracer):  # under jit the memory space is typed
             on_host = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -24,6 +25,7 @@ from jaxlora._linalg import svd_lowrank
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
+from jaxlora._node import accumulator
 from jaxlora._node import is_lora
 from jaxlora._node import place
 from jaxlora._node import placed_like_weight
@@ -100,6 +102,23 @@ def _factors_3d(scheme, keys, k3, g3, rank, scale, dtype, path):
     return jax.vmap(one)(keys, k3, g3)
 
 
+def _warn_zero_gradient(g3, path: str) -> None:
+    """Warns where LoRA-GA's gradient is exactly zero: every rank-2r subspace is
+    then a top one, and its factors' directions are arbitrary (the SVD's)."""
+    zero = np.flatnonzero(~np.asarray(jnp.any(g3 != 0, axis=(1, 2))))
+    if not len(zero):
+        return
+    where = "" if g3.shape[0] == 1 else f" (layers {', '.join(map(str, zero))})"
+    warnings.warn(
+        f"jaxlora: the gradient of loss_fn with respect to {path!r} is exactly zero"
+        f"{where} on every batch, so LoRA-GA's directions there are arbitrary (no "
+        "subspace of the gradient is larger than another): the weight does not "
+        "reach the loss, or the batches do not exercise it. Check loss_fn and the "
+        "batches, or leave the target out (targets=...) or give it another scheme.",
+        stacklevel=4,
+    )
+
+
 def _whole(x):
     """``x`` replicated when it is split over explicit mesh axes (an SVD or QR takes
     whole matrices there); else ``x``."""
@@ -145,6 +164,8 @@ def adapt(
     w = _whole(w)
     k3 = to_3d(w, layout)
     g3 = None if grad is None else to_3d(_whole(grad), layout)
+    if g3 is not None and not isinstance(g3, jax.core.Tracer):
+        _warn_zero_gradient(g3, path)
     g3 = g3 if cov is None else _whole(cov)
     keys = jax.random.split(key, k3.shape[0])
     a, b, res = _factors_3d(scheme, keys, k3, g3, spec.rank, spec.scale, dtype, path)
@@ -308,7 +329,7 @@ def _check_low_rank(path, d3, rebuilt, w_res, scale, rank) -> None:
 
 def _plain(node: LoraWeight, orig: jax.Array, path: str) -> LoraWeight:
     spec, layout, r = node.spec, node.spec.layout, node.spec.rank
-    acc = jnp.promote_types(orig.dtype, jnp.float32)
+    acc = accumulator(orig.dtype)
     base = _whole(node.w)  # whole matrices for the QR of the range finder
     d3 = to_3d(_whole(orig).astype(acc) - base.astype(acc), layout) / spec.scale
     # d3 has rank <= r: a randomized range finder on r columns recovers it exactly

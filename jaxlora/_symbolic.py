@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.lax import GatherScatterMode
 
+from jaxlora._node import accumulator
+
 R = -1  # the label of the rank axis
 
 
@@ -58,6 +60,7 @@ class Sym:
     @classmethod
     def from_lora(cls, lw, path: str) -> Sym:
         """The symbolic value of a `LoraWeight` (``w`` gets no gradient)."""
+        lw.check_rank()
         lay = lw.layout
         s = lay.stack_axes
         return cls(
@@ -109,9 +112,7 @@ class Sym:
         """The dense array ``w + scale · a @ b`` (as `LoraWeight.merged` forms it)."""
         w_let = string.ascii_letters[: self.ndim]
         sa, sb = self.letters(w_let, string.ascii_letters[self.ndim])
-        acc = jnp.promote_types(
-            jnp.promote_types(self.w.dtype, self.a.dtype), "float32"
-        )
+        acc = accumulator(self.w.dtype, self.a.dtype)
         # the factors cast first, as `LoraWeight.delta` does (bf16 factors of a
         # float32 model: a product rounded to bf16 would be ~1e-3 off the merge)
         delta = jnp.einsum(

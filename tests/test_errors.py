@@ -87,6 +87,25 @@ def test_nan_inputs_of_weight_and_data_aware_schemes_are_named():
         )  # fmt: skip
 
 
+def test_lora_ga_warns_where_the_gradient_is_zero():
+    """A target the loss does not reach got arbitrary LoRA-GA directions and a
+    rewritten base with no word; the other targets say nothing."""
+
+    def loss(p, x):  # 'b' never reaches the loss
+        return jnp.sum(jnp.tanh(x @ p["a"])) + 0.0 * jnp.sum(
+            jax.lax.stop_gradient(p["b"])
+        )
+
+    params = {"a": jnp.ones((4, 6)) / 4, "b": jnp.ones((4, 6))}
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    with pytest.warns(UserWarning, match=r"with respect to 'b' is exactly zero") as got:
+        jaxlora.init(
+            params, jax.random.key(1), rank=2, scheme="lora_ga",
+            targets=["a", "b"], batches=[x], loss_fn=loss,
+        )  # fmt: skip
+    assert not any("'a'" in str(w.message) for w in got), [str(w.message) for w in got]
+
+
 def test_peft_names_combine_and_keys():
     """module_names of the wrong type failed with "'list' object is not callable";
     entries for paths params does not adapt were ignored; combine with no
@@ -186,3 +205,28 @@ def test_layout_axes_must_be_ints():
             jaxlora.Layout(*bad)
     got = jaxlora.Layout([np.int64(1)], (0,))
     assert got == jaxlora.Layout((1,), (0,)) and type(got.in_axes[0]) is int
+
+
+def test_hand_built_specs_and_weights_are_checked():
+    """A LoraSpec of rank 0, a NaN alpha, a float rank or an int flag used to be
+    accepted; a LoraWeight whose factors are not of its spec's rank merged (and ran)
+    with the wrong scale, silently."""
+    lay = jaxlora.Layout.dense(2)
+    for kw, error in [
+        ({"rank": 0, "alpha": 1.0}, r"rank must be a positive int, got 0"),
+        ({"rank": 2.0, "alpha": 1.0}, r"rank must be a positive int, got 2.0"),
+        ({"rank": 2, "alpha": float("nan")}, r"alpha must be a finite number"),
+        ({"rank": 2, "alpha": 1.0, "rslora": 1}, r"rslora must be a bool, got 1"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=error):
+            jaxlora.LoraSpec(lay, **kw)
+    with pytest.raises(TypeError, match=r"layout must be a jaxlora.Layout"):
+        jaxlora.LoraSpec((0, 1), 2, 1.0)
+    spec = jaxlora.LoraSpec(lay, 2, 4)
+    assert (spec.alpha, type(spec.alpha)) == (4.0, float)
+    w = jaxlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((4, 3)), jnp.ones((3, 6)), spec)
+    rank = r"factors a \(4, 3\) and b \(3, 6\) have rank 3 and 3, but its spec says"
+    with pytest.raises(ValueError, match=rank):
+        jaxlora.merge({"q": w})
+    with pytest.raises(ValueError, match=rank):
+        jaxlora.lora_apply(lambda p, x: x @ p["q"])({"q": w}, jnp.ones((2, 4)))

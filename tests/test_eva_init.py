@@ -205,10 +205,6 @@ def test_eva_config_only_with_eva():
             r"'q': combined with other arrays \(concatenate or stack\) before its use",
         ),
         (
-            lambda p, x: x[..., :2] @ p["q"][:2],
-            r"'q': its inputs have 2 features, not the weight's 4",
-        ),
-        (
             lambda p, x: jax.lax.fori_loop(  # traced bounds: a while loop
                 0, 2 + (x.sum() > 0), lambda i, h: h + (x @ p["q"]).sum(), 0.0
             ),
@@ -221,17 +217,133 @@ def test_eva_config_only_with_eva():
             r"'q': used inside a branch of cond/switch",
         ),
     ],
-    ids=["concatenated", "sliced", "while", "cond"],
+    ids=["concatenated", "while", "cond"],
 )
 def test_eva_refuses_inputs_that_are_not_one_weights(use, reason):
-    """A weight fused with other arrays, or sliced on its input side, before the
-    matmul does not see rows of its own input size; inside a while loop or a cond
+    """A weight fused with other arrays before the matmul does not see rows of its
+    own; inside a while loop or a cond
     branch its rows cannot be taken out of the traced body (they used to escape as
     tracers): a clear error, not a crash."""
     p = {"q": jnp.ones((4, 6)), "plain": jnp.ones((4, 2))}
     batches = [jax.random.normal(jax.random.key(i), (4, 3, 4)) for i in range(2)]
     with pytest.raises(ValueError, match=reason):
         eva_rank_2(p, use, batches, "q")
+
+
+W4 = jax.random.normal(jax.random.key(0), (4, 6))
+W223 = jax.random.normal(jax.random.key(0), (2, 2, 6))
+W243 = jax.random.normal(jax.random.key(0), (2, 4, 6))  # a stack of two (4, 6)
+
+
+def _flipped_scan(p, x):
+    def body(h, wi):
+        return h, jnp.tanh(h @ wi[::-1]).sum()
+
+    return jax.lax.scan(body, x, p["q"])[1].sum()
+
+
+def _scan_of_flipped_inputs(p, x):
+    def body(h, wi):
+        return h, jnp.tanh(h[..., ::-1] @ wi).sum()
+
+    return jax.lax.scan(body, x, p["q"])[1].sum()
+
+
+VIEWS = {  # a use through a view of the input side, and the same model without it
+    "reversed": (
+        W4,
+        lambda p, x: jnp.tanh(x @ p["q"][::-1]),
+        lambda p, x: jnp.tanh(x[..., ::-1] @ p["q"]),
+    ),
+    "transposed-then-merged": (
+        W223,
+        lambda p, x: jnp.tanh(x @ jnp.transpose(p["q"], (1, 0, 2)).reshape(4, 6)),
+        lambda p, x: jnp.tanh(
+            jnp.einsum("btji,ijo->bto", x.reshape(*x.shape[:-1], 2, 2), p["q"])
+        ),
+    ),
+    "sliced": (
+        W4,
+        lambda p, x: jnp.tanh(x[..., :2] @ p["q"][:2]),
+        lambda p, x: jnp.tanh(x.at[..., 2:].set(0.0) @ p["q"]),
+    ),
+    "tiled": (
+        W4,
+        lambda p, x: jnp.tanh(
+            jnp.concatenate([x, x[..., ::-1]], -1) @ jnp.tile(p["q"], (2, 1))
+        ),
+        lambda p, x: jnp.tanh((x + x[..., ::-1]) @ p["q"]),
+    ),
+    "reversed-in-bf16": (
+        W4,
+        lambda p, x: jnp.tanh(
+            x.astype(jnp.bfloat16) @ p["q"].astype(jnp.bfloat16)[::-1]
+        ).astype(jnp.float32),
+        lambda p, x: jnp.tanh(
+            x[..., ::-1].astype(jnp.bfloat16) @ p["q"].astype(jnp.bfloat16)
+        ).astype(jnp.float32),
+    ),
+    "reversed-in-a-scan": (W243, _flipped_scan, _scan_of_flipped_inputs),
+}
+
+
+@pytest.mark.parametrize("scheme", ["eva", "corda"])
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_a_view_of_the_input_side_gives_the_weights_own_rows(view, scheme):
+    """``x @ w[::-1]`` is ``x[..., ::-1] @ w``: the weight's own input rows are the
+    reversed ones, and EVA's PCA / CorDA's covariance must be of those. They used to
+    be recorded in the view's order (EVA's ``a`` rows swapped; CorDA's residual off
+    by up to 2), or refused for a slice. Every view (a reversal, a transpose then a
+    merge of input axes, a slice, a tile, under a bf16 cast, per layer of a scan)
+    gives the factors of the model written without it."""
+    w, used, plain = VIEWS[view]
+    p = {"q": w}
+    scales = jnp.array([3.0, 1.0, 0.3, 0.1])
+    batches = [
+        jax.random.normal(jax.random.key(i), (8, 5, 4)) * scales[None, None]
+        for i in range(3)
+    ]
+    got, want = (
+        jaxlora.init(
+            p,
+            jax.random.key(1),
+            scheme=scheme,
+            rank=2,
+            targets=["q"],
+            apply_fn=fn,
+            batches=batches,
+        )["q"]
+        for fn in (used, plain)
+    )
+    assert float(jnp.abs(want.a).max()) > 0
+    np.testing.assert_allclose(got.a, want.a, atol=1e-5)
+    np.testing.assert_allclose(got.b, want.b, atol=1e-5)
+    np.testing.assert_allclose(got.w, want.w, atol=1e-5)
+
+
+def test_eva_refuses_rows_a_scaled_view_does_not_keep_apart():
+    """The probe numbers each input row of the weight in its ``a`` (ratios 1 or 2);
+    a weight cast to float8 and scaled past its range loses them: a refusal by
+    name, not rows put in the wrong place."""
+    p = {"q": jax.random.normal(jax.random.key(0), (8, 6))}
+    batches = [jax.random.normal(jax.random.key(i), (8, 8)) for i in range(2)]
+
+    def fp8(p, x):
+        q = p["q"].astype(jnp.float8_e4m3fn) * jnp.asarray(300.0, jnp.float8_e4m3fn)
+        return x.astype(jnp.float8_e4m3fn) @ q
+
+    with pytest.raises(ValueError, match=r"'q': changed by more than a view"):
+        eva_rank_2(p, fp8, batches, "q")
+
+
+def test_eva_names_a_weight_only_used_as_a_dense_array():
+    """A weight multiplied by a mask before the matmul is a dense array there, not
+    the weight: refused for what it is, not as 'not used by apply_fn'."""
+    p = {"q": jnp.ones((4, 6))}
+    mask = jnp.tril(jnp.ones((4, 6)))
+    batches = [jax.random.normal(jax.random.key(i), (8, 4)) for i in range(2)]
+    with pytest.raises(ValueError, match=r"'q': only used as a dense array \(by 'mul'"):
+        eva_rank_2(p, lambda p, x: x @ (p["q"] * mask), batches, "q")
 
 
 def test_eva_through_a_size_1_axis_matches_the_plain_use():
