@@ -1037,6 +1037,7 @@ def _unpermuted(rows, a_rows, k: int, fan_in: int):
     ids = (digits << jax.numpy.arange(k)[None]).sum(1)
     ok = jax.numpy.all(absent | (jax.numpy.all(fine, axis=1) & (ids < fan_in)))
     ids = jax.numpy.where(absent, fan_in, ids)  # out of range: dropped
+    rows, ids = _unsplit_rows(rows), _unsplit_rows(ids)  # a scatter takes them whole
     u = jax.numpy.zeros((len(rows), fan_in), rows.dtype)
     return u.at[:, ids].add(rows, mode="drop"), ok
 

@@ -388,7 +388,7 @@ def init(
     rank = int(rank)
     if alpha is not None and (msg := _alpha_problem(alpha)) is not None:
         raise ValueError(f"alpha {msg}.")
-    _check_key(rng)
+    _targets.check_key(rng, "rng")
     rslora = _targets.check_flag("rslora", rslora)
     compensate = _targets.check_flag("compensate", compensate)
     if dtype is None:
@@ -652,29 +652,6 @@ def _alpha_problem(alpha: Any) -> str | None:
             "update; a scheme with a negated initializer does that explicitly)"
         )
     return None
-
-
-def _check_key(rng: Any) -> None:
-    """``rng`` must be one JAX key (new-style, or a legacy uint32 pair)."""
-    dtype = getattr(rng, "dtype", None)
-    shape = tuple(getattr(rng, "shape", (None,)))
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    # a raw key is the default implementation's key data (threefry: 2 words)
-    raw = jax.random.key_data(jax.random.key(0)).shape
-    legacy = dtype == jnp.uint32 and shape == raw
-    if not (isinstance(rng, jax.Array) and ((typed and shape == ()) or legacy)):
-        got = f"{type(rng).__name__} of dtype {dtype} and shape {shape}"
-        if dtype is None:
-            got = f"{type(rng).__name__} {rng!r}"[:80]
-        hint = "Pass jax.random.key(seed) (one key, not a batch of keys)."
-        if dtype == jnp.uint32 and len(shape) == 1:
-            hint = (
-                f"A raw uint32 key of shape {shape} is not the default PRNG "
-                f"implementation's {raw} (jax.random.PRNGKey(seed, impl=...)): pass "
-                "jax.random.key(seed, impl=...) or jax.random.wrap_key_data(key, "
-                "impl=...), a typed key that carries its implementation."
-            )
-        raise TypeError(f"rng must be a single JAX key, got {got}. {hint}")
 
 
 def _check_tracing(scheme, apply_fn, example_args, example_kwargs) -> None:

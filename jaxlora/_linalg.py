@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._targets import check_key
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -86,6 +88,7 @@ def svd_lowrank(
         >>> bool(jnp.allclose((u * s[None, :]) @ vt, x, atol=1e-3))
         True
     """
+    check_key(key, "svd_lowrank's key")
     x = jnp.asarray(x)
     _check_svd_args(x, rank, niter, oversample)
     return _svd_lowrank(key, x, int(rank), int(niter), int(oversample))

@@ -69,13 +69,18 @@ def _check_wrt(every: PyTree, chosen: PyTree, wrt: Any) -> None:
     left_out = {p: t for p, t in everyone.items() if p not in kept and t not in types}
     if left_out:
         kinds = sorted(set(left_out.values()))
-        name = getattr(wrt, "__name__", wrt)
+        name = repr(wrt) if isinstance(wrt, str) else getattr(wrt, "__name__", wrt)
         fix = next((f"e.g. wrt=(nnx.Param, {k})" for k in kinds if k != "Param"), "")
+        if isinstance(wrt, str):  # NNX reads a string as a tag or path name
+            fix = (
+                "a string filter matches tags and path names, not a Variable type, "
+                f"e.g. wrt=nnx.{kinds[0]}"
+            )
         raise ValueError(
             f"jaxlora.NnxOptimizer: wrt={name} leaves out the adapted weights "
             f"{examples(sorted(left_out))} (held by {', '.join(kinds)} variables), "
             "so their factors would never train. Pass a filter that includes "
-            f"them{', ' + fix if fix else ''}."
+            f"them{': ' + fix if fix else ''}."
         )
 
 
@@ -200,7 +205,14 @@ class NnxOptimizer(nnx.Optimizer):
         self.graph = graph
         self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
         self.tx = tx
-        params = nnx.state(model, wrt, graph=graph)
+        try:
+            params = nnx.state(model, wrt, graph=graph)
+        except (TypeError, ValueError) as e:  # NNX's own message may not name it
+            raise TypeError(
+                f"jaxlora.NnxOptimizer: wrt={wrt!r} is not an NNX filter: pass a "
+                "Variable type (wrt=nnx.Param), a tuple of filters, or nnx.All(...)"
+                f" ({type(e).__name__}: {e})."
+            ) from e
         _check_wrt(nnx.state(model, graph=graph), params, wrt)
         state = tx.init(params)
         _warn_unfrozen(params, state)

@@ -210,7 +210,14 @@ def average_gradients(
                 picked.get(n, rest.get(n, x))
                 for n, x in zip(names, leaves, strict=True)
             ]
-            return loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch)
+            out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch)
+            if not hasattr(out, "shape") or out.shape != ():
+                raise TypeError(
+                    "scheme 'lora_ga' differentiates loss_fn(params, batch), which "
+                    f"must return a scalar; it returned {_what(out)}. Reduce it "
+                    "(e.g. jnp.mean), and return auxiliary outputs elsewhere."
+                )
+            return out
 
         return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(picked))
 
@@ -222,6 +229,11 @@ def average_gradients(
     if count == 0:
         raise ValueError("scheme 'lora_ga' got no batches: pass batches=[batch, ...].")
     return {p: total[p] / count for p in paths}
+
+
+def _what(out) -> str:
+    shape = getattr(out, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else type(out).__name__
 
 
 def gradient_groups(plan: list, max_bytes: int) -> list[list]:

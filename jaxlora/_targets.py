@@ -55,6 +55,30 @@ def name_matches(name: str, path: str, *, any_leaf: bool = False) -> bool:
     )
 
 
+def check_key(rng: Any, name: str) -> None:
+    """``rng`` (the argument ``name``) must be one JAX key (new-style, or a legacy
+    uint32 pair)."""
+    dtype = getattr(rng, "dtype", None)
+    shape = tuple(getattr(rng, "shape", (None,)))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    # a raw key is the default implementation's key data (threefry: 2 words)
+    raw = jax.random.key_data(jax.random.key(0)).shape
+    legacy = dtype == jnp.uint32 and shape == raw
+    if not (isinstance(rng, jax.Array) and ((typed and shape == ()) or legacy)):
+        got = f"{type(rng).__name__} of dtype {dtype} and shape {shape}"
+        if dtype is None:
+            got = f"{type(rng).__name__} {rng!r}"[:80]
+        hint = "Pass jax.random.key(seed) (one key, not a batch of keys)."
+        if dtype == jnp.uint32 and len(shape) == 1:
+            hint = (
+                f"A raw uint32 key of shape {shape} is not the default PRNG "
+                f"implementation's {raw} (jax.random.PRNGKey(seed, impl=...)): pass "
+                "jax.random.key(seed, impl=...) or jax.random.wrap_key_data(key, "
+                "impl=...), a typed key that carries its implementation."
+            )
+        raise TypeError(f"{name} must be a single JAX key, got {got}. {hint}")
+
+
 def check_regex(pattern: Any, what: str, example: str = "'.*query.*'") -> None:
     """``pattern`` must compile as a Python regex (a glob like ``*query*`` does not).
 
@@ -254,6 +278,11 @@ def resolve_pattern(
     Raises:
         ValueError: if a key matches none of the target ``paths``.
     """
+    if patterns is not None and not isinstance(patterns, Mapping):
+        raise TypeError(
+            f"{name} must be a dict {{regex: value}} (e.g. {{'.*query.*': 16}}), got "
+            f"{type(patterns).__name__} {patterns!r}."
+        )
     if not patterns:
         return {}
     for k in patterns:

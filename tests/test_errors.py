@@ -230,3 +230,32 @@ def test_hand_built_specs_and_weights_are_checked():
         jaxlora.merge({"q": w})
     with pytest.raises(ValueError, match=rank):
         jaxlora.lora_apply(lambda p, x: x @ p["q"])({"q": w}, jnp.ones((2, 4)))
+
+
+def test_pattern_dicts_wrt_filters_losses_and_sketch_keys_are_named():
+    """rank_pattern as a list got "key must be a regex string, got ('d0', 3)";
+    wrt='Param' got "wrt=Param leaves out ... held by Param variables"; wrt=3 got
+    NNX's "Invalid format specifier"; a non-scalar LoRA-GA loss got JAX's
+    gradient error; svd_lowrank(0, ...) got JAX's key-data error."""
+    with pytest.raises(TypeError, match=r"rank_pattern must be a dict \{regex: value"):
+        jaxlora.init(PLAIN, jax.random.key(0), rank=2, rank_pattern=[("d0", 3)])
+    graphdef, state = nnx.split(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+    model = nnx.merge(graphdef, jaxlora.init(state, jax.random.key(0), rank=2))
+    tx = jaxlora.freeze_base(optax.adam(1e-3))
+    with pytest.raises(ValueError, match=r"wrt='Param' .* not a Variable type, e.g."):
+        jaxlora.NnxOptimizer(model, tx, wrt="Param")
+    with pytest.raises(TypeError, match=r"wrt=3 is not an NNX filter"):
+        jaxlora.NnxOptimizer(model, tx, wrt=3)
+    for loss, got in [
+        (lambda p, x: x @ p["d0"]["kernel"], r"shape \(3, 4\)"),
+        (lambda p, x: (jnp.sum(x @ p["d0"]["kernel"]), {}), r"tuple"),
+    ]:
+        with pytest.raises(
+            TypeError, match=r"must return a scalar; it returned " + got
+        ):
+            jaxlora.init(
+                PLAIN, jax.random.key(0), rank=2, scheme="lora_ga",
+                targets=["d0"], batches=[jnp.ones((3, 6))], loss_fn=loss,
+            )  # fmt: skip
+    with pytest.raises(TypeError, match=r"svd_lowrank's key must be a single JAX key"):
+        jaxlora.svd_lowrank(0, jnp.ones((8, 6)), 2)

@@ -197,6 +197,27 @@ def test_bf16_model_with_float32_factors(layer, shape, path, layout):
     check(m.apply, lp, x, tol=2e-2)
 
 
+def test_a_weight_cast_to_float8_runs_factored():
+    """A model that casts its kernel to float8 (``x8 @ w.astype(float8)``) failed
+    in the engine: JAX promotes no 8-bit float implicitly, and the rank-r path asked
+    float8 and float32 for a common type. It now runs factored, summing in float32,
+    within float8's rounding of the merged weight's output (3 mantissa bits: the
+    factors are rounded apart, the merge rounds their sum into ``w``)."""
+    f8 = jnp.float8_e4m3fn
+
+    def model(p, x):
+        return (x.astype(f8) @ p["q"].astype(f8)).astype(jnp.float32)
+
+    p = {"q": rand((16, 8))}
+    lp = jaxlora.init(p, jax.random.key(1), rank=2, scheme="both_random", targets=["q"])
+    x = rand((4, 16), seed=2)
+    got = jax.jit(jaxlora.lora_apply(model))(lp, x)
+    want = model(jaxlora.merge(lp), x)
+    assert jaxlora.explain(model, lp, x).statuses == {"q": "factored"}
+    assert float(jnp.abs(got - model(p, x)).max()) > 0  # the update counts
+    np.testing.assert_allclose(got, want, atol=0.15 * float(jnp.abs(want).max()))
+
+
 def jaxlora_factor_dtypes(tree):
     return {f.dtype for ab in factors(tree).values() for f in ab}
 
