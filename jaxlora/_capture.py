@@ -191,8 +191,9 @@ def captured(
     Raises:
         ValueError: naming ``scheme`` and every target whose inputs cannot be had:
             used by a convolution or an embedding lookup, inside a while loop, a
-            cond branch or a ``shard_map``, through a view that changes its input
-            side, never used; or a stacked target with layers no input meets; a
+            cond branch or a ``shard_map``, only used as a dense array, through a
+            view whose positions do not read as the weight's rows (cast out of
+            range), never used; or a stacked target with layers no input meets; a
             target with a use whose positions are not of the mask's shape. A
             consumer stops reading when it has enough (the batches are read lazily).
     """

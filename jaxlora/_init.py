@@ -46,7 +46,8 @@ def _hash31(path: str) -> int:
 def path_keys(rng: jax.Array, paths: list[str]) -> dict[str, jax.Array]:
     """Each target's key: ``rng`` folded with a stable 31-bit hash of its path
     (what every checkpoint so far was made with). Targets whose hashes collide
-    (about one pair per 10^5 path pairs: a large mixture of experts can have one)
+    (2^-31 per pair: about one colliding pair among 65,000 targets, which a large
+    mixture of experts can have)
     would draw equal factors, so each of those also folds in a 128-bit hash of
     its path, one 32-bit word at a time."""
     counts: dict[int, int] = {}
