@@ -30,7 +30,7 @@ from jaxlora._targets import shown
 PyTree = Any
 Unit = str | tuple[str, int]  # a weight's path, or (path, layer) of a stacked weight
 
-_TAG_BASE = 8  # layer l's base-8 digits d, each written as 2**d in a rank column
+_TAG_BASE = 2  # layer l's binary digits d, each written as 2**d in a rank column
 
 
 def units(t) -> list[Unit]:
@@ -41,27 +41,28 @@ def units(t) -> list[Unit]:
 
 
 def _tag_digits(t) -> int:
-    """Base-8 digits that number the layers of target ``t`` (0 if unstacked)."""
+    """Binary digits that number the layers of target ``t`` (0 if unstacked)."""
     n = math.prod(t.layout.split_shape(t.shape)[0])
-    return 0 if not t.layout.stack_axes else max(1, math.ceil(math.log(n, _TAG_BASE)))
+    return 0 if not t.layout.stack_axes else max(1, (n - 1).bit_length())
 
 
 def _row_digits(t) -> int:
     """Binary digits that number the input rows of target ``t``."""
-    return (t.layout.fans(t.shape)[0] - 1).bit_length()
+    return max(1, (t.layout.fans(t.shape)[0] - 1).bit_length())
 
 
 def _probe(params, plan, leaves):
     """``params`` with zero adapters (``b = 0``: the model is unchanged) on the
     targets, to find their inputs. ``a``'s rank columns after the first, divided by
-    the first, are ``2**d``: for the base-8 digits ``d`` of layer ``l`` of a stacked
-    weight, so every captured row says which layer it met (the scan step need not
-    be the layer: a flipped or sliced stack, ``w[0]`` inside the body); then for
-    the binary digits of each input row's index (1 or 2: the least range an fp8
-    weight scaled by the model must hold), so a view that reorders the input side
-    (``w[::-1]``) gives back the weight's own rows (`_factored._unpermuted`). Powers
-    of two keep their ratios exactly when the model scales or casts the weight
-    (bf16, fp8)."""
+    the first, are ``2**d`` (1 or 2): for the binary digits ``d`` of layer ``l`` of
+    a stacked weight, so every captured row says which layer it met (the scan step
+    need not be the layer: a flipped or sliced stack, ``w[0]`` inside the body);
+    then for those of each input row's index, so a view that reorders the input
+    side (``w[::-1]``) gives back the weight's own rows (`_factored._unpermuted`).
+    Powers of two keep their ratios exactly when the model scales or casts the
+    weight (bf16, fp8), and ``a`` is scaled by a power of two to at most the
+    weight's own largest magnitude, so a model that scales its weight into a
+    narrow dtype's range (an fp8 recipe, ``w * 448 / max|w|``) keeps ``a`` in it."""
     probes = {}
     for t in plan:
         digits, row_digits = _tag_digits(t), _row_digits(t)
@@ -89,12 +90,19 @@ def _probe(params, plan, leaves):
             2,
         )
         spec = LoraSpec(t.layout, rank, 1.0)
-        probes[t.path] = LoraWeight(
-            leaves[t.path], a.reshape(a_shape), jnp.zeros(b_shape), spec
-        )
+        a = a.reshape(a_shape) * _magnitude(leaves[t.path])
+        probes[t.path] = LoraWeight(leaves[t.path], a, jnp.zeros(b_shape), spec)
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: probes.get(path_str(kp), x), params
     )
+
+
+def _magnitude(w) -> jax.Array:
+    """The largest power of two ``c`` with ``2c <= max|w|`` (1 for a weight of
+    zeros or non-finite values)."""
+    top = jnp.max(jnp.abs(w)).astype(jnp.float32)
+    c = jnp.exp2(jnp.floor(jnp.log2(top / 2)))
+    return jnp.where(jnp.isfinite(c) & (top > 0), c, 1.0)
 
 
 def _layers(t, tags) -> list | str:

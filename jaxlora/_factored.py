@@ -651,7 +651,7 @@ def _scan(ctx, eqn, invals):
                 (
                     *(v.reshape(math.prod(v.shape[:-1]), v.shape[-1]) for v in use[:2]),
                     use[2],
-                    jax.numpy.all(use[3]),  # its rows read as the weight's at each step
+                    jax.numpy.max(use[3]),  # how its rows read, the worst step
                 )
                 for use in uses
             )
@@ -995,15 +995,15 @@ def _capture(ctx, eqn, invals):
     # the size-1 ones on b's side add nothing)
     a_rows = jax.numpy.moveaxis(sym.a, sym.a_lab.index(R), -1)
     a_rows = a_rows.reshape(fan_in, a_rows.shape[-1]).astype(jax.numpy.float32)
-    k, ok = ctx.row_ids.get(sym.path, (0, None)), jax.numpy.asarray(True)
+    k, code = ctx.row_ids.get(sym.path, (0, None)), jnp.asarray(_READ)
     if k[0]:
-        rows, ok = _unpermuted(rows, a_rows, *k)
+        rows, code = _unpermuted(rows, a_rows, *k)
     entry = ctx.captured.setdefault(sym.path, [])
     if isinstance(entry, list):
         ratios = _rank_ratios(a_rows[:, : a_rows.shape[1] - k[0]])
         tags = jax.numpy.broadcast_to(ratios, (len(rows), len(ratios)))
         lead = jax.numpy.asarray([x.shape[i] for i in free], jax.numpy.int32)
-        entry.append((rows, tags, lead, ok))  # lead: the use's positions, row-major
+        entry.append((rows, tags, lead, code))  # lead: the use's positions, row-major
 
 
 def _rank_ratios(a_rows):
@@ -1016,6 +1016,10 @@ def _rank_ratios(a_rows):
     return first[1:] / first[0]
 
 
+# how a use's rows read (`_unpermuted`), worst last
+_READ, _ZEROED, _UNREADABLE, _ZEROED_CUT = 0, 1, 2, 3
+
+
 def _unpermuted(rows, a_rows, k: int, fan_in: int):
     """``rows`` met by a view of the weight, as the weight's own input rows.
 
@@ -1026,20 +1030,47 @@ def _unpermuted(rows, a_rows, k: int, fan_in: int):
     each position of the view says which row of the weight it is. The row a
     position holds gets the inputs that met it, summed over the positions that hold
     it: ``x · view(w) = u · w``, and ``u`` is what the weight sees. A row of zeros
-    (padding) holds no row. Returns ``(u, ok)``: ``ok`` is False where a position
-    does not read as a row (the weight was changed by more than a view).
+    (padding) holds no row. Returns ``(u, code)``: `_READ`; `_UNREADABLE` where a
+    position does not read as a row (the weight was changed by more than a view,
+    or cast or scaled out of its dtype's range); `_ZEROED` where no position
+    holds a row, as for a weight scaled by zero (a gate that starts at 0): its rows
+    are taken as they come, in the weight's order unless the view also reorders
+    them; `_ZEROED_CUT` for such a view of another width (nothing to take).
+
+    The view is most often the weight itself, or a permutation of its rows: those
+    are a copy or a gather; only a view that repeats or drops rows scatters (which
+    XLA:CPU runs ~15x slower than a gather).
     """
-    absent = jax.numpy.all(a_rows == 0, axis=1)
-    first = jax.numpy.where(absent, 1.0, a_rows[:, 0])[:, None]
-    mant, expo = jax.numpy.frexp(a_rows[:, a_rows.shape[1] - k :] / first)
+    absent = jnp.all(a_rows == 0, axis=1)
+    first = jnp.where(absent, 1.0, a_rows[:, 0])[:, None]
+    mant, expo = jnp.frexp(a_rows[:, a_rows.shape[1] - k :] / first)
     digits = expo - 1  # 2**d = 0.5 * 2**(d + 1), exactly
     fine = (mant == 0.5) & (digits >= 0) & (digits < 2)
-    ids = (digits << jax.numpy.arange(k)[None]).sum(1)
-    ok = jax.numpy.all(absent | (jax.numpy.all(fine, axis=1) & (ids < fan_in)))
-    ids = jax.numpy.where(absent, fan_in, ids)  # out of range: dropped
-    rows, ids = _unsplit_rows(rows), _unsplit_rows(ids)  # a scatter takes them whole
-    u = jax.numpy.zeros((len(rows), fan_in), rows.dtype)
-    return u.at[:, ids].add(rows, mode="drop"), ok
+    ids = (digits << jnp.arange(k)[None]).sum(1)
+    read = jnp.all(absent | (jnp.all(fine, axis=1) & (ids < fan_in)))
+    zeroed = jnp.all(absent)
+    cut = rows.shape[1] != fan_in
+    code = jnp.where(zeroed, _ZEROED_CUT if cut else _ZEROED, _READ)
+    code = jnp.where(read, code, _UNREADABLE)
+    ids = jnp.where(absent, fan_in, ids)  # out of range: dropped
+    rows, ids = _unsplit_rows(rows), _unsplit_rows(ids)  # whole, for a gather
+
+    def scattered(rows):
+        u = jnp.zeros((len(rows), fan_in), rows.dtype)
+        return u.at[:, ids].add(rows, mode="drop")
+
+    if cut:  # a slice, a tile: rows dropped or repeated
+        return scattered(rows), code
+    held = jnp.zeros(fan_in, jnp.int32).at[ids].add(1, mode="drop")
+    inverse = jnp.zeros(fan_in, jnp.int32).at[ids].set(jnp.arange(fan_in), mode="drop")
+    same = jnp.all(ids == jnp.arange(fan_in)) | zeroed
+    branch = jnp.where(same, 0, jnp.where(jnp.all(held == 1), 1, 2))
+    u = lax.switch(
+        branch,
+        [lambda r: r, lambda r: jnp.take(r, inverse, axis=1), scattered],
+        rows,
+    )
+    return u, code
 
 
 def _unsplit_rows(rows):
@@ -1077,12 +1108,13 @@ def input_capturer(fn: Callable, row_ids: dict | None = None) -> Callable:
     view's input axes, and as many.
     """
     reasons: dict[str, str] = {}
+    warned: set[str] = set()
 
     @jax.jit
     def run(args, kwargs):
         ctx = _Context(warn=False, capture=True, row_ids=row_ids)
         _run(ctx, fn, args, kwargs)
-        rows, tags, leads, ok = {}, {}, {}, {}
+        rows, tags, leads, codes = {}, {}, {}, {}
         for path, got in ctx.captured.items():
             if isinstance(got, str):
                 reasons[path] = got
@@ -1090,7 +1122,7 @@ def input_capturer(fn: Callable, row_ids: dict | None = None) -> Callable:
             rows[path] = _unsplit_rows(jax.numpy.concatenate([u[0] for u in got]))
             tags[path] = jax.numpy.concatenate([u[1] for u in got])
             leads[path] = [u[2] for u in got]
-            ok[path] = jax.numpy.all(jax.numpy.stack([u[3] for u in got]))
+            codes[path] = jax.numpy.max(jax.numpy.stack([u[3] for u in got]))
         for path, uses in ctx.uses.items():  # never contracted as a weight
             dense = [u for u in uses if u.mode == "materialized"]
             if path not in ctx.captured and dense:
@@ -1098,18 +1130,35 @@ def input_capturer(fn: Callable, row_ids: dict | None = None) -> Callable:
                     f"only used as a dense array (by '{dense[0].primitive}': "
                     f"{dense[0].reason}), whose inputs are not the weight's"
                 )
-        return rows, tags, leads, ok
+        return rows, tags, leads, codes
 
     def capture(args, kwargs):
-        rows, tags, leads, ok = run(tuple(args), dict(kwargs))
+        rows, tags, leads, codes = run(tuple(args), dict(kwargs))
         got = dict(reasons)
-        for path, fine in ok.items():
-            if not bool(fine):
+        for path, code in codes.items():
+            if int(code) == _UNREADABLE:
                 got[path] = (
-                    "changed by more than a view (a reversal, slice, transpose, "
-                    "reshape, cast or scalar multiple) before its use: its input "
-                    "rows cannot be told apart"
+                    "its input rows cannot be told apart at a use: it is changed by "
+                    "more than a view (reversal, slice, transpose, reshape, cast, "
+                    "scalar multiple) before it, or cast or scaled out of its "
+                    "dtype's range there"
                 )
+            elif int(code) == _ZEROED_CUT:
+                got[path] = (
+                    "scaled by zero at a use where a view changes its input side: "
+                    "which of its rows meet which inputs cannot be read"
+                )
+            elif int(code) == _ZEROED and path not in warned:
+                warned.add(path)  # once, not per batch
+                warnings.warn(
+                    f"jaxlora: {path!r} is scaled by zero at a use (a gate that "
+                    "starts at 0?), so the probe cannot check which of its rows "
+                    "meet which inputs there: its inputs are taken in the order they "
+                    "meet it, which is right unless the model also reorders its "
+                    "input side at that use (w[::-1]).",
+                    stacklevel=4,
+                )
+            if int(code) > _ZEROED:
                 del rows[path]
         return rows, tags, got, leads
 

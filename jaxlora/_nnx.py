@@ -71,9 +71,9 @@ def _check_wrt(every: PyTree, chosen: PyTree, wrt: Any) -> None:
         kinds = sorted(set(left_out.values()))
         name = repr(wrt) if isinstance(wrt, str) else getattr(wrt, "__name__", wrt)
         fix = next((f"e.g. wrt=(nnx.Param, {k})" for k in kinds if k != "Param"), "")
-        if isinstance(wrt, str):  # NNX reads a string as a tag or path name
+        if isinstance(wrt, str):  # NNX reads a string as a tag
             fix = (
-                "a string filter matches tags and path names, not a Variable type, "
+                "a string filter matches a Variable's tag, not its type, "
                 f"e.g. wrt=nnx.{kinds[0]}"
             )
         raise ValueError(

@@ -110,8 +110,9 @@ def _warn_zero_gradient(g3, path: str) -> None:
         return
     where = "" if g3.shape[0] == 1 else f" (layers {', '.join(map(str, zero))})"
     warnings.warn(
-        f"jaxlora: the gradient of loss_fn with respect to {path!r} is exactly zero"
-        f"{where} on every batch, so LoRA-GA's directions there are arbitrary (no "
+        f"jaxlora: the gradient of loss_fn with respect to {path!r}, averaged over "
+        f"the batches, is exactly zero{where}, so LoRA-GA's directions there are "
+        "arbitrary (no "
         "subspace of the gradient is larger than another): the weight does not "
         "reach the loss, or the batches do not exercise it. Check loss_fn and the "
         "batches, or leave the target out (targets=...) or give it another scheme.",
@@ -211,7 +212,7 @@ def average_gradients(
                 for n, x in zip(names, leaves, strict=True)
             ]
             out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch)
-            if not hasattr(out, "shape") or out.shape != ():
+            if isinstance(out, (tuple, list, dict)) or jnp.ndim(out) != 0:
                 raise TypeError(
                     "scheme 'lora_ga' differentiates loss_fn(params, batch), which "
                     f"must return a scalar; it returned {_what(out)}. Reduce it "

@@ -280,8 +280,8 @@ def resolve_pattern(
     """
     if patterns is not None and not isinstance(patterns, Mapping):
         raise TypeError(
-            f"{name} must be a dict {{regex: value}} (e.g. {{'.*query.*': 16}}), got "
-            f"{type(patterns).__name__} {patterns!r}."
+            f"{name} must be a dict {{regex: value}} (keys matched against the end "
+            f"of a target's path), got {type(patterns).__name__} {patterns!r}."
         )
     if not patterns:
         return {}

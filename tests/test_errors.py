@@ -98,7 +98,10 @@ def test_lora_ga_warns_where_the_gradient_is_zero():
 
     params = {"a": jnp.ones((4, 6)) / 4, "b": jnp.ones((4, 6))}
     x = jax.random.normal(jax.random.key(0), (8, 4))
-    with pytest.warns(UserWarning, match=r"with respect to 'b' is exactly zero") as got:
+    with pytest.warns(
+        UserWarning,
+        match=r"with respect to 'b', averaged over the batches, is exactly zero",
+    ) as got:
         jaxlora.init(
             params, jax.random.key(1), rank=2, scheme="lora_ga",
             targets=["a", "b"], batches=[x], loss_fn=loss,
@@ -242,7 +245,9 @@ def test_pattern_dicts_wrt_filters_losses_and_sketch_keys_are_named():
     graphdef, state = nnx.split(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
     model = nnx.merge(graphdef, jaxlora.init(state, jax.random.key(0), rank=2))
     tx = jaxlora.freeze_base(optax.adam(1e-3))
-    with pytest.raises(ValueError, match=r"wrt='Param' .* not a Variable type, e.g."):
+    with pytest.raises(
+        ValueError, match=r"wrt='Param' .* a Variable's tag, not its type, e.g."
+    ):
         jaxlora.NnxOptimizer(model, tx, wrt="Param")
     with pytest.raises(TypeError, match=r"wrt=3 is not an NNX filter"):
         jaxlora.NnxOptimizer(model, tx, wrt=3)

@@ -321,19 +321,59 @@ def test_a_view_of_the_input_side_gives_the_weights_own_rows(view, scheme):
     np.testing.assert_allclose(got.w, want.w, atol=1e-5)
 
 
-def test_eva_refuses_rows_a_scaled_view_does_not_keep_apart():
-    """The probe numbers each input row of the weight in its ``a`` (ratios 1 or 2);
-    a weight cast to float8 and scaled past its range loses them: a refusal by
-    name, not rows put in the wrong place."""
-    p = {"q": jax.random.normal(jax.random.key(0), (8, 6))}
+def test_a_weight_scaled_into_float8_is_captured_and_one_out_of_range_refused():
+    """The probe numbers each input row of the weight in its ``a`` (ratios 1 or 2),
+    scaled to the weight's own magnitude: the usual per-tensor float8 recipe
+    (``w * 448 / max|w|``, a scale in the thousands here) keeps it in range and
+    gives the factors of the model with a float32 weight. A weight the model
+    casts out of float8's range (NaN in the model too) loses the row numbers:
+    refused by name, not rows put in the wrong place."""
+    f8 = jnp.float8_e4m3fn
+    p = {"q": jax.random.normal(jax.random.key(0), (8, 6)) / 10}
     batches = [jax.random.normal(jax.random.key(i), (8, 8)) for i in range(2)]
 
-    def fp8(p, x):
-        q = p["q"].astype(jnp.float8_e4m3fn) * jnp.asarray(300.0, jnp.float8_e4m3fn)
-        return x.astype(jnp.float8_e4m3fn) @ q
+    def recipe(p, x):
+        s = 448.0 / jnp.max(jnp.abs(p["q"]))
+        return (x.astype(f8) @ (p["q"] * s).astype(f8)[::-1]).astype(jnp.float32) / s
 
-    with pytest.raises(ValueError, match=r"'q': changed by more than a view"):
-        eva_rank_2(p, fp8, batches, "q")
+    def plain(p, x):  # the inputs the weight meets are float8 too
+        return x.astype(f8).astype(jnp.float32)[..., ::-1] @ p["q"]
+
+    got, want = (eva_rank_2(p, fn, batches, "q")["q"] for fn in (recipe, plain))
+    np.testing.assert_array_equal(got.a, want.a)
+
+    def overflowing(p, x):
+        return x.astype(f8) @ ((p["q"] * 100).astype(f8) * jnp.asarray(300.0, f8))
+
+    with pytest.raises(ValueError, match=r"'q': its input rows cannot be told apart"):
+        eva_rank_2(p, overflowing, batches, "q")
+
+
+def test_a_weight_gated_by_zero_is_captured_in_its_order_with_a_warning():
+    """``tanh(gate) * w`` with a gate that starts at 0 zeroes the probe's row
+    numbers too: its inputs are taken as they meet it (what a gate of 1e-3 gives),
+    with a warning once that a reordering at that use could not be seen."""
+    w = jax.random.normal(jax.random.key(0), (4, 6))
+    batches = [
+        jax.random.normal(jax.random.key(i), (8, 5, 4))
+        * jnp.array([3.0, 1, 0.3, 0.1])[None, None]
+        for i in range(3)
+    ]
+
+    def gated(p, x):
+        return x @ (jnp.tanh(p["gate"]) * p["q"])
+
+    with pytest.warns(UserWarning, match=r"'q' is scaled by zero at a use") as got:
+        zero = eva_rank_2({"q": w, "gate": jnp.zeros(())}, gated, batches, "q")
+    assert sum("scaled by zero" in str(m.message) for m in got) == 1
+    small = eva_rank_2({"q": w, "gate": jnp.asarray(1e-3)}, gated, batches, "q")
+    np.testing.assert_array_equal(zero["q"].a, small["q"].a)
+
+    def cut(p, x):
+        return x[..., :2] @ (jnp.tanh(p["gate"]) * p["q"])[:2]
+
+    with pytest.raises(ValueError, match=r"'q': scaled by zero at a use where a view"):
+        eva_rank_2({"q": w, "gate": jnp.zeros(())}, cut, batches, "q")
 
 
 def test_eva_names_a_weight_only_used_as_a_dense_array():
