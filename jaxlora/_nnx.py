@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxlora._boxes import factor_names
 from jaxlora._node import is_lora
+from jaxlora._optax import apply_updates
 from jaxlora._optax import check_transformation
 from jaxlora._paths import path_str
 from jaxlora._targets import examples
@@ -231,7 +232,8 @@ class NnxOptimizer(nnx.Optimizer):
             param_arrays,
             **nnx.as_pure(kwargs),
         )
-        nnx.update(model, optax.apply_updates(param_arrays, updates))
+        # each frozen w as it is: a base kept in host memory stays there
+        nnx.update(model, apply_updates(param_arrays, updates))
         jax.tree.map(
             lambda var, value: var.set_value(value),
             self.opt_state,

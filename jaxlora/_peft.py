@@ -156,6 +156,17 @@ def _conv_problem(path: str, conv) -> str | None:
     return None
 
 
+def _table_turned(A, B, layout, embedding: bool):
+    """PEFT's ``(A, B)`` for an embedding whose layout reads the table's feature
+    axis as the input (a table only read out through, ``x @ tableᵀ``): a torch
+    embedding's update ``(B @ A)ᵀ`` is laid out like the table itself, not like a
+    transposed kernel, so ``A`` holds ``b`` and ``B`` holds ``a``. Its own inverse;
+    other weights pass through."""
+    if embedding and min(layout.in_axes) > min(layout.out_axes):
+        return B.T, A.T
+    return A, B
+
+
 def _keys(name: str, embedding: bool) -> tuple[str, str]:
     if embedding:
         return f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
@@ -300,7 +311,8 @@ def save_peft(
                 )
             owner[name] = (p, layer)
             ka, kb = _keys(name, spec.embedding)
-            tensors[ka], tensors[kb] = _to_torch(a, b, spec)
+            A, B = _to_torch(a, b, spec)
+            tensors[ka], tensors[kb] = _table_turned(A, B, spec.layout, spec.embedding)
             modules[name] = spec
     _warn_tables([n for n, spec in modules.items() if spec.embedding], "save_peft")
     config = _peft_config.write(modules)
@@ -596,7 +608,7 @@ def _read_target(p, node, config, tensors, module_names, owners) -> LoraWeight:
                 else ""
             )
             raise ValueError(f"{p!r} layer {layer}: {ka!r} is not in the adapter{hint}")
-        A, B = tensors[ka], tensors[kb]
+        A, B = _table_turned(tensors[ka], tensors[kb], lay, embedding)
         if (why := _misfit(p, node, A, B)) is not None:
             raise ValueError(f"{p!r} layer {layer} ({name}): {why}")
         r = A.shape[0]

@@ -568,6 +568,44 @@ def test_a_table_named_otherwise_is_a_peft_embedding(tmp_path):
     np.testing.assert_array_equal(back["wte"].b, lp["wte"].b)
 
 
+@pytest.mark.parametrize("vocab", [10, 6])  # 6: the table is square
+def test_a_table_only_read_out_through_is_written_as_peft_reads_it(vocab, tmp_path):
+    """A table the model only reads out through (``x @ tableᵀ``, Embed.attend)
+    gets the feature axis as its input, and its factors were written as a
+    transposed kernel's: PEFT refused the file (a size mismatch), or for a square
+    table merged the transposed update. A torch embedding's update is laid out like
+    the table; both ways (save_peft, then PEFT's own file read back by load_peft)
+    the merged tables are PEFT's."""
+    torch, peft = _torch_peft()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(vocab, 6)
+
+    torch.manual_seed(0)
+    net = Net()
+    table = net.wte.weight.detach().numpy()
+    params = {"wte": {"embedding": jnp.asarray(table)}}  # an Embed's leaf
+    x = jax.random.normal(jax.random.key(0), (3, 6))
+    read_out = lambda p, x: x @ p["wte"]["embedding"].T  # noqa: E731
+    lp = jaxlora.init(
+        params, jax.random.key(1), rank=2, scheme="both_random",
+        targets=["wte/embedding"], apply_fn=read_out, example_args=(x,),
+    )  # fmt: skip
+    node = lp["wte"]["embedding"]
+    assert node.spec.layout.in_axes == (1,) and node.spec.embedding
+    want = np.asarray(jaxlora.merge(lp)["wte"]["embedding"])
+    assert np.abs(want - table).max() > 1e-3  # the adapter acts
+    names = {"wte/embedding": "wte"}
+    d = jaxlora.save_peft(tmp_path / "a", lp, names)
+    model = peft.PeftModel.from_pretrained(net, d)
+    got = model.merge_and_unload().wte.weight.detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    back = jaxlora.load_peft(d, lp, names)
+    np.testing.assert_array_equal(jaxlora.merge(back)["wte"]["embedding"], want)
+
+
 def test_tables_warn_that_peft_adapts_lookups_only(stacked, tmp_path):
     _, _, adapted = stacked
     lp = adapted(1, rank=2)

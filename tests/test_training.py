@@ -657,6 +657,46 @@ def test_schedule_free_eval_params_of_an_nnx_optimizer():
     np.testing.assert_array_equal(model.kernel.get_value().b, want["kernel"].b)
 
 
+def test_nnx_optimizer_trains_a_base_kept_in_host_memory():
+    """NnxOptimizer.update used optax.apply_updates, which fails under nnx.jit for
+    a base in host memory (the README's jaxlora.apply_updates case): it now leaves
+    each w as it is, so the NNX model trains and its base stays in host memory."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("d",))
+    on = lambda kind: NamedSharding(mesh, P(), memory_kind=kind)  # noqa: E731
+
+    class Streamed(nnx.Module):
+        def __init__(self):
+            self.kernel = nnx.Param(jax.device_put(jnp.ones((8, 6)), on("pinned_host")))
+
+        def __call__(self, x):
+            return x @ jax.device_put(self.kernel[...], on("device"))
+
+    graphdef, state = nnx.split(Streamed())
+    model = nnx.merge(
+        graphdef, jaxlora.init(state, jax.random.key(0), rank=2, scheme="both_random")
+    )
+    b0 = model.kernel.get_value().b
+    opt = jaxlora.NnxOptimizer(
+        model, jaxlora.freeze_base(optax.adam(1e-2)), wrt=nnx.Param
+    )
+    apply = jaxlora.lora_apply(lambda m, x: m(x))
+
+    @nnx.jit
+    def step(model, opt, x):
+        grads = nnx.grad(lambda m: jnp.sum(apply(m, x) ** 2))(model)
+        opt.update(model, grads)
+
+    for _ in range(2):
+        step(model, opt, jnp.ones((3, 8)))
+    node = model.kernel.get_value()
+    assert node.w.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(node.w, jnp.ones((8, 6)))
+    assert float(jnp.abs(node.b - b0).max()) > 0
+
+
 def test_apply_updates_trains_a_base_kept_in_host_memory():
     """A base in host memory (streamed to the device by the model) trained with
     optax.apply_updates failed under jit: the -0.0 update of w lives in device
