@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
-
-import jax
 
 from jaxlora import _factored
-from jaxlora._node import is_lora
 from jaxlora._targets import check_callable
 from jaxlora._targets import check_flag
-
-
-def _materialize(tree: Any) -> Any:
-    """Every `LoraWeight` → ``stop_gradient(w) + scale · a @ b`` (weight dtype)."""
-
-    def merged(x):
-        return x.replace(w=jax.lax.stop_gradient(x.w)).merged()
-
-    return jax.tree.map(lambda x: merged(x) if is_lora(x) else x, tree, is_leaf=is_lora)
 
 
 def lora_apply(apply_fn: Callable, *, factored: bool = True) -> Callable:
@@ -62,8 +49,7 @@ def lora_apply(apply_fn: Callable, *, factored: bool = True) -> Callable:
     def wrapped(*args, **kwargs):
         if factored:
             return _factored.call(apply_fn, args, kwargs)
-        args, kwargs = _materialize((args, kwargs))
-        return apply_fn(*args, **kwargs)
+        return _factored.call_merged(apply_fn, args, kwargs)
 
     return wrapped
 

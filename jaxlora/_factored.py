@@ -827,13 +827,7 @@ def _run(ctx, fn, args, kwargs):
     placeholders = [values[i].w if is_lora(values[i]) else values[i] for i in dyn]
     closed, (out_shape, _) = jax.make_jaxpr(flat_fn, return_shape=True)(*placeholders)
     if changed_structure:
-        raise ValueError(
-            "jaxlora.lora_apply: the function added or removed variables of its "
-            "arguments while it ran (e.g. an NNX module that creates a cache or "
-            "an attribute on first call). Changes of structure cannot be carried "
-            "out of the factored run: create them before the call (e.g. "
-            "model.init_cache(...)), outside lora_apply."
-        )
+        raise ValueError(_CHANGED_STRUCTURE)
     jaxpr = closed.jaxpr
     n_out = len(jax.tree.leaves(out_shape))
     written = [  # positions in dyn whose value the function replaced
@@ -872,16 +866,58 @@ def _run(ctx, fn, args, kwargs):
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
+_CHANGED_STRUCTURE = (
+    "jaxlora.lora_apply: the function added or removed variables of its arguments "
+    "while it ran (e.g. an NNX module that creates a cache or an attribute on first "
+    "call). Changes of structure cannot be carried out of the run on the adapted "
+    "weights: create them before the call (e.g. model.init_cache(...)), outside "
+    "lora_apply."
+)
+
+
+def call_merged(fn: Callable, args: tuple, kwargs: dict) -> PyTree:
+    """``fn(*args, **kwargs)`` with every `LoraWeight` merged, ``stop_gradient(w) +
+    s·a@b`` (`jaxlora.lora_apply`'s ``factored=False``). The function runs on copies
+    of the arguments that hold the merged arrays, so the values it writes to NNX
+    Variables in place (BatchNorm statistics, a Dropout RNG count, a KV cache) are
+    stored back in the caller's, as for `call`."""
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_lora)
+    merged = [
+        x.replace(w=lax.stop_gradient(x.w)).merged() if is_lora(x) else x
+        for x in leaves
+    ]
+    a, kw = jax.tree.unflatten(treedef, merged)
+    out = fn(*a, **kw)
+    after, after_def = jax.tree.flatten((a, kw), is_leaf=is_lora)
+    if after_def != treedef:
+        raise ValueError(_CHANGED_STRUCTURE)
+    new = {
+        i: v for i, (v, m) in enumerate(zip(after, merged, strict=True)) if v is not m
+    }
+    if new:
+        keys = [k for k, _ in jax.tree_util.tree_flatten_with_path(
+            (args, kwargs), is_leaf=is_lora)[0]]  # fmt: skip
+        _store(_Context(warn=False), (args, kwargs), new, [keys[i] for i in new])
+    return out
+
+
 def _write_back(ctx, tree, new: dict, keys: list, before: dict) -> None:
     """Stores in the caller's NNX Variables the values the function wrote to them
     (BatchNorm statistics, a Dropout RNG count, a KV cache), as calling it directly
     would have: the factored run worked on copies of the arguments. An adapted
     weight written back as it was (``nnx.scan`` stacks each block's state back) is
     left alone."""
-    from flax import nnx
 
     new = {i: v for i, v in new.items() if not _same_weight(v, before[i])}
     keys = [k for k, i in zip(keys, before, strict=True) if i in new]
+    _store(ctx, tree, new, keys)
+
+
+def _store(ctx, tree, new: dict, keys: list) -> None:
+    """Sets ``new[i]`` (leaf ``i`` of ``tree``, at path ``keys[k]``) on the NNX
+    Variable holding that leaf; refuses leaves no Variable holds alone, and
+    adapted weights."""
+    from flax import nnx
 
     owners = []  # per leaf of ``tree``: the Variable holding it alone, or None
     for node in jax.tree.leaves(

@@ -1460,16 +1460,18 @@ def _written_state(m):
     return m.bn.mean[...], m.bn.var[...], m.drop.rngs.count[...]
 
 
+@pytest.mark.parametrize("factored", [True, False])
 @pytest.mark.parametrize("jit", [False, True])
-def test_nnx_state_written_in_place_reaches_the_callers_module(jit):
+def test_nnx_state_written_in_place_reaches_the_callers_module(jit, factored):
     """BatchNorm statistics and the Dropout RNG count, written by the model while it
     runs, land in the module passed to the wrapped function, as they do for the
-    merged model (they were dropped: the engine ran on copies)."""
+    merged model (they were dropped: the engine ran on copies; ``factored=False``
+    ran on merged copies and dropped them too, reusing one dropout mask)."""
     graphdef, state = nnx.split(BatchNormDropoutNet(nnx.Rngs(0)))
     lp = adapt(state, {"lin/kernel": Layout.dense(2), "out/kernel": Layout.dense(2)})
     x = rand((16, 4)) + 3.0
     step = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
-    adapted_step = jaxlora.lora_apply(lambda m, x: m(x))
+    adapted_step = jaxlora.lora_apply(lambda m, x: m(x), factored=factored)
     if jit:
         adapted_step = nnx.jit(adapted_step)
     merged, adapted = nnx.merge(graphdef, jaxlora.merge(lp)), nnx.merge(graphdef, lp)
@@ -1485,8 +1487,10 @@ def test_nnx_state_written_in_place_reaches_the_callers_module(jit):
     assert jaxlora.is_lora(adapted.lin.kernel.get_value())
 
 
-def test_nnx_kv_cache_decoding_matches_the_merged_model():
-    """``nnx.MultiHeadAttention(decode=True)`` writes its KV cache in place."""
+@pytest.mark.parametrize("factored", [True, False])
+def test_nnx_kv_cache_decoding_matches_the_merged_model(factored):
+    """``nnx.MultiHeadAttention(decode=True)`` writes its KV cache in place (with
+    ``factored=False`` the cache never advanced: outputs up to 2.7 off)."""
     b, t, d = 1, 4, 16
     mha = nnx.MultiHeadAttention(
         num_heads=2, in_features=d, decode=True, rngs=nnx.Rngs(0)
@@ -1505,7 +1509,7 @@ def test_nnx_kv_cache_decoding_matches_the_merged_model():
 
     merged, adapted = nnx.merge(graphdef, jaxlora.merge(lp)), nnx.merge(graphdef, lp)
     want = decode(merged, lambda m, x: m(x))
-    got = decode(adapted, jaxlora.lora_apply(lambda m, x: m(x)))
+    got = decode(adapted, jaxlora.lora_apply(lambda m, x: m(x), factored=factored))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert int(adapted.cache_index[...]) == t
 
