@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from jaxlora import _hosts
 from jaxlora._boxes import factored_boxes
 from jaxlora._merge import refuse_baseless
+from jaxlora._nnx import through_state
 from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
@@ -105,6 +106,7 @@ def _entry(path: str, node: LoraWeight, key: str) -> dict[str, Any]:
     }
 
 
+@through_state(1, returns_tree=False)
 def save(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) -> str:
     """Writes the adapters of ``params`` (factors and metadata, not the base).
 
@@ -542,6 +544,7 @@ def _check(entries, leaves) -> list[str]:
     return problems
 
 
+@through_state(1)
 def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     """Restores a `save`d adapter onto ``params`` and returns the adapted tree.
 

@@ -25,6 +25,7 @@ from jaxlora import _residual
 from jaxlora import _schemes
 from jaxlora import _targets
 from jaxlora._boxes import factored_boxes
+from jaxlora._nnx import through_state
 from jaxlora._node import Conv
 from jaxlora._node import Layout
 from jaxlora._node import LoraSpec
@@ -263,6 +264,7 @@ def _plan(
     return plan
 
 
+@through_state()
 def init(
     params: PyTree,
     rng: jax.Array,

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._boxes import factored_boxes
+from jaxlora._nnx import through_state
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
 from jaxlora._paths import path_str
@@ -42,6 +43,7 @@ def _map_lora(fn, params: PyTree, caller: str) -> PyTree:
     return factored_boxes(out)
 
 
+@through_state()
 def merge(params: PyTree) -> PyTree:
     """The plain tree with every adapted weight replaced by ``w + scale · a @ b``.
 
@@ -92,6 +94,7 @@ def _warn_overflow(params: PyTree, merged: PyTree) -> None:
         )
 
 
+@through_state()
 def base(params: PyTree, *, allow_residual: bool = False) -> PyTree:
     """The plain tree with the base weights, adapters dropped.
 
@@ -128,6 +131,7 @@ def _first_scheme(params: PyTree) -> str:
     return next((x.spec.scheme for x in leaves if is_lora(x) and x.spec.residual), "")
 
 
+@through_state(returns_tree=False)
 def adapters(params: PyTree) -> Adapters:
     """The factors only: ``{path: LoraWeight(w=None, a, b, spec)}``.
 
@@ -161,6 +165,7 @@ def _check_adapter_tree(adapter_tree) -> None:
     )
 
 
+@through_state()
 def combine(
     base_params: PyTree, adapter_tree: Adapters, *, allow_residual: bool = False
 ) -> PyTree:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -59,6 +60,30 @@ def _adapted(state: PyTree) -> dict[str, str]:
         for kp, v in flat
         if _is_variable(v) and is_lora(v.get_value())
     }
+
+
+def through_state(index: int = 0, *, returns_tree: bool = True):
+    """Decorates a function of a parameter tree (positional argument ``index``)
+    that returns one: given an NNX graph node (a Module) there, it runs on the
+    module's state and merges the result back into a new module. A pytree view of
+    a module holds a Variable it shares (a tied kernel) once per place, and the
+    function would adapt or merge each copy apart, untying them; its state holds
+    it once, and ``nnx.merge`` ties the places again. ``returns_tree=False``: the
+    function only reads the tree (its result is returned as is)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            if len(args) <= index or not nnx.graph.is_graph_node(args[index]):
+                return fn(*args, **kwargs)
+            graphdef, state = nnx.split(args[index])
+            args = (*args[:index], state, *args[index + 1 :])
+            out = fn(*args, **kwargs)
+            return nnx.merge(graphdef, out) if returns_tree else out
+
+        return wrapped
+
+    return decorate
 
 
 def _check_wrt(every: PyTree, chosen: PyTree, wrt: Any) -> None:

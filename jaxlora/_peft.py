@@ -43,6 +43,7 @@ from jaxlora._boxes import factored_boxes
 from jaxlora._checkpoint import staged
 from jaxlora._checkpoint import write_synced
 from jaxlora._merge import refuse_baseless
+from jaxlora._nnx import through_state
 from jaxlora._node import LoraSpec
 from jaxlora._node import LoraWeight
 from jaxlora._node import is_lora
@@ -227,6 +228,7 @@ def _layers(node: LoraWeight):
 # -- save ------------------------------------------------------------------------------
 
 
+@through_state(1, returns_tree=False)
 def save_peft(
     path: str | os.PathLike,
     params: PyTree,
@@ -363,6 +365,7 @@ def _check_target(path: str, *, overwrite: bool) -> None:
 # -- load ------------------------------------------------------------------------------
 
 
+@through_state(1)
 def load_peft(path: str | os.PathLike, params: PyTree, module_names: Names) -> PyTree:
     """Reads a Hugging Face PEFT LoRA adapter onto an adapted tree.
 

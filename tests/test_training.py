@@ -657,6 +657,40 @@ def test_schedule_free_eval_params_of_an_nnx_optimizer():
     np.testing.assert_array_equal(model.kernel.get_value().b, want["kernel"].b)
 
 
+def test_a_module_passed_whole_keeps_its_shared_variables_tied(tmp_path):
+    """init, merge, base, combine, load given an NNX Module (not its state) ran on
+    a pytree view of it, which holds a shared Variable once per place: a kernel
+    tied between two layers got two adapters and was untied by merge. They now go
+    through the module's state, as the README's split/merge flow does."""
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(8, 8, rngs=rngs)
+            self.b = nnx.Linear(8, 8, rngs=rngs)
+            self.b.kernel = self.a.kernel
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    model = Tied(nnx.Rngs(0))
+    adapted = jaxlora.init(model, jax.random.key(0), rank=2, scheme="both_random")
+    assert adapted.a.kernel is adapted.b.kernel
+    x = jnp.ones((2, 8))
+    state = nnx.split(adapted)[1]
+    assert list(jaxlora.adapters(state)) == ["a/kernel"]
+    for done in (
+        jaxlora.merge(adapted),
+        jaxlora.base(adapted),
+        jaxlora.combine(jaxlora.base(adapted), jaxlora.adapters(adapted)),
+        jaxlora.load(jaxlora.save(tmp_path / "ck", adapted), adapted),
+    ):
+        assert done.a.kernel is done.b.kernel
+    np.testing.assert_allclose(
+        jaxlora.merge(adapted)(x), jaxlora.lora_apply(lambda m, x: m(x))(adapted, x),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
 def test_nnx_optimizer_trains_a_base_kept_in_host_memory():
     """NnxOptimizer.update used optax.apply_updates, which fails under nnx.jit for
     a base in host memory (the README's jaxlora.apply_updates case): it now leaves
