@@ -110,6 +110,26 @@ def _check_wrt(every: PyTree, chosen: PyTree, wrt: Any) -> None:
         )
 
 
+def _check_grads(params: PyTree, grads: PyTree, wrt: Any) -> None:
+    """``grads`` must hold every ``wrt`` variable: ``nnx.grad`` differentiates
+    ``nnx.Param`` only unless told otherwise (a ``wrt`` with BatchStat or every
+    Variable selects state it has no gradient for)."""
+    have = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    missing = [
+        p
+        for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        if (p := path_str(k)) not in have
+    ]
+    if missing:
+        name = repr(wrt) if isinstance(wrt, str) else getattr(wrt, "__name__", wrt)
+        raise ValueError(
+            f"jaxlora.NnxOptimizer.update: wrt={name} selects {examples(missing)}, "
+            "which the gradients do not hold (nnx.grad differentiates nnx.Param "
+            "only unless told: nnx.grad(f, argnums=nnx.DiffState(0, wrt))). "
+            "Differentiate what wrt selects, or narrow wrt (e.g. wrt=nnx.Param)."
+        )
+
+
 def _warn_unfrozen(params: PyTree, opt_state: PyTree) -> None:
     adapted = [x for x in jax.tree.leaves(params, is_leaf=is_lora) if is_lora(x)]
     if adapted and not _freezes(opt_state):
@@ -251,6 +271,7 @@ class NnxOptimizer(nnx.Optimizer):
         """One step of ``tx`` on ``model``'s ``wrt`` parameters, in place."""
         param_arrays = nnx.as_pure(nnx.state(model, self.wrt, graph=self.graph))
         grad_arrays = nnx.as_pure(nnx.state(grads, self.wrt, graph=self.graph))
+        _check_grads(param_arrays, grad_arrays, self.wrt)
         updates, new_opt_state = self.tx.update(
             grad_arrays,
             nnx.as_pure(self.opt_state),

@@ -370,7 +370,8 @@ class LoraWeight:
         raise TypeError(
             f"A jaxlora LoraWeight (base shape {self.shape}) was used as an array. "
             "The model was called with an adapted parameter tree: wrap its apply "
-            "function with jaxlora.lora_apply(model.apply), or pass "
+            "function with jaxlora.lora_apply(model.apply) (an NNX module: "
+            "jaxlora.lora_apply(lambda m, x: m(x))(model, x)), or pass "
             "jaxlora.merge(params) (adapters folded in) or jaxlora.base(params) "
             "(adapters dropped) to the unmodified function. Inside lora_apply, "
             "pass the adapted tree or model as an argument of the wrapped function "

@@ -264,3 +264,26 @@ def test_pattern_dicts_wrt_filters_losses_and_sketch_keys_are_named():
             )  # fmt: skip
     with pytest.raises(TypeError, match=r"svd_lowrank's key must be a single JAX key"):
         jaxlora.svd_lowrank(0, jnp.ones((8, 6)), 2)
+
+
+def test_nnx_optimizer_names_wrt_variables_without_gradients():
+    """wrt=nnx.Variable also selects BatchNorm statistics, which nnx.grad does not
+    differentiate: the first update failed with freeze_base's 'take gradients of
+    the adapted tree, not of merge(params)', the wrong diagnosis."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(8, 8, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.lin(x))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    model = nnx.merge(graphdef, jaxlora.init(state, jax.random.key(0), rank=2))
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    opt = jaxlora.NnxOptimizer(model, tx, wrt=nnx.Variable)
+    apply = jaxlora.lora_apply(lambda m, x: m(x))
+    grads = nnx.grad(lambda m: jnp.sum(apply(m, jnp.ones((4, 8))) ** 2))(model)
+    with pytest.raises(ValueError, match=r"selects 'bn/mean', 'bn/var', which the"):
+        opt.update(model, grads)
