@@ -460,7 +460,9 @@ def conv_general_dilated(eqn, lhs, rhs):
     # factors of a bfloat16 model), and the rank-r path runs in the wider one
     dt = jnp.promote_types(lhs.dtype, a_k.dtype)
     pet = p.get("preferred_element_type")
-    t_params = {**p, "preferred_element_type": None if pet is None else _acc(pet)}
+    # the rank-r intermediate in float32 or wider, as the dot rule keeps it: a
+    # float16 one overflows where the merged model's output does not
+    t_params = {**p, "preferred_element_type": _acc(dt if pet is None else pet)}
     f = dn.out_spec[1]
     if p.get("out_sharding") is not None:  # the model's layout, but rank r channels
         t_params["out_sharding"] = _unsplit(p["out_sharding"], f, base.ndim)
@@ -487,12 +489,25 @@ def conv_general_dilated(eqn, lhs, rhs):
     lora = jnp.einsum(
         f"{t_lab},{b_lab}->{out_lab}",
         t,
-        rhs.b.reshape(b_dims),
-        preferred_element_type=base.dtype,
-        precision=p.get("precision"),  # the conv's own
+        rhs.b.reshape(b_dims).astype(t.dtype),
+        preferred_element_type=t.dtype,
+        precision=_dot_precision(p.get("precision")),
         **({"out_sharding": out_sharding} if out_sharding is not None else {}),
     )
-    return _one_buffer_sum(base, lora.reshape(base.shape)), "in"
+    lora = lora.reshape(base.shape).astype(base.dtype)
+    return _one_buffer_sum(base, lora), "in"
+
+
+def _dot_precision(precision):
+    """A convolution's ``precision`` for the ``b`` einsum: a `lax.Precision` (or a
+    pair) as it is; a dot algorithm preset (``TF32_TF32_F32``) none, as a dot on
+    the CPU refuses presets a convolution takes."""
+    plain = lambda q: q is None or isinstance(q, jax.lax.Precision)  # noqa: E731
+    if plain(precision) or (
+        isinstance(precision, tuple) and all(map(plain, precision))
+    ):
+        return precision
+    return None
 
 
 def _unsplit(sharding, axis: int, ndim: int):

@@ -218,6 +218,38 @@ def test_a_weight_cast_to_float8_runs_factored():
     np.testing.assert_allclose(got, want, atol=0.15 * float(jnp.abs(want).max()))
 
 
+def test_float16_convolution_keeps_its_rank_r_path_in_float32():
+    """The conv rule kept ``s·conv(x, a)`` and its product with ``b`` in float16,
+    which overflowed to inf where the merged model's output is finite (the dot
+    rule already summed in float32); a dot algorithm preset the CPU's conv takes
+    (TF32_TF32_F32) was passed to the ``b`` einsum, which the CPU's dot refuses."""
+    f16 = jnp.float16
+    k = jax.random.split(jax.random.key(0), 4)
+    w = (jax.random.normal(k[0], (3, 8, 8)) * 0.1).astype(f16)
+    a = jax.random.normal(k[1], (3, 8, 1)).astype(f16)
+    b = (jax.random.normal(k[2], (1, 8)) * 1e-3).astype(f16)
+    lw = LoraWeight(w, a, b, LoraSpec(Layout((0, 1), (2,)), 1, 16.0))
+    x = (jax.random.normal(k[3], (1, 6, 8)) * 2000).astype(f16)
+
+    def conv(p, x, precision=None):
+        return jax.lax.conv_general_dilated(
+            x, p["w"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"),
+            precision=precision,
+        )  # fmt: skip
+
+    got = jax.jit(jaxlora.lora_apply(conv))({"w": lw}, x)
+    want = conv(jaxlora.merge({"w": lw}), x)
+    assert bool(jnp.isfinite(want).all()) and bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32),
+                               rtol=2e-2, atol=2.0)  # fmt: skip
+    preset = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+    lw32 = jax.tree.map(lambda t: t.astype(jnp.float32), lw)
+    x32 = x.astype(jnp.float32) / 2000
+    got = jaxlora.lora_apply(conv)({"w": lw32}, x32, preset)
+    want = conv(jaxlora.merge({"w": lw32}), x32, preset)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
+
+
 def jaxlora_factor_dtypes(tree):
     return {f.dtype for ab in factors(tree).values() for f in ab}
 
