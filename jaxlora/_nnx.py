@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -72,12 +73,18 @@ def through_state(index: int = 0, *, returns_tree: bool = True):
     function only reads the tree (its result is returned as is)."""
 
     def decorate(fn):
+        name = list(inspect.signature(fn).parameters)[index]
+
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
-            if len(args) <= index or not nnx.graph.is_graph_node(args[index]):
+            given = args[index] if len(args) > index else kwargs.get(name)
+            if not nnx.graph.is_graph_node(given):
                 return fn(*args, **kwargs)
-            graphdef, state = nnx.split(args[index])
-            args = (*args[:index], state, *args[index + 1 :])
+            graphdef, state = nnx.split(given)
+            if len(args) > index:
+                args = (*args[:index], state, *args[index + 1 :])
+            else:
+                kwargs = {**kwargs, name: state}
             out = fn(*args, **kwargs)
             return nnx.merge(graphdef, out) if returns_tree else out
 

@@ -683,6 +683,7 @@ def test_a_module_passed_whole_keeps_its_shared_variables_tied(tmp_path):
         jaxlora.base(adapted),
         jaxlora.combine(jaxlora.base(adapted), jaxlora.adapters(adapted)),
         jaxlora.load(jaxlora.save(tmp_path / "ck", adapted), adapted),
+        jaxlora.load(jaxlora.save(tmp_path / "kw", params=adapted), params=adapted),
     ):
         assert done.a.kernel is done.b.kernel
     np.testing.assert_allclose(
